@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny offline pipelines, and running the scripts the way a user does (in a subprocess)."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import tiny_pipelines
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the project's virtual environment: accelerate and torchrun live here
+DATA_PARALLEL = ROOT / "data-parallelism-accelerate.py"
+
+
+def offline_env(**extra):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    env.pop("OMP_NUM_THREADS", None)
+    return env
+
+
+def run(args, timeout=300, check=True, **kwargs):
+    """Run a command from the repository root, offline; fail the test with its output if it fails."""
+    result = subprocess.run([str(a) for a in args], cwd=ROOT, env=offline_env(), capture_output=True, text=True,
+                            timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def python(script, *args):
+    return [sys.executable, script, *args]
+
+
+def torchrun(n, script, *args):
+    return [BIN / "torchrun", "--nproc-per-node", n, "--master-addr", "127.0.0.1", "--master-port", free_port(),
+            script, *args]
+
+
+def accelerate_launch(n, script, *args):
+    # With no GPU, `--multi_gpu` is what makes accelerate start several (CPU) processes.
+    return [BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", n, "--num_machines", 1,
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(), script, *args]
+
+
+def read_manifest(folder):
+    return [json.loads(line) for line in (Path(folder) / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def load_script(path):
+    """Import a top-level script (its file name has dashes) as a module, for unit tests of its helpers."""
+    spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    return tiny_pipelines.build_sd3(tmp_path_factory.mktemp("tiny") / "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    return tiny_pipelines.build_flux(tmp_path_factory.mktemp("tiny") / "flux")

@@ -1,0 +1,179 @@
+"""data-parallelism-accelerate.py, run as users run it: plain Python, torchrun, accelerate launch."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import (DATA_PARALLEL, accelerate_launch, load_script, pixels, python, read_manifest, run,
+                            torchrun)
+
+PROMPTS = ["a red fox", "a lighthouse/at night", "un chat noir, été", "a red fox", "the last prompt"]
+FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
+# Two processes run with one thread each, one process with two: float sums can round differently, so two runs
+# may differ by a unit or two in a pixel value. A different seed or a wrong prompt changes them by ~100.
+TOLERANCE = 3
+
+
+def prompt_args(prompts):
+    return [arg for p in prompts for arg in ("--prompt", p)]
+
+
+def generate(launcher, tmp_path, model, prompts=PROMPTS, *extra, n=2):
+    out = tmp_path / "out"
+    script_args = ["--model", model, "--output-dir", out, *prompt_args(prompts), *FAST, *extra]
+    if launcher is python:
+        run(python(DATA_PARALLEL, *script_args))
+    else:
+        run(launcher(n, DATA_PARALLEL, *script_args))
+    return out
+
+
+def assert_one_image_per_prompt(out, prompts):
+    manifest = read_manifest(out)
+    assert [r["index"] for r in manifest] == list(range(len(prompts)))
+    assert [r["prompt"] for r in manifest] == prompts
+    assert sorted(p.name for p in out.glob("*.png")) == [r["file"] for r in manifest]
+    for r in manifest:
+        assert r["file"].startswith(f"{r['index']:03d}-")
+        assert r["seed"] == r["index"]
+        assert pixels(out / r["file"]).shape == (64, 64, 3)
+    return manifest
+
+
+def assert_same_images(out, reference):
+    for r in read_manifest(out):
+        difference = np.abs(pixels(out / r["file"]) - pixels(reference / r["file"])).max()
+        assert difference <= TOLERANCE, f"{r['file']} differs by {difference}"
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_sd3, tmp_path_factory):
+    """The reference: all prompts made by one plain Python process."""
+    return generate(python, tmp_path_factory.mktemp("one"), tiny_sd3)
+
+
+def test_one_process_makes_one_image_per_prompt_with_a_manifest(one_process):
+    manifest = assert_one_image_per_prompt(one_process, PROMPTS)
+    assert {r["rank"] for r in manifest} == {0}
+    assert all(r["steps"] == 2 and r["device"] == "cpu" and r["seconds"] > 0 for r in manifest)
+    summary = json.loads((one_process / "summary.json").read_text())
+    assert summary["images"] == len(PROMPTS) and summary["processes"] == 1
+
+
+def test_duplicate_prompts_make_two_different_images(one_process):
+    first, second = (one_process / r["file"] for r in read_manifest(one_process) if r["prompt"] == "a red fox")
+    assert first != second
+    assert np.abs(pixels(first) - pixels(second)).max() > 10 * TOLERANCE  # seeds 0 and 3: different noise
+
+
+@pytest.mark.parametrize("launcher", [torchrun, accelerate_launch])
+def test_two_cpu_processes_split_uneven_prompts_and_match_one_process(launcher, tiny_sd3, one_process, tmp_path):
+    out = generate(launcher, tmp_path, tiny_sd3)
+    manifest = assert_one_image_per_prompt(out, PROMPTS)
+    # 5 prompts on 2 processes: rank 0 takes prompts 0-2, rank 1 prompts 3-4.
+    assert [r["rank"] for r in manifest] == [0, 0, 0, 1, 1]
+    assert_same_images(out, one_process)
+
+
+def test_more_processes_than_prompts_makes_each_image_once(tiny_sd3, one_process, tmp_path):
+    out = generate(torchrun, tmp_path, tiny_sd3, PROMPTS[:2], n=3)
+    manifest = assert_one_image_per_prompt(out, PROMPTS[:2])
+    assert [r["rank"] for r in manifest] == [0, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["images"] for s in summary["ranks"]] == [1, 1, 0]  # rank 2 had nothing to do, and did nothing
+    assert_same_images(out, one_process)
+
+
+def test_batches_give_the_same_images_as_one_prompt_at_a_time(tiny_sd3, one_process, tmp_path):
+    out = generate(python, tmp_path, tiny_sd3, PROMPTS, "--batch-size", "2")
+    assert_one_image_per_prompt(out, PROMPTS)
+    assert_same_images(out, one_process)
+
+
+def test_flux_pipeline_works_too(tiny_flux, tmp_path):
+    out = generate(torchrun, tmp_path, tiny_flux, PROMPTS[:3])
+    manifest = assert_one_image_per_prompt(out, PROMPTS[:3])
+    assert {r["rank"] for r in manifest} == {0, 1}
+
+
+def test_prompts_file_skips_blank_lines_and_adds_to_prompt_flags(tiny_sd3, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("first from file\n\n   \nsecond from file\n", encoding="utf-8")
+    out = generate(python, tmp_path, tiny_sd3, ["from a flag"], "--prompts-file", prompts_file)
+    assert_one_image_per_prompt(out, ["from a flag", "first from file", "second from file"])
+
+
+def test_a_second_run_makes_only_the_missing_images(tiny_sd3, tmp_path):
+    out = generate(python, tmp_path, tiny_sd3, PROMPTS[:3])
+    made = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    removed = read_manifest(out)[1]["file"]
+    (out / removed).unlink()
+    result = run(python(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, *prompt_args(PROMPTS[:3]), *FAST))
+    assert "2 of 3 images are already in" in result.stdout
+    assert (out / removed).exists()
+    assert all(p.stat().st_mtime_ns == made[p.name] for p in out.glob("*.png") if p.name != removed)
+    assert_one_image_per_prompt(out, PROMPTS[:3])
+
+
+# --- bad input: one line saying what to do, a non-zero exit, no traceback ---
+
+
+def assert_clear_error(result, *expected):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for text in expected:
+        assert text in lines[0]
+
+
+def bad_run(tmp_path, *args):
+    return run(python(DATA_PARALLEL, "--output-dir", tmp_path / "out", *args), check=False)
+
+
+def test_an_unreachable_model_says_how_to_log_in_or_use_a_local_copy(tmp_path):
+    result = bad_run(tmp_path, "--model", "nobody-here/no-such-model", *FAST)
+    assert_clear_error(result, "nobody-here/no-such-model", "hf auth login", "--model PATH")
+
+
+def test_a_missing_local_model_folder_is_named(tmp_path):
+    assert_clear_error(bad_run(tmp_path, "--model", tmp_path / "missing"), "missing")
+
+
+def test_a_missing_prompts_file_is_named(tmp_path):
+    assert_clear_error(bad_run(tmp_path, "--prompts-file", tmp_path / "nope.txt"), "nope.txt")
+
+
+def test_an_empty_prompts_file_is_refused(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    assert_clear_error(bad_run(tmp_path, "--prompts-file", tmp_path / "empty.txt"), "no prompts")
+
+
+def test_a_size_the_model_cannot_take_names_the_multiple(tiny_sd3, tmp_path):
+    result = bad_run(tmp_path, "--model", tiny_sd3, "--height", "72", "--num-inference-steps", "1")
+    assert_clear_error(result, "--height 72", "multiple of 16")
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_a_launcher_flag_after_the_script_shows_the_right_order(tmp_path):
+    result = bad_run(tmp_path, "--num-processes=2")
+    assert_clear_error(result, "accelerate launch --num_processes=2 data-parallelism-accelerate.py")
+
+
+def test_under_a_launcher_a_bad_input_ends_every_process_and_is_said_once(tmp_path):
+    result = run(torchrun(2, DATA_PARALLEL, "--prompts-file", tmp_path / "nope.txt"), check=False, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.count("error: cannot read --prompts-file") == 1
+
+
+# --- the parts worth a unit test ---
+
+
+def test_file_names_are_safe_for_any_prompt():
+    image_name = load_script(DATA_PARALLEL).image_name
+    assert image_name(3, "A red fox!", 3) == "003-a-red-fox.png"
+    assert image_name(12, "../../etc/passwd", 3) == "012-etc-passwd.png"
+    assert image_name(0, "猫と犬", 4) == "0000-猫と犬.png"
+    assert image_name(7, "?!*", 3) == "007-prompt.png"
+    assert len(image_name(1, "word " * 200, 3)) <= 3 + 1 + 60 + 4
