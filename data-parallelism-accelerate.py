@@ -19,6 +19,7 @@ import inspect
 import json
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -43,6 +44,75 @@ DEFAULT_PROMPTS = [
 LAUNCHER_FLAGS = ("--num-processes", "--num_processes", "--multi-gpu", "--multi_gpu", "--nproc-per-node",
                   "--nproc_per_node", "--num-machines", "--num_machines", "--machine-rank", "--machine_rank",
                   "--mixed-precision", "--mixed_precision", "--config-file", "--config_file")
+
+
+def main():
+    started = time.perf_counter()
+    args = parse_args()
+    prompts = read_prompts(args)
+    check_model(args)  # fail now, not after every process has loaded 16 GB
+
+    # 1. One process per device. Accelerate reads the rank and world size the launcher set, picks this
+    #    process's device (xpu:<local rank>, cuda:<local rank>) and joins the process group (xccl on Intel GPUs,
+    #    nccl on NVIDIA). With no accelerator, `cpu=True` makes the processes a gloo group on the CPU: without it
+    #    every CPU process would think it is alone and make every image.
+    distributed_state = PartialState(cpu=not torch.accelerator.is_available())
+    device = distributed_state.device
+    if not distributed_state.is_main_process:  # one copy of the libraries' warnings and progress bars is enough
+        for library in (diffusers, transformers):
+            library.utils.logging.set_verbosity_error()
+            library.utils.logging.disable_progress_bar()
+
+    # 2. The main process looks at what is already on disk and tells the others what is left to make, so that
+    #    every process splits the same list, even one that starts late, after another has saved images.
+    names = image_names(prompts)
+    todo = [images_to_make(args, prompts, names) if distributed_state.is_main_process else None]
+    todo = broadcast_object_list(todo)[0]
+
+    # 3. Split the prompts. With 10 prompts and 4 processes, ranks 0 and 1 get 3 each, ranks 2 and 3 get 2:
+    #    contiguous slices, the extra ones to the first ranks. No padding: nothing below is a tensor collective
+    #    (gather_object takes lists of any length), so a process whose share is shorter, or empty when there
+    #    are more processes than prompts, simply makes fewer images; it never makes a copy to be thrown away.
+    made, generate_seconds = 0, 0.0
+    with distributed_state.split_between_processes(todo) as my_share:
+        if my_share:  # an empty share loads nothing and never calls the pipeline (an empty batch crashes it)
+            # Every process loads the whole pipeline and moves it to its own device.
+            pipeline = load_pipeline(args).to(device)
+            # Progress bars from several processes would overwrite each other: only the main process shows one.
+            pipeline.set_progress_bar_config(disable=not distributed_state.is_main_process)
+            options = pipeline_options(args, pipeline)
+            generate_started = time.perf_counter()
+            for start in range(0, len(my_share), args.batch_size):
+                batch = my_share[start:start + args.batch_size]
+                # The picture of prompt i depends only on SEED + i: a CPU generator per prompt makes the same
+                # starting noise on any device and in any batch, so 1 or N processes give the same images.
+                generators = [torch.Generator("cpu").manual_seed(args.seed + i) for i, _ in batch]
+                t0 = time.perf_counter()
+                try:
+                    images = pipeline(prompt=[p for _, p in batch], generator=generators, height=args.height,
+                                      width=args.width, **options).images
+                except torch.OutOfMemoryError:
+                    fail(f"rank {distributed_state.process_index} ran out of memory on {device}: try a smaller "
+                         "--batch-size, --height/--width, or --dtype bfloat16", code=1, every_process=True)
+                seconds = (time.perf_counter() - t0) / len(batch)
+                for (i, prompt), image in zip(batch, images):
+                    # 4. Save: each process writes its own images and manifest lines as soon as they are made.
+                    write_atomically(args.output_dir / names[i], lambda tmp: image.save(tmp, format="PNG"))
+                    append_line(args.output_dir / "manifest.jsonl", {
+                        "index": i, "prompt": prompt, "file": names[i], "seed": args.seed + i,
+                        "rank": distributed_state.process_index, "device": str(device), "seconds": round(seconds, 3),
+                        "model": args.model, "width": image.width, "height": image.height,
+                        "dtype": str(pipeline.dtype).removeprefix("torch."), **options})
+                    made += 1
+            generate_seconds = time.perf_counter() - generate_started
+
+    # 5. Gather every process's numbers on the main process (this also waits for the last one) and report.
+    stats = gather_object([{"rank": distributed_state.process_index, "device": str(device), "images": made,
+                            "generate_seconds": generate_seconds, **peak_memory(device)}])
+    if distributed_state.is_main_process:
+        manifest = args.output_dir / "manifest.jsonl"
+        write_manifest(manifest, read_manifest(manifest))  # every process appended its lines: sort them by index
+        report(args, stats, len(todo), len(prompts), time.perf_counter() - started)
 
 
 def parse_args():
@@ -153,7 +223,6 @@ def read_prompts(args):
 
 
 def image_name(index, prompt, width):
-    """`007-a-red-fox-in-fresh-snow.png`: the prompt's index first, then a file-system-safe slug of it."""
     slug = re.sub(r"\W+", "-", prompt.lower()).strip("-_")[:60].rstrip("-_") or "prompt"
     return f"{index:0{width}d}-{slug}.png"
 
@@ -161,8 +230,11 @@ def image_name(index, prompt, width):
 def write_atomically(path, write):
     """Write to a temporary name in the same folder, then rename: a file on disk is always whole."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_manifest(path):
@@ -197,104 +269,47 @@ def peak_memory(device):
     return stats
 
 
-def main():
-    started = time.perf_counter()
-    args = parse_args()
-    prompts = read_prompts(args)
-    check_model(args)
-    width = max(3, len(str(len(prompts) - 1)))
-    names = [image_name(i, p, width) for i, p in enumerate(prompts)]
-    manifest = args.output_dir / "manifest.jsonl"
-
-    # 1. One process per device. Accelerate reads the rank and world size the launcher set, picks this
-    #    process's device (xpu:<local rank>, cuda:<local rank>) and joins the process group (xccl on Intel GPUs,
-    #    nccl on NVIDIA). With no accelerator, `cpu=True` makes the processes a gloo group on the CPU: without it
-    #    every CPU process would think it is alone and make every image.
-    distributed_state = PartialState(cpu=not torch.accelerator.is_available())
-    device = distributed_state.device
-    if not distributed_state.is_main_process:  # one copy of the libraries' warnings is enough
-        diffusers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
-
-    # 2. Which images are still to make. The main process decides and tells the others, so that all of
-    #    them split the same list even if one of them starts late, after another has already saved images.
-    todo = [None]
-    if distributed_state.is_main_process:
-        if args.output_dir.exists() and not args.output_dir.is_dir():
-            fail(f"--output-dir {args.output_dir} is a file, not a folder")
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        done = {i for i, name in enumerate(names) if (args.output_dir / name).exists()} - (
-            set(range(len(prompts))) if args.overwrite else set())
-        # Keep the manifest whole: drop records of images that are gone or about to be made again, and rebuild
-        # the line of an image whose process died between saving it and writing its line.
-        records = {i: r for i, r in read_manifest(manifest).items() if i in done and r.get("file") == names[i]}
-        for i in done - records.keys():
-            records[i] = {"index": i, "prompt": prompts[i], "file": names[i], "seed": args.seed + i, "rank": None}
-        write_manifest(manifest, records)
-        todo = [[(i, prompts[i]) for i in range(len(prompts)) if i not in done]]
-        if done:
-            distributed_state.print(f"{len(done)} of {len(prompts)} images are already in {args.output_dir}: "
-                                    "making only the missing ones (--overwrite makes them all again)")
-    todo = broadcast_object_list(todo)[0]
-
-    # 3. Split the prompts. With 10 prompts and 4 processes, ranks 0 and 1 get 3 each, ranks 2 and 3 get 2:
-    #    contiguous slices, the extra ones to the first ranks. No padding: nothing below is a tensor collective
-    #    (gather_object takes lists of any length), so a process whose share is shorter, or empty when there
-    #    are more processes than prompts, simply makes fewer images; it never makes a copy to be thrown away.
-    with distributed_state.split_between_processes(todo) as my_share:
-        my_records = []
-        if my_share:  # an empty share loads nothing and never calls the pipeline (an empty batch crashes it)
-            pipeline = load_pipeline(args, device)
-            defaults = inspect.signature(pipeline.__call__).parameters
-            options = {name: value if value is not None else defaults[name].default for name, value in (
-                ("num_inference_steps", args.num_inference_steps), ("guidance_scale", args.guidance_scale))}
-            # Progress bars from several processes would overwrite each other: only the main process shows one.
-            pipeline.set_progress_bar_config(disable=not distributed_state.is_main_process)
-            generate_started = time.perf_counter()
-            for start in range(0, len(my_share), args.batch_size):
-                batch = my_share[start:start + args.batch_size]
-                # The picture of prompt i depends only on SEED + i: a CPU generator per prompt makes the same
-                # starting noise on any device and in any batch, so 1 or N processes give the same images.
-                generators = [torch.Generator("cpu").manual_seed(args.seed + i) for i, _ in batch]
-                t0 = time.perf_counter()
-                try:
-                    images = pipeline(prompt=[p for _, p in batch], generator=generators, height=args.height,
-                                      width=args.width, **options).images
-                except torch.OutOfMemoryError:
-                    fail(f"rank {distributed_state.process_index} ran out of memory on {device}: try a smaller "
-                         "--batch-size, --height/--width, or --dtype bfloat16", code=1, every_process=True)
-                seconds = (time.perf_counter() - t0) / len(batch)
-                for (i, prompt), image in zip(batch, images):
-                    write_atomically(args.output_dir / names[i], lambda tmp: image.save(tmp, format="PNG"))
-                    record = {"index": i, "prompt": prompt, "file": names[i], "seed": args.seed + i,
-                              "rank": distributed_state.process_index, "device": str(device),
-                              "seconds": round(seconds, 3), "model": args.model, "steps": options["num_inference_steps"],
-                              "guidance_scale": options["guidance_scale"], "width": image.width,
-                              "height": image.height, "dtype": str(pipeline.dtype).removeprefix("torch.")}
-                    append_line(manifest, record)
-                    my_records.append(record)
-            generate_seconds = time.perf_counter() - generate_started
-        else:
-            generate_seconds = 0.0
-
-    # 4. Gather what every process made (a list per process, of any length) on the main process and report.
-    stats = gather_object([{"rank": distributed_state.process_index, "device": str(device),
-                            "images": len(my_records), "generate_seconds": generate_seconds, **peak_memory(device)}])
-    if distributed_state.is_main_process:
-        write_manifest(manifest, read_manifest(manifest))  # every process appended its lines: sort them by index
-        report(args, stats, len(todo), len(prompts), time.perf_counter() - started)
-
-
-def load_pipeline(args, device):
-    dtype = {"auto": torch.bfloat16 if device.type != "cpu" else torch.float32}.get(args.dtype) or getattr(
-        torch, args.dtype)
+def load_pipeline(args):
+    dtype = {"auto": torch.bfloat16 if torch.accelerator.is_available() else torch.float32}.get(args.dtype) or (
+        getattr(torch, args.dtype))
     try:
-        pipeline = DiffusionPipeline.from_pretrained(args.model, dtype=dtype)
+        return DiffusionPipeline.from_pretrained(args.model, dtype=dtype)
     except (OSError, ValueError) as e:  # e.g. the configs came from the cache but the weights cannot be fetched
         fail(cannot_load(args.model, e))
-    # Every process moves its whole copy of the pipeline to its own device.
-    pipeline = pipeline.to(device)
-    return pipeline
+
+
+def pipeline_options(args, pipeline):
+    """Steps and guidance as asked, or the pipeline's own defaults (28 and 7.0 for SD3, 28 and 3.5 for Flux)."""
+    defaults = inspect.signature(pipeline.__call__).parameters
+    return {name: value if value is not None else defaults[name].default for name, value in (
+        ("num_inference_steps", args.num_inference_steps), ("guidance_scale", args.guidance_scale))}
+
+
+def image_names(prompts):
+    """`007-a-red-fox-in-fresh-snow.png`: the prompt's index first, then a file-system-safe slug of its text."""
+    width = max(3, len(str(len(prompts) - 1)))
+    return [image_name(i, p, width) for i, p in enumerate(prompts)]
+
+
+def images_to_make(args, prompts, names):
+    """The (index, prompt) pairs whose image is not in --output-dir yet (all of them with --overwrite)."""
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        fail(f"--output-dir {args.output_dir} is a file, not a folder")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in args.output_dir.glob(".*.tmp"):  # left by a process that was killed while writing
+        tmp.unlink()
+    done = set() if args.overwrite else {i for i, name in enumerate(names) if (args.output_dir / name).exists()}
+    # Keep the manifest whole: drop the records of images that are gone or about to be made again, and rebuild
+    # the line of an image whose process died between saving it and writing its line.
+    manifest = args.output_dir / "manifest.jsonl"
+    records = {i: r for i, r in read_manifest(manifest).items() if i in done and r.get("file") == names[i]}
+    for i in done - records.keys():
+        records[i] = {"index": i, "prompt": prompts[i], "file": names[i], "seed": args.seed + i, "rank": None}
+    write_manifest(manifest, records)
+    if done:
+        print(f"{len(done)} of {len(prompts)} images are already in {args.output_dir}: making only the missing "
+              "ones (--overwrite makes them all again)", flush=True)
+    return [(i, prompts[i]) for i in range(len(prompts)) if i not in done]
 
 
 def append_line(path, record):
@@ -322,4 +337,10 @@ def report(args, stats, made, total, wall_seconds):
 
 
 if __name__ == "__main__":
-    main()
+    # A launcher stops the other processes with SIGTERM when one fails: exit through Python, so that
+    # nothing is left half-written, instead of dying on the spot.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        main()
+    except KeyboardInterrupt:
+        fail("interrupted: the images already made are kept; run the same command again to make the rest", 130)

@@ -56,7 +56,7 @@ def one_process(tiny_sd3, tmp_path_factory):
 def test_one_process_makes_one_image_per_prompt_with_a_manifest(one_process):
     manifest = assert_one_image_per_prompt(one_process, PROMPTS)
     assert {r["rank"] for r in manifest} == {0}
-    assert all(r["steps"] == 2 and r["device"] == "cpu" and r["seconds"] > 0 for r in manifest)
+    assert all(r["num_inference_steps"] == 2 and r["device"] == "cpu" and r["seconds"] > 0 for r in manifest)
     summary = json.loads((one_process / "summary.json").read_text())
     assert summary["images"] == len(PROMPTS) and summary["processes"] == 1
 

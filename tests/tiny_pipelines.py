@@ -117,8 +117,10 @@ def _vae(latent_channels: int, **kwargs) -> AutoencoderKL:
     )
 
 
-def build_sd3(out: Path) -> Path:
-    """A tiny StableDiffusion3Pipeline (the class of stabilityai/stable-diffusion-3.5-medium)."""
+def build_sd3(out: Path, num_layers: int = 2, attention_head_dim: int = 8) -> Path:
+    """A tiny StableDiffusion3Pipeline (the class of stabilityai/stable-diffusion-3.5-medium).
+
+    More layers or a wider attention head make it slower, for benchmarks that must be compute-bound."""
     torch.manual_seed(0)
     clip, t5 = clip_tokenizer(), t5_tokenizer()
     pipe = StableDiffusion3Pipeline(
@@ -127,11 +129,11 @@ def build_sd3(out: Path) -> Path:
             patch_size=2,
             in_channels=4,
             out_channels=4,
-            num_layers=2,
-            attention_head_dim=8,
+            num_layers=num_layers,
+            attention_head_dim=attention_head_dim,
             num_attention_heads=4,
             joint_attention_dim=TEXT_DIM,
-            caption_projection_dim=32,
+            caption_projection_dim=4 * attention_head_dim,
             pooled_projection_dim=2 * TEXT_DIM,
             pos_embed_max_size=64,
         ),
