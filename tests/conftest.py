@@ -34,6 +34,16 @@ def run(args, timeout=300, check=True, **kwargs):
     return result
 
 
+def assert_clear_error(result, *expected):
+    """A bad input: one line on stderr saying what to do, a non-zero exit, no traceback."""
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for text in expected:
+        assert text in lines[0]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

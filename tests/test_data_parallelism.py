@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import (DATA_PARALLEL, accelerate_launch, load_script, pixels, python, read_manifest, run,
-                            torchrun)
+from tests.conftest import (DATA_PARALLEL, accelerate_launch, assert_clear_error, load_script, pixels, python,
+                            read_manifest, run, torchrun)
 
 PROMPTS = ["a red fox", "a lighthouse/at night", "un chat noir, été", "a red fox", "the last prompt"]
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
@@ -117,15 +117,6 @@ def test_a_second_run_makes_only_the_missing_images(tiny_sd3, tmp_path):
 
 
 # --- bad input: one line saying what to do, a non-zero exit, no traceback ---
-
-
-def assert_clear_error(result, *expected):
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    for text in expected:
-        assert text in lines[0]
 
 
 def bad_run(tmp_path, *args):
