@@ -57,6 +57,8 @@ def main():
     #    every CPU process would think it is alone and make every image.
     distributed_state = PartialState(cpu=not torch.accelerator.is_available())
     device = distributed_state.device
+    if device.type == "cpu":  # in a CPU process group Accelerate says "cpu:0": moving the weights from "cpu"
+        device = torch.device("cpu")  # to "cpu:0" would copy every one of them, twice the memory for nothing
     if not distributed_state.is_main_process:  # one copy of the libraries' warnings and progress bars is enough
         for library in (diffusers, transformers):
             library.utils.logging.set_verbosity_error()
@@ -113,6 +115,9 @@ def main():
         write_manifest(manifest, read_manifest(manifest))  # every process appended its lines: sort them by index
         # Wall time since this process started, imports and loading included: what the user waited for.
         report(args, stats, len(todo), len(prompts), time.time() - psutil.Process().create_time())
+    # Leave the process group before exiting: torn down by the interpreter at exit instead, gloo now and then
+    # aborts the process ("terminate called without an active exception") after all the work is done.
+    distributed_state.destroy_process_group()
 
 
 def parse_args():
