@@ -1,0 +1,205 @@
+"""Redraw every image in assets/ from what the code really does. Run it after changing the scripts:
+
+    uv run assets/draw_assets.py
+
+- data-parallelism-workflow.png, model-parallelism-workflow.png: diagrams of the two techniques.
+- model-sharding.png: the placement that `model-parallelism-flux.py --plan --json` computes for FLUX.1-dev
+  (the real configs in tests/fixtures/flux1-dev, no weights) on 2 x 24 GiB and on 4 x 12 GiB.
+- data-parallelism-output.png: a real run of data-parallelism-accelerate.py by 2 CPU processes on the tiny
+  random-weight SD3 pipeline (its pictures are noise by design), each image labelled with the rank that made it.
+- accelerate-config.png: accelerate-config.txt, a terminal capture of `uv run accelerate config` answered for
+  two Intel GPUs, drawn as a terminal.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from diffusers.utils import make_image_grid
+from PIL import Image, ImageDraw, ImageFont
+
+ASSETS = Path(__file__).resolve().parent
+ROOT = ASSETS.parent
+sys.path.insert(0, str(ROOT))
+from tests.tiny_pipelines import build_sd3  # noqa: E402
+
+INK, PAPER, MUTED = "#1f2933", "#ffffff", "#7b8794"
+BLUE, GREEN, ORANGE, PURPLE, GREY = "#d6e4ff", "#d3f2dc", "#ffe3c2", "#eadcff", "#eceff1"
+
+
+def font(size, mono=False):
+    path = "/usr/share/fonts/truetype/dejavu/DejaVuSans" + ("Mono" if mono else "") + ".ttf"
+    return ImageFont.truetype(path, size) if os.path.exists(path) else ImageFont.load_default(size)
+
+
+def box(draw, xy, text, fill, size=18, mono=False):
+    draw.rounded_rectangle(xy, radius=10, fill=fill, outline=INK, width=2)
+    x0, y0, x1, y1 = xy
+    draw.multiline_text(((x0 + x1) / 2, (y0 + y1) / 2), text, fill=INK, font=font(size, mono), anchor="mm",
+                        align="center", spacing=6)
+
+
+def arrow(draw, start, end):
+    draw.line([start, end], fill=INK, width=3)
+    (x0, y0), (x1, y1) = start, end
+    length = max(((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5, 1)
+    ux, uy = (x1 - x0) / length, (y1 - y0) / length
+    draw.polygon([(x1, y1), (x1 - 14 * ux + 7 * uy, y1 - 14 * uy - 7 * ux), (x1 - 14 * ux - 7 * uy, y1 - 14 * uy + 7 * ux)],
+                 fill=INK)
+
+
+def title(draw, text, subtitle, width):
+    draw.text((width / 2, 30), text, fill=INK, font=font(28), anchor="mm")
+    draw.text((width / 2, 64), subtitle, fill=MUTED, font=font(17), anchor="mm")
+
+
+def data_parallelism_workflow():
+    width, height = 1200, 620
+    image = Image.new("RGB", (width, height), PAPER)
+    draw = ImageDraw.Draw(image)
+    title(draw, "Data parallelism: one whole pipeline per GPU, the prompts split between them",
+          "uv run accelerate launch --num_processes 2 data-parallelism-accelerate.py --prompts-file prompts.txt", width)
+    box(draw, (40, 250, 250, 370), "prompts 0..9\n(--prompt,\n--prompts-file)", GREY)
+    box(draw, (300, 230, 520, 390), "PartialState()\nsplit_between_\nprocesses(prompts)", ORANGE, 17, mono=True)
+    arrow(draw, (250, 310), (300, 310))
+    for row, (rank, share) in enumerate([(0, "prompts 0-4"), (1, "prompts 5-9")]):
+        y = 120 + row * 260
+        arrow(draw, (520, 310), (580, y + 80))
+        box(draw, (580, y, 880, y + 160), f"process {rank} on xpu:{rank}\n(or cuda:{rank}, or the CPU)\n\n"
+            f"whole pipeline copy\n{share}, seeds SEED+i", BLUE, 17)
+        arrow(draw, (880, y + 80), (940, y + 80))
+        box(draw, (940, y + 25, 1160, y + 135), f"{share.split()[1].split('-')[0]:0>3}-....png ...\n"
+            f"+ manifest lines\n(rank {rank})", GREEN, 16)
+    draw.text((width / 2, height - 30), "gather_object: the main process collects every process's numbers and "
+              "prints the summary; each prompt is made once", fill=MUTED, font=font(16), anchor="mm")
+    image.save(ASSETS / "data-parallelism-workflow.png")
+
+
+def model_parallelism_workflow():
+    width, height = 1200, 640
+    image = Image.new("RGB", (width, height), PAPER)
+    draw = ImageDraw.Draw(image)
+    title(draw, "Model sharding: one pipeline spread over the GPUs, one image at a time",
+          "uv run model-parallelism-flux.py   (FLUX.1-dev, bf16: 31.7 GiB of weights)", width)
+    stages = [("prompt", GREY), ("text encoders\nCLIP-L + T5-XXL\n(9.3 GiB)", PURPLE),
+              ("transformer\n57 blocks, 50 steps\n(22.2 GiB)", BLUE), ("VAE decoder\n(0.16 GiB)", GREEN),
+              ("flux-dev.png", GREY)]
+    for k, (text, fill) in enumerate(stages):
+        x = 40 + k * 230
+        box(draw, (x, 110, x + 190, 230), text, fill, 16)
+        if k:
+            arrow(draw, (x - 40, 170), (x, 170))
+    draw.text((40, 270), "device_map=\"balanced\" (the pipeline level) puts WHOLE components on devices:",
+              fill=INK, font=font(18))
+    box(draw, (40, 305, 560, 395), "GPU 0: transformer + VAE (22.4 GiB)", BLUE, 17)
+    box(draw, (640, 305, 1160, 395), "GPU 1: T5-XXL + CLIP-L (9.3 GiB)", PURPLE, 17)
+    draw.text((40, 430), "when the transformer fits on no single GPU, its blocks are spread (the layer level):",
+              fill=INK, font=font(18))
+    box(draw, (40, 465, 560, 555), "GPU 0: transformer blocks 0 .. k", BLUE, 17)
+    box(draw, (640, 465, 1160, 555), "GPU 1: transformer blocks k+1 .. 56", BLUE, 17)
+    arrow(draw, (560, 510), (640, 510))
+    draw.text((width / 2, height - 40), "the activations pass from GPU to GPU once per step; the GPUs take turns, "
+              "they do not work at the same time", fill=MUTED, font=font(16), anchor="mm")
+    image.save(ASSETS / "model-parallelism-workflow.png")
+
+
+def model_sharding():
+    """Bars per device from the script's own plan of FLUX.1-dev, for two hardware set-ups."""
+    plans = []
+    for num, size in ((2, "24GiB"), (4, "12GiB")):
+        result = subprocess.run([sys.executable, ROOT / "model-parallelism-flux.py", "--plan", "--json", "--model",
+                                 ROOT / "tests/fixtures/flux1-dev", "--num-devices", str(num), "--device-memory", size],
+                                capture_output=True, text=True, check=True, cwd=ROOT)
+        plans.append((f"{num} x {size.replace('GiB', ' GiB')}", json.loads(result.stdout)))
+    width, row_height = 1200, 70
+    height = 170 + sum(60 + len(p["devices"]) * row_height for _, p in plans)
+    image = Image.new("RGB", (width, height), PAPER)
+    draw = ImageDraw.Draw(image)
+    title(draw, "Where FLUX.1-dev goes: model-parallelism-flux.py --plan",
+          "computed from the real configs on the meta device (no weights); bar length = bytes of weights", width)
+    colours = {"transformer": BLUE, "text_encoder_2": PURPLE, "text_encoder": ORANGE, "vae": GREEN}
+    legend = {"transformer": "transformer", "text_encoder_2": "T5-XXL (text_encoder_2)",
+              "text_encoder": "CLIP-L (text_encoder)", "vae": "VAE"}
+    x = 40
+    for component, colour in colours.items():
+        draw.rounded_rectangle((x, height - 40, x + 24, height - 16), radius=4, fill=colour, outline=INK)
+        draw.text((x + 32, height - 28), legend[component], fill=INK, font=font(16), anchor="lm")
+        x += 60 + draw.textlength(legend[component], font=font(16))
+    y = 100
+    for label, plan in plans:
+        draw.text((40, y), f"{label}: fits = {plan['fits']}", fill=INK, font=font(20))
+        y += 40
+        scale = 900 / max(b for _, p in plans for b in p["devices"].values())  # one scale for both set-ups
+        for device, total in plan["devices"].items():
+            draw.text((40, y + 22), f"device {device}", fill=INK, font=font(17))
+            x = 180
+            for component, colour in colours.items():
+                size = sum(plan.get("bytes", {}).get(m, 0) for m, d in plan["placement"].items()
+                           if d == device and (m == component or m.startswith(component + ".")))
+                if size:
+                    box(draw, (x, y, x + size * scale, y + 55), component if size * scale > 120 else "", colour, 15)
+                    x += size * scale
+            draw.text((x + 10, y + 22), f"{total / 2**30:.1f} GiB", fill=MUTED, font=font(16))
+            y += row_height
+        y += 20
+    image.save(ASSETS / "model-sharding.png")
+
+
+def data_parallelism_output():
+    """A real 2-process CPU run on the tiny pipeline: the images and who made them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, out = build_sd3(Path(tmp) / "sd3"), Path(tmp) / "out"
+        subprocess.run([Path(sys.executable).parent / "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        ROOT / "data-parallelism-accelerate.py", "--model", model, "--output-dir", out,
+                        "--prompts-file", ROOT / "prompts.txt", "--num-inference-steps", "4", "--height", "128",
+                        "--width", "128"], check=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+        records = [r for r in records if r["rank"] == 0][:4] + [r for r in records if r["rank"] == 1][:4]
+        tiles = []
+        for r in records:
+            tile = Image.new("RGB", (200, 200), PAPER)
+            tile.paste(Image.open(out / r["file"]), (36, 8))
+            draw = ImageDraw.Draw(tile)
+            draw.text((100, 152), r["file"][:26], fill=INK, font=font(11), anchor="mm")
+            draw.text((100, 176), f"rank {r['rank']} on {r['device']}", fill=INK, font=font(14), anchor="mm")
+            tiles.append(tile)
+    grid = make_image_grid(tiles, rows=2, cols=4)
+    image = Image.new("RGB", (grid.width, grid.height + 70), PAPER)
+    image.paste(grid, (0, 70))
+    draw = ImageDraw.Draw(image)
+    draw.text((image.width / 2, 22), "A real run: 2 CPU processes, the tiny random-weight SD3 pipeline",
+              fill=INK, font=font(20), anchor="mm")
+    draw.text((image.width / 2, 50), "random weights, so the pictures are noise by design; 4 of the 16 "
+              "prompts.txt images from each process", fill=MUTED, font=font(14), anchor="mm")
+    image.save(ASSETS / "data-parallelism-output.png")
+
+
+def terminal(text_path, image_path):
+    lines = text_path.read_text().splitlines()
+    size, pad = 15, 20
+    mono = font(size, mono=True)
+    width = int(max(draw_width(mono, line) for line in lines)) + 2 * pad
+    image = Image.new("RGB", (width, len(lines) * (size + 6) + 2 * pad + 24), "#1e1e1e")
+    draw = ImageDraw.Draw(image)
+    for k, colour in enumerate(("#ff5f56", "#ffbd2e", "#27c93f")):
+        draw.ellipse((pad + 22 * k, 10, pad + 22 * k + 12, 22), fill=colour)
+    for k, line in enumerate(lines):
+        draw.text((pad, pad + 24 + k * (size + 6)), line, fill="#e6e6e6", font=mono)
+    image.save(image_path)
+
+
+def draw_width(font_, line):
+    return font_.getlength(line)
+
+
+if __name__ == "__main__":
+    data_parallelism_workflow()
+    model_parallelism_workflow()
+    terminal(ASSETS / "accelerate-config.txt", ASSETS / "accelerate-config.png")
+    data_parallelism_output()
+    model_sharding()
+    print("redrew", ", ".join(sorted(p.name for p in ASSETS.glob("*.png"))))

@@ -1,0 +1,123 @@
+"""The README is true: its images exist, its test command is CI's, and every `uv run` command in it works.
+
+A command is run as written, with these substitutions only: the tiny pipelines for the real models (and the
+FLUX.1-dev configs for a --plan), a few steps at 64 px, output in a temporary folder, a free port, and
+127.0.0.1 for the example address of machine 0, and a --plan for two 24 GiB GPUs where a command gives GPU
+memory budgets and this machine has no GPU. Interactive commands (`accelerate config`, `hf auth login`)
+are run with --help. The two machines of the several-machines example are run together, on loopback.
+"""
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import BIN, ROOT, free_port, load_script, offline_env, run
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+FLUX_DEV_CONFIGS = ROOT / "tests" / "fixtures" / "flux1-dev"
+SCRIPTS = {"data-parallelism-accelerate.py": "sd3", "model-parallelism-flux.py": "flux"}
+FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
+
+
+def readme_commands():
+    """Every `uv run ...` line of the README's bash blocks, without its trailing comment."""
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)
+    lines = [line.strip() for block in blocks for line in block.splitlines()]
+    return [shlex.split(line, comments=True) for line in lines if line.startswith("uv run ")]
+
+
+def as_test(argv, tiny, tmp_path, port):
+    """The README's command, runnable here (see the module's docstring)."""
+    argv = [a.replace("tiny/sd3", str(tiny["sd3"])).replace("tiny/flux", str(tiny["flux"])) for a in argv[2:]]
+    program, args = argv[0], argv[1:]
+    if program in ("accelerate", "hf") and args[:1] in (["config"], ["auth"]):
+        return [BIN / program, *args, "--help"]
+    command = [sys.executable, ROOT / program] if program.endswith(".py") else [BIN / program]
+    if program == "accelerate":
+        command += ["launch", "--main_process_port", str(port)]
+        args = args[1:]
+        if "--num_machines" in args:
+            args[args.index("--main_process_ip") + 1] = "127.0.0.1"
+            del args[args.index("--main_process_port"):args.index("--main_process_port") + 2]
+    elif program == "torchrun":
+        command += ["--master-port", str(port)]
+    elif program == "tests/tiny_pipelines.py":
+        args = [str(tmp_path / "tiny")]
+    elif program == "benchmarks/scaling.py":
+        args += ["--model", str(tiny["sd3"]), "--prompts", "4", "--size", "64", "--steps", "1"]
+    script = next((a for a in [program, *args] if a in SCRIPTS), None)
+    if "--max-memory" in args and not torch.accelerator.is_available():  # budgets for GPUs this machine lacks
+        args += ["--plan", "--num-devices", "2", "--device-memory", "24GiB"]
+    if script and "--help" not in args:
+        if "--plan" in args:
+            args += ["--model", str(FLUX_DEV_CONFIGS)]
+        elif script.startswith("data"):
+            args += ["--model", str(tiny["sd3"]), *FAST, "--output-dir", str(tmp_path / "out")]
+        else:
+            args += ["--model", str(tiny["flux"]), *FAST, "--output", str(tmp_path / "out.png")]
+    return command + args
+
+
+def test_the_readme_has_commands_to_check():
+    words = {word for argv in readme_commands() for word in argv[2:]}
+    assert {"accelerate", "torchrun", "pytest", "data-parallelism-accelerate.py", "model-parallelism-flux.py",
+            "tests/tiny_pipelines.py", "benchmarks/scaling.py", "--machine_rank", "--plan", "--staged"} <= words
+
+
+def test_every_image_the_readme_shows_is_in_assets():
+    images = re.findall(r'src="\./(assets/[^"]+)"', README)
+    assert len(images) >= 5
+    for image in images:
+        assert (ROOT / image).is_file(), image
+    links = re.findall(r"\]\(((?:assets|accelerate-configs|benchmarks|tests)/[^)#]+)\)", README)
+    for link in links:
+        assert (ROOT / link).exists(), link
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    tests_section = README.split("## Tests", 1)[1]
+    command = re.search(r"```bash\n(.*?)\n```", tests_section, flags=re.DOTALL).group(1).strip()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert ci_lines[-1] == command
+    assert command in README.split("## Set-up", 1)[0]  # the quick start gives the same one
+
+
+def test_the_readme_table_of_flux1_dev_plans_is_what_the_script_plans(monkeypatch, capsys):
+    script = load_script(ROOT / "model-parallelism-flux.py")
+    rows = re.findall(r"^\| (\d) x (\d+) GiB( `--staged`)? \| (yes|\*\*no\*\*) \|", README, flags=re.MULTILINE)
+    assert len(rows) >= 4
+    for num_devices, memory, staged, fits in rows:
+        monkeypatch.setattr("sys.argv", ["model-parallelism-flux.py", "--plan", "--json", "--model",
+                                         str(FLUX_DEV_CONFIGS), "--num-devices", num_devices, "--device-memory",
+                                         f"{memory}GiB", *(["--staged"] if staged else [])])
+        script.main()
+        assert json.loads(capsys.readouterr().out)["fits"] == (fits == "yes"), (num_devices, memory, staged)
+
+
+SINGLE = [argv for argv in readme_commands() if argv[2] != "pytest" and "--machine_rank" not in argv]
+
+
+@pytest.mark.parametrize("argv", SINGLE, ids=[" ".join(argv[2:5]) for argv in SINGLE])
+def test_every_readme_command_runs(argv, tiny_sd3, tiny_flux, tmp_path):
+    command = as_test(argv, {"sd3": tiny_sd3, "flux": tiny_flux}, tmp_path, free_port())
+    run(command, timeout=600)
+
+
+def test_the_several_machines_example_runs_on_loopback(tiny_sd3, tiny_flux, tmp_path):
+    machines = [argv for argv in readme_commands() if "--machine_rank" in argv]
+    assert [argv[argv.index("--machine_rank") + 1] for argv in machines] == ["0", "1"]
+    port = free_port()
+    jobs = [subprocess.Popen([str(a) for a in as_test(argv, {"sd3": tiny_sd3, "flux": tiny_flux}, tmp_path, port)],
+                             cwd=ROOT, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for argv in machines]
+    outputs = [job.communicate(timeout=300)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    prompts = [line for line in (ROOT / "prompts.txt").read_text().splitlines() if line.strip()]
+    assert f"made {len(prompts)} images" in outputs[0]
+    assert len(list((tmp_path / "out").glob("*.png"))) == len(prompts)
