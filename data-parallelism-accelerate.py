@@ -79,6 +79,7 @@ def main():
         if my_share:  # an empty share loads nothing and never calls the pipeline (an empty batch crashes it)
             # Every process loads the whole pipeline and moves it to its own device.
             pipeline = load_pipeline(args).to(device)
+            args.output_dir.mkdir(parents=True, exist_ok=True)  # on another machine, it may not exist yet
             # Progress bars from several processes would overwrite each other: only the main process shows one.
             pipeline.set_progress_bar_config(disable=not distributed_state.is_main_process)
             options = pipeline_options(args, pipeline)
