@@ -24,6 +24,7 @@ the full-size image and one transformer block working on 4096 image + 512 text t
 import argparse
 import gc
 import importlib
+import itertools
 import json
 import os
 import re
@@ -97,7 +98,10 @@ def main():
         with torch.no_grad():
             prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
                 prompt=args.prompt, prompt_2=None, max_sequence_length=args.max_sequence_length)
-        free(pipeline)
+        # Free the text encoders before the transformer loads: drop every reference, then the memory.
+        pipeline.remove_all_hooks()
+        del pipeline
+        release_memory()
         stage = IMAGE_STAGE
         inputs = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
     else:
@@ -116,9 +120,11 @@ def main():
                      ).images[0]
     seconds = time.perf_counter() - t0
     tmp = args.output.with_name(f".{args.output.name}.{os.getpid()}.tmp")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    image.save(tmp, format="PNG")
-    os.replace(tmp, args.output)  # written whole, then renamed: never half an image on disk
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, args.output)  # written whole, then renamed: never half an image on disk
+    finally:
+        tmp.unlink(missing_ok=True)
     per_step = (step_times[-1] - t0) / len(step_times) if step_times else seconds
     peak = memory(devices, peak=True)
     print(f"made {args.output} ({image.width}x{image.height}) in {seconds:.1f} s, {per_step:.2f} s per step; "
@@ -159,6 +165,13 @@ def parse_args():
         fail(f"--max-sequence-length {args.max_sequence_length}: FLUX.1's T5 takes at most 512 tokens")
     if not args.plan and (args.json or args.num_devices or args.device_memory):
         fail("--json, --num-devices and --device-memory describe a plan: add --plan")
+    if not args.plan:  # find out now, not after loading 32 GB and 50 steps, that the image cannot be saved
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"--output {args.output}: cannot create its folder ({e.strerror})")
+        if not os.access(args.output.parent, os.W_OK):
+            fail(f"--output {args.output}: its folder is not writable")
     return args
 
 
@@ -232,7 +245,10 @@ def device_budgets(args):
         count = args.num_devices or max(1, len([d for d in present if d != "cpu"]))
         if args.device_memory is None and 0 not in present:
             fail("--num-devices needs --device-memory SIZE here: this machine has no accelerator to measure")
-        size = convert_file_size_to_int(args.device_memory) if args.device_memory else present[0]
+        try:
+            size = convert_file_size_to_int(args.device_memory) if args.device_memory else present[0]
+        except ValueError:
+            fail(f"--device-memory {args.device_memory}: write a size like 16GiB or 24GB")
         budgets = dict.fromkeys(range(count), size)
     elif torch.accelerator.is_available():
         budgets = {d: m for d, m in get_max_memory().items() if d != "cpu"}  # the free memory of each device
@@ -272,7 +288,7 @@ def plan_stage(modules, budgets, dtype):
     whole = _assign_components_to_devices(sizes, devices)
     placement = {name: {"": d} for d, names in whole.items() if d != "cpu" or "cpu" in devices for name in names}
     if len(placement) == len(sizes):
-        return placement, sizes
+        return placement, sizes, True  # True: device_map="balanced" itself places this stage as planned
     # 2. Layer level: split what "balanced" left over between its blocks (`_no_split_modules`, which must stay
     #    whole), so that each device holds an equal share of the pipeline: the whole components it already has,
     #    plus up to one block more. The last device takes what remains. "cpu" only if the user named it.
@@ -290,7 +306,7 @@ def plan_stage(modules, budgets, dtype):
                                                     dtype=dtype)
         for key, d in placement[name].items():
             used[d] = used.get(d, 0) + compute_module_sizes(module.get_submodule(key) if key else module, dtype=dtype)[""]
-    return placement, sizes
+    return placement, sizes, False
 
 
 def make_plan(args, components, dtype):
@@ -300,9 +316,10 @@ def make_plan(args, components, dtype):
     usable = {d: max(0, m - reserve) if d != "cpu" or len(budgets) == 1 else m for d, m in budgets.items()}
     stages = [TEXT_STAGE, IMAGE_STAGE] if args.staged else [TEXT_STAGE + IMAGE_STAGE]
     modules = empty_components(args.model, components, [n for s in stages for n in s], dtype)
-    placement, sizes, peak, needed, module_bytes = {}, {}, {}, 0, {}
+    placement, sizes, peak, needed, module_bytes, balanced = {}, {}, {}, 0, {}, True
     for stage in stages:  # a staged run frees each stage before the next: a device's peak is its busiest stage
-        stage_placement, stage_sizes = plan_stage({n: modules[n] for n in stage}, usable, dtype)
+        stage_placement, stage_sizes, stage_balanced = plan_stage({n: modules[n] for n in stage}, usable, dtype)
+        balanced &= stage_balanced
         placement |= stage_placement  # "disk": accelerate's word for "no room on any device" 
         sizes |= stage_sizes
         held = {}
@@ -323,7 +340,7 @@ def make_plan(args, components, dtype):
             "components": {n: int(s) for n, s in sizes.items()},
             "placement": {(f"{n}.{k}" if k else n): str(d) for n, m in placement.items() for k, d in m.items()},
             "bytes": module_bytes,
-            "device_maps": placement, "usable": usable}
+            "device_maps": placement, "usable": usable, "balanced": balanced}
 
 
 def size(b):
@@ -370,8 +387,8 @@ def load(args, components, plan, names, dtype):
     if "text_encoder" not in names:
         left_out |= {"tokenizer": None, "tokenizer_2": None}
     try:
-        if all(list(device_map) == [""] for device_map in device_maps.values()):
-            # Every component fits whole on a device: diffusers' own balanced placement (the plan predicted it).
+        if plan["balanced"]:
+            # Every component fits whole on the device balanced gives it: diffusers' own placement, as planned.
             return DiffusionPipeline.from_pretrained(args.model, device_map="balanced", max_memory=plan["usable"],
                                                      dtype=dtype, **left_out)
         # A component split layer by layer: load each component with its own device map, then hand them all to
@@ -389,10 +406,8 @@ def load(args, components, plan, names, dtype):
         fail(cannot_load(args.model, e))
 
 
-def free(pipeline):
-    """Drop a stage's weights and give their memory back to the devices."""
-    pipeline.remove_all_hooks()
-    del pipeline
+def release_memory():
+    """Give the memory of weights nothing refers to any more back to the devices."""
     gc.collect()
     if torch.accelerator.is_available():
         torch.accelerator.empty_cache()
@@ -419,7 +434,10 @@ def print_placement(pipeline, plan, devices):
             continue
         for key, _ in block_ranges(plan["device_maps"][name]):
             part = module.get_submodule(key.split("-")[0]) if key else module
-            device = next(part.parameters()).device
+            tensor = next(itertools.chain(part.parameters(), part.buffers()), None)
+            if tensor is None:  # a part with no weights at all (e.g. the rotary position embedding)
+                continue
+            device = tensor.device
             # Weights Accelerate keeps on the CPU and streams in at every step show as "meta" on the module.
             print(f"  {name + ('.' + key if key else ''):<52} -> "
                   f"{'cpu (streamed to the device at every step: slow)' if device.type == 'meta' else device}")
@@ -444,4 +462,10 @@ def suggest_staged(args, components, dtype, plan, quiet=False):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except torch.OutOfMemoryError:
+        fail("a device ran out of memory: try --staged, a smaller --height/--width, or a lower --max-memory to "
+             "leave more room for activations", code=1)
+    except KeyboardInterrupt:
+        fail("interrupted", code=130)
