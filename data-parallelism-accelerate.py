@@ -56,6 +56,10 @@ def main():
     #    nccl on NVIDIA). With no accelerator, `cpu=True` makes the processes a gloo group on the CPU: without it
     #    every CPU process would think it is alone and make every image.
     distributed_state = PartialState(cpu=not torch.accelerator.is_available())
+    if distributed_state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+        fail(f"the launcher started {os.environ['WORLD_SIZE']} processes but they formed no group, so each would "
+             f"make every image: on Intel GPUs this torch ({torch.__version__}) lacks the xccl backend (install "
+             "the XPU build of torch 2.8 or newer)")
     device = distributed_state.device
     if device.type == "cpu":  # in a CPU process group Accelerate says "cpu:0": moving the weights from "cpu"
         device = torch.device("cpu")  # to "cpu:0" would copy every one of them, twice the memory for nothing
@@ -78,7 +82,11 @@ def main():
     with distributed_state.split_between_processes(todo) as my_share:
         if my_share:  # an empty share loads nothing and never calls the pipeline (an empty batch crashes it)
             # Every process loads the whole pipeline and moves it to its own device.
-            pipeline = load_pipeline(args).to(device)
+            try:
+                pipeline = load_pipeline(args).to(device)
+            except torch.OutOfMemoryError:
+                fail(f"rank {distributed_state.process_index}: the pipeline does not fit on {device}: try --dtype "
+                     "bfloat16, or shard it over several devices (model-parallelism-flux.py)", 1, every_process=True)
             args.output_dir.mkdir(parents=True, exist_ok=True)  # on another machine, it may not exist yet
             # Progress bars from several processes would overwrite each other: only the main process shows one.
             pipeline.set_progress_bar_config(disable=not distributed_state.is_main_process)
@@ -181,13 +189,15 @@ def check_model(args):
         with warnings.catch_warnings(action="ignore"):  # the libraries' deprecation notices are not the user's
             components = DiffusionPipeline.load_config(args.model)
             vae = AutoencoderKL.load_config(args.model, subfolder="vae")
-            patch = AutoencoderKL.load_config(args.model, subfolder="transformer")["patch_size"] if (
+            patch = AutoencoderKL.load_config(args.model, subfolder="transformer").get("patch_size", 1) if (
                 "transformer" in components) else 1
     except (OSError, ValueError) as e:
         fail(cannot_load(args.model, e))
     diffusers.utils.logging.set_verbosity_warning()
     # The VAE shrinks images 8x (2 per block after the first), and a transformer works on 2x2 patches of that
     # (SD3 says patch_size=2; Flux packs 2x2 latents itself): sizes must be multiples of 16 for both.
+    if "block_out_channels" not in vae:  # not an AutoencoderKL-style VAE: let the pipeline check the size itself
+        return
     multiple = 2 ** (len(vae["block_out_channels"]) - 1) * (max(2, patch) if "transformer" in components else 1)
     for flag, size in (("--height", args.height), ("--width", args.width)):
         if size is not None and size % multiple:
@@ -218,7 +228,7 @@ def read_prompts(args):
         try:
             text = args.prompts_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            fail(f"cannot read --prompts-file {args.prompts_file}: {e.strerror or e}")
+            fail(f"cannot read --prompts-file {args.prompts_file}: {getattr(e, 'strerror', None) or e}")
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             fail(f"--prompts-file {args.prompts_file} has no prompts (one prompt a line)")
@@ -301,7 +311,12 @@ def images_to_make(args, prompts, names):
     """The (index, prompt) pairs whose image is not in --output-dir yet (all of them with --overwrite)."""
     if args.output_dir.exists() and not args.output_dir.is_dir():
         fail(f"--output-dir {args.output_dir} is a file, not a folder")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--output-dir {args.output_dir}: cannot create it ({e.strerror})")
+    if not os.access(args.output_dir, os.W_OK):
+        fail(f"--output-dir {args.output_dir} is not writable")
     for tmp in args.output_dir.glob(".*.tmp"):  # left by a process that was killed while writing
         tmp.unlink()
     done = set() if args.overwrite else {i for i, name in enumerate(names) if (args.output_dir / name).exists()}
@@ -309,8 +324,17 @@ def images_to_make(args, prompts, names):
     # the line of an image whose process died between saving it and writing its line.
     manifest = args.output_dir / "manifest.jsonl"
     records = {i: r for i, r in read_manifest(manifest).items() if i in done and r.get("file") == names[i]}
-    for i in done - records.keys():
-        records[i] = {"index": i, "prompt": prompts[i], "file": names[i], "seed": args.seed + i, "rank": None}
+    # An image made with other settings is not done for this command: say so rather than mix two runs.
+    for i, r in records.items():
+        asked = {"model": args.model, "seed": args.seed + i, "num_inference_steps": args.num_inference_steps,
+                 "guidance_scale": args.guidance_scale, "width": args.width, "height": args.height}
+        differ = [key for key, value in asked.items() if value is not None and key in r and r[key] != value]
+        if differ:
+            fail(f"{args.output_dir / r['file']} was made with another {', '.join(differ)}: add --overwrite to "
+                 "make every image again, or choose another --output-dir")
+    for i in done - records.keys():  # "rebuilt": what this command would have written, not a record of the run
+        records[i] = {"index": i, "prompt": prompts[i], "file": names[i], "seed": args.seed + i, "rank": None,
+                      "rebuilt": True}
     write_manifest(manifest, records)
     if done:
         print(f"{len(done)} of {len(prompts)} images are already in {args.output_dir}: making only the missing "

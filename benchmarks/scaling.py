@@ -53,7 +53,11 @@ def launch(launcher, n, script_args):
 
 def main():
     args = parse_args()
-    work = Path(tempfile.mkdtemp(prefix="scaling-"))
+    with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
+        measure(args, Path(tmp))
+
+
+def measure(args, work):
     model = args.model or str(build_sd3(work / "bench-sd3", num_layers=8, attention_head_dim=64))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if not torch.accelerator.is_available():

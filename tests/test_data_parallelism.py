@@ -136,6 +136,11 @@ def test_a_missing_prompts_file_is_named(tmp_path):
     assert_clear_error(bad_run(tmp_path, "--prompts-file", tmp_path / "nope.txt"), "nope.txt")
 
 
+def test_a_prompts_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    assert_clear_error(bad_run(tmp_path, "--prompts-file", tmp_path / "latin1.txt"), "latin1.txt")
+
+
 def test_an_empty_prompts_file_is_refused(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     assert_clear_error(bad_run(tmp_path, "--prompts-file", tmp_path / "empty.txt"), "no prompts")

@@ -7,8 +7,8 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import (BIN, DATA_PARALLEL, ROOT, accelerate_launch, free_port, offline_env, pixels,
-                            read_manifest, run, torchrun)
+from tests.conftest import (BIN, DATA_PARALLEL, ROOT, accelerate_launch, assert_clear_error, free_port,
+                            offline_env, pixels, read_manifest, run, torchrun)
 
 MANY = [f"prompt number {i}" for i in range(40)]
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
@@ -106,6 +106,13 @@ def test_overwrite_makes_every_image_again(tiny_sd3, tmp_path):
     run([BIN / "python", DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:2]), "--overwrite"])
     assert all(p.stat().st_mtime_ns > before[p.name] for p in out.glob("*.png"))
     assert len(read_manifest(out)) == 2
+
+
+def test_a_run_with_other_settings_into_the_same_folder_is_refused(tiny_sd3, tmp_path):
+    out = tmp_path / "out"
+    run([BIN / "python", DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:2])])
+    result = run([BIN / "python", DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:2]), "--seed", "5"], check=False)
+    assert_clear_error(result, "was made with another seed", "--overwrite")
 
 
 def test_two_machines_on_loopback_make_each_prompt_once(tiny_sd3, tmp_path):
