@@ -281,13 +281,13 @@ def peak_memory(device):
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     stats = {"peak_rss_gib": round(peak_rss / 2**30, 2)}
     if device.type != "cpu":
-        stats["peak_device_gib"] = round(getattr(torch, device.type).max_memory_allocated(device) / 2**30, 2)
+        stats["peak_device_gib"] = round(torch.accelerator.max_memory_allocated(device) / 2**30, 2)
     return stats
 
 
 def load_pipeline(args):
-    dtype = {"auto": torch.bfloat16 if torch.accelerator.is_available() else torch.float32}.get(args.dtype) or (
-        getattr(torch, args.dtype))
+    on_gpu = torch.accelerator.is_available()
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if on_gpu else torch.float32
     try:
         return DiffusionPipeline.from_pretrained(args.model, dtype=dtype)
     except (OSError, ValueError) as e:  # e.g. the configs came from the cache but the weights cannot be fetched

@@ -55,8 +55,7 @@ TEXT_STAGE, IMAGE_STAGE = ("text_encoder", "text_encoder_2"), ("transformer", "v
 def main():
     args = parse_args()
     components = check_model(args)
-    planned = args.num_devices is not None or args.device_memory is not None
-    on_gpu = planned or torch.accelerator.is_available()
+    on_gpu = args.planned or torch.accelerator.is_available()
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if on_gpu else torch.float32
     accelerate.utils.modeling.logger.setLevel("ERROR")  # "device 0 is not available" while planning for it
 
@@ -163,7 +162,9 @@ def parse_args():
             fail(f"--{name.replace('_', '-')} must be a positive number, not {getattr(args, name)}")
     if args.max_sequence_length > 512:
         fail(f"--max-sequence-length {args.max_sequence_length}: FLUX.1's T5 takes at most 512 tokens")
-    if not args.plan and (args.json or args.num_devices or args.device_memory):
+    # Planning for hardware that is not here: --plan --num-devices 2 --device-memory 24GiB
+    args.planned = args.num_devices is not None or args.device_memory is not None
+    if not args.plan and (args.json or args.planned):
         fail("--json, --num-devices and --device-memory describe a plan: add --plan")
     if not args.plan:  # find out now, not after loading 32 GB and 50 steps, that the image cannot be saved
         try:
@@ -239,8 +240,7 @@ def parse_memory(text, devices):
 
 def device_budgets(args):
     """The memory each device may use, in bytes: {0: ..., 1: ...}, plus "cpu" only where the user allows it."""
-    planned = args.num_devices is not None or args.device_memory is not None
-    if planned:  # hardware the user does not have: --plan --num-devices 2 --device-memory 24GiB
+    if args.planned:  # hardware the user does not have: --plan --num-devices 2 --device-memory 24GiB
         present = get_max_memory() if torch.accelerator.is_available() else {}
         count = args.num_devices or max(1, len([d for d in present if d != "cpu"]))
         if args.device_memory is None and 0 not in present:
@@ -326,8 +326,8 @@ def make_plan(args, components, dtype):
         for name, device_map in stage_placement.items():
             for key, d in device_map.items():
                 module = modules[name].get_submodule(key) if key else modules[name]
-                module_bytes[f"{name}.{key}" if key else name] = compute_module_sizes(module, dtype=dtype)[""]
-                held[d] = held.get(d, 0) + module_bytes[f"{name}.{key}" if key else name]
+                bytes_ = module_bytes[f"{name}.{key}" if key else name] = compute_module_sizes(module, dtype=dtype)[""]
+                held[d] = held.get(d, 0) + bytes_
         peak = {d: max(peak.get(d, 0), held.get(d, 0)) for d in held.keys() | peak.keys()}
         needed = max(needed, sum(held.values()))
     allowed = set(budgets)  # "cpu" is a place for weights only when it is the device or the user named it
@@ -348,7 +348,7 @@ def size(b):
 
 
 def print_plan(args, plan):
-    where = "planned" if args.num_devices or args.device_memory else "on this machine"
+    where = "planned" if args.planned else "on this machine"
     print(f"plan for {args.model} in {plan['dtype']}, {args.height}x{args.width}, "
           f"{'staged' if plan['staged'] else 'all components resident at once'}, devices {where}:")
     for name, device_map in plan["device_maps"].items():
