@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests import tiny_pipelines
@@ -17,6 +18,8 @@ from tests import tiny_pipelines
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the project's virtual environment: accelerate and torchrun live here
 DATA_PARALLEL = ROOT / "data-parallelism-accelerate.py"
+# Tests that need a GPU (Intel XPU or NVIDIA CUDA): skipped, and reported as skipped, where there is none.
+accelerator = pytest.mark.skipif(not torch.accelerator.is_available(), reason="needs a GPU (torch.accelerator)")
 
 
 def offline_env(**extra):
