@@ -17,10 +17,13 @@ Running the same command again makes only the images that are missing.
 import argparse
 import inspect
 import json
+import logging
+import math
 import os
 import re
 import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +35,10 @@ import transformers
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.utils import make_image_grid
 from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+from PIL import Image
+from tqdm import tqdm
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 DEFAULT_PROMPTS = [
@@ -41,9 +47,14 @@ DEFAULT_PROMPTS = [
     "a red fox in fresh snow, wildlife photograph",
     "a bowl of ramen on a wooden table, studio lighting",
 ]
+CONTACT_SHEET, SHEET_IMAGES, THUMBNAIL = "contact-sheet.png", 64, 256  # at most 64 thumbnails, 256 px each
 LAUNCHER_FLAGS = ("--num-processes", "--num_processes", "--multi-gpu", "--multi_gpu", "--nproc-per-node",
                   "--nproc_per_node", "--num-machines", "--num_machines", "--machine-rank", "--machine_rank",
                   "--mixed-precision", "--mixed_precision", "--config-file", "--config_file")
+
+# diffusers imports transformers' image processors (for IP-Adapters, which this sample never uses), and without
+# torchvision transformers warns about them in every process. Silence that warning alone; the others still show.
+logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "torchvision" not in record.getMessage())
 
 
 def main():
@@ -63,9 +74,10 @@ def main():
     device = distributed_state.device
     if device.type == "cpu":  # in a CPU process group Accelerate says "cpu:0": moving the weights from "cpu"
         device = torch.device("cpu")  # to "cpu:0" would copy every one of them, twice the memory for nothing
-    if not distributed_state.is_main_process:  # one copy of the libraries' warnings and progress bars is enough
-        for library in (diffusers, transformers):
+    for library in (diffusers, transformers):
+        if not distributed_state.is_main_process:  # one copy of the libraries' warnings is enough
             library.utils.logging.set_verbosity_error()
+        if not (args.verbose and distributed_state.is_main_process):  # their loading bars would cut the job's
             library.utils.logging.disable_progress_bar()
 
     # 2. The main process looks at what is already on disk and tells the others what is left to make, so that
@@ -73,6 +85,10 @@ def main():
     names = image_names(prompts)
     todo = [images_to_make(args, prompts, names) if distributed_state.is_main_process else None]
     todo = broadcast_object_list(todo)[0]
+
+    # One bar for the whole job, on the main process: the images that every process has saved, of the total.
+    progress = JobProgress(args.output_dir, len(prompts), len(prompts) - len(todo)) if (
+        distributed_state.is_main_process) else None
 
     # 3. Split the prompts. With 10 prompts and 4 processes, ranks 0 and 1 get 3 each, ranks 2 and 3 get 2:
     #    contiguous slices, the extra ones to the first ranks. No padding: nothing below is a tensor collective
@@ -82,15 +98,12 @@ def main():
     with distributed_state.split_between_processes(todo) as my_share:
         if my_share:  # an empty share loads nothing and never calls the pipeline (an empty batch crashes it)
             # Every process loads the whole pipeline and moves it to its own device.
-            try:
-                pipeline = load_pipeline(args).to(device)
-            except torch.OutOfMemoryError:
-                fail(f"rank {distributed_state.process_index}: the pipeline does not fit on {device}: try --dtype "
-                     "bfloat16, or shard it over several devices (model-parallelism-flux.py)", 1, every_process=True)
-            args.output_dir.mkdir(parents=True, exist_ok=True)  # on another machine, it may not exist yet
-            # Progress bars from several processes would overwrite each other: only the main process shows one.
-            pipeline.set_progress_bar_config(disable=not distributed_state.is_main_process)
+            pipeline = load_pipeline(args).to(device)
+            # Step bars from several processes would overwrite each other, and the job bar says more: --verbose.
+            pipeline.set_progress_bar_config(disable=not (args.verbose and distributed_state.is_main_process))
             options = pipeline_options(args, pipeline)
+            settings = {"rank": distributed_state.process_index, "device": str(device), "model": args.model,
+                        "dtype": str(pipeline.dtype).removeprefix("torch."), **options}
             generate_started = time.perf_counter()
             for start in range(0, len(my_share), args.batch_size):
                 batch = my_share[start:start + args.batch_size]
@@ -98,32 +111,29 @@ def main():
                 # starting noise on any device and in any batch, so 1 or N processes give the same images.
                 generators = [torch.Generator("cpu").manual_seed(args.seed + i) for i, _ in batch]
                 t0 = time.perf_counter()
-                try:
-                    images = pipeline(prompt=[p for _, p in batch], generator=generators, height=args.height,
-                                      width=args.width, **options).images
-                except torch.OutOfMemoryError:
-                    fail(f"rank {distributed_state.process_index} ran out of memory on {device}: try a smaller "
-                         "--batch-size, --height/--width, or --dtype bfloat16", code=1, every_process=True)
-                seconds = (time.perf_counter() - t0) / len(batch)
+                images = pipeline(prompt=[p for _, p in batch], generator=generators, height=args.height,
+                                  width=args.width, **options).images
+                seconds = round((time.perf_counter() - t0) / len(batch), 3)
                 for (i, prompt), image in zip(batch, images):
-                    # 4. Save: each process writes its own images and manifest lines as soon as they are made.
-                    write_atomically(args.output_dir / names[i], lambda tmp: image.save(tmp, format="PNG"))
-                    append_line(args.output_dir / "manifest.jsonl", {
-                        "index": i, "prompt": prompt, "file": names[i], "seed": args.seed + i,
-                        "rank": distributed_state.process_index, "device": str(device), "seconds": round(seconds, 3),
-                        "model": args.model, "width": image.width, "height": image.height,
-                        "dtype": str(pipeline.dtype).removeprefix("torch."), **options})
-                    made += 1
+                    # 4. Save: each process writes its own images, and their manifest lines, as they are made.
+                    save(args.output_dir, names[i], image,
+                         {"index": i, "prompt": prompt, "seed": args.seed + i, "seconds": seconds, **settings})
+                made += len(batch)
             generate_seconds = time.perf_counter() - generate_started
 
     # 5. Gather every process's numbers on the main process (this also waits for the last one) and report.
     stats = gather_object([{"rank": distributed_state.process_index, "device": str(device), "images": made,
                             "generate_seconds": generate_seconds, **peak_memory(device)}])
     if distributed_state.is_main_process:
-        manifest = args.output_dir / "manifest.jsonl"
-        write_manifest(manifest, read_manifest(manifest))  # every process appended its lines: sort them by index
-        # Wall time since this process started, imports and loading included: what the user waited for.
-        report(args, stats, len(todo), len(prompts), time.time() - psutil.Process().create_time())
+        progress.close(done=len(prompts) - len(todo) + sum(s["images"] for s in stats))
+        try:
+            manifest = args.output_dir / "manifest.jsonl"
+            write_manifest(manifest, read_manifest(manifest))  # every process appended its lines: sort them
+            sheet = write_contact_sheet(args.output_dir, names)  # the run's images at a glance
+            # Wall time since this process started, imports and loading included: what the user waited for.
+            report(args, stats, len(todo), len(prompts), time.time() - psutil.Process().create_time(), sheet)
+        except OSError as e:
+            cannot_write(args.output_dir, e)
     # Leave the process group before exiting: torn down by the interpreter at exit instead, gloo now and then
     # aborts the process ("terminate called without an active exception") after all the work is done.
     distributed_state.destroy_process_group()
@@ -150,6 +160,8 @@ def parse_args():
                         help="prompts per pipeline call in each process (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="make every image again, even those already in --output-dir")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show the main process's loading bars and the denoising steps of each pipeline call")
     args, unknown = parser.parse_known_args()
     for arg in unknown:
         if arg.split("=")[0] in LAUNCHER_FLAGS:
@@ -335,7 +347,10 @@ def images_to_make(args, prompts, names):
     for i in done - records.keys():  # "rebuilt": what this command would have written, not a record of the run
         records[i] = {"index": i, "prompt": prompts[i], "file": names[i], "seed": args.seed + i, "rank": None,
                       "rebuilt": True}
-    write_manifest(manifest, records)
+    try:
+        write_manifest(manifest, records)
+    except OSError as e:
+        cannot_write(manifest, e)
     if done:
         print(f"{len(done)} of {len(prompts)} images are already in {args.output_dir}: making only the missing "
               "ones (--overwrite makes them all again)", flush=True)
@@ -351,7 +366,85 @@ def append_line(path, record):
         os.close(fd)
 
 
-def report(args, stats, made, total, wall_seconds):
+def save(folder, name, image, record):
+    """Save one image whole, then its manifest line; a full disk (or any error writing) is one line, not a traceback."""
+    try:
+        write_atomically(folder / name, lambda tmp: image.save(tmp, format="PNG"))
+    except OSError as e:
+        cannot_write(folder / name, e)
+    try:
+        append_line(folder / "manifest.jsonl", {**record, "file": name, "width": image.width, "height": image.height})
+    except OSError as e:
+        cannot_write(folder / "manifest.jsonl", e)
+
+
+def cannot_write(path, error):
+    """Stop on a write that failed (a full disk, most often): say where, what is saved, and how to go on."""
+    folder = path if path.is_dir() else path.parent
+    saved = len(list(folder.glob("[0-9]*-*.png")))
+    fail(f"cannot write {path} ({error.strerror or error}): {saved} images are saved whole in {folder}; make room "
+         "(or choose another --output-dir) and run the same command again to make the rest", code=1,
+         every_process=True)
+
+
+class JobProgress:
+    """One progress bar for the whole job, shown by the main process: the images in the manifest, to which every
+    process (on every machine) appends a line per image. A thread reads it every second, so the bar moves while
+    this process is busy generating, or waiting for the others."""
+
+    def __init__(self, folder, total, done):
+        self.manifest = folder / "manifest.jsonl"
+        tty = sys.stderr.isatty()  # in place on a terminal; in a log file, a line every 30 s
+        self.bar = tqdm(total=total, initial=done, unit="image", desc="images", dynamic_ncols=True,
+                        file=sys.stderr if tty else LogLines(sys.stderr), mininterval=0.5 if tty else 30)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+
+    def watch(self):
+        while not self.stop.wait(1):
+            self.bar.update(len(read_manifest(self.manifest)) - self.bar.n)
+
+    def close(self, done):
+        self.stop.set()
+        self.thread.join()
+        self.bar.update(done - self.bar.n)
+        self.bar.close()
+
+
+class LogLines:
+    """tqdm redraws its bar in place with a carriage return; where that is a file, write each redraw as a line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        if text.strip():
+            self.stream.write(text.replace("\r", "").rstrip() + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def write_contact_sheet(folder, names):
+    """A grid of thumbnails of the prompts' images, in prompt order (the first 64 of them): the run at a glance."""
+    files = [folder / name for name in names if (folder / name).exists()][:SHEET_IMAGES]
+    if not files:
+        return None
+    thumbnails = []
+    for path in files:
+        with Image.open(path) as image:
+            image.thumbnail((THUMBNAIL, THUMBNAIL))  # shrinks only: small images keep every pixel
+            thumbnails.append(image.convert("RGB"))
+    cols = math.ceil(math.sqrt(len(thumbnails)))
+    rows = math.ceil(len(thumbnails) / cols)
+    blank = Image.new("RGB", thumbnails[0].size, "white")  # make_image_grid wants a full grid
+    sheet = make_image_grid(thumbnails + [blank] * (rows * cols - len(thumbnails)), rows=rows, cols=cols)
+    write_atomically(folder / CONTACT_SHEET, lambda tmp: sheet.save(tmp, format="PNG"))
+    return folder / CONTACT_SHEET
+
+
+def report(args, stats, made, total, wall_seconds, sheet):
     generate_seconds = max(s["generate_seconds"] for s in stats)
     print(f"\nmade {made} images ({total - made} already there) with {len(stats)} process(es) "
           f"in {wall_seconds:.1f} s: {made / wall_seconds:.2f} images/s overall, "
@@ -360,9 +453,9 @@ def report(args, stats, made, total, wall_seconds):
         memory = f"peak RSS {s['peak_rss_gib']:.2f} GiB" + (
             f", peak device memory {s['peak_device_gib']:.2f} GiB" if "peak_device_gib" in s else "")
         print(f"  rank {s['rank']} on {s['device']}: {s['images']} images in {s['generate_seconds']:.1f} s, {memory}")
-    print(f"images and manifest.jsonl in {args.output_dir}/")
+    print(f"images and manifest.jsonl in {args.output_dir}/" + (f"; all at a glance in {sheet}" if sheet else ""))
     write_atomically(args.output_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(
-        {"processes": len(stats), "images": made, "wall_seconds": wall_seconds,
+        {"processes": len(stats), "images": made, "wall_seconds": wall_seconds, "contact_sheet": sheet and sheet.name,
          "generate_seconds": generate_seconds, "ranks": stats}, indent=2)))
 
 
@@ -374,3 +467,8 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:
         fail("interrupted: the images already made are kept; run the same command again to make the rest", 130)
+    except torch.OutOfMemoryError:  # on the one process that ran out: say which, and what to try
+        state = PartialState()
+        fail(f"rank {state.process_index} ran out of memory on {state.device}: try a smaller --batch-size or "
+             "--height/--width; if the pipeline alone does not fit on one device, shard it over several "
+             "(model-parallelism-flux.py)", code=1, every_process=True)

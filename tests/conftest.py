@@ -18,6 +18,7 @@ from tests import tiny_pipelines
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the project's virtual environment: accelerate and torchrun live here
 DATA_PARALLEL = ROOT / "data-parallelism-accelerate.py"
+IMAGES = "[0-9]*-*.png"  # the data parallel script's images, 000-<prompt>.png ..., not its contact sheet
 # Tests that need a GPU (Intel XPU or NVIDIA CUDA): skipped, and reported as skipped, where there is none.
 accelerator = pytest.mark.skipif(not torch.accelerator.is_available(), reason="needs a GPU (torch.accelerator)")
 
@@ -25,6 +26,9 @@ accelerator = pytest.mark.skipif(not torch.accelerator.is_available(), reason="n
 def offline_env(**extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
     env.pop("OMP_NUM_THREADS", None)
+    # Run the scripts as on a user's machine, where Python caches the libraries' bytecode: a CI machine that
+    # sets PYTHONDONTWRITEBYTECODE would otherwise compile torch, diffusers and transformers in every process.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import (DATA_PARALLEL, accelerate_launch, assert_clear_error, load_script, pixels, python,
+from tests.conftest import (DATA_PARALLEL, IMAGES, accelerate_launch, assert_clear_error, load_script, pixels, python,
                             read_manifest, run, torchrun)
 
 PROMPTS = ["a red fox", "a lighthouse/at night", "un chat noir, été", "a red fox", "the last prompt"]
@@ -33,7 +33,7 @@ def assert_one_image_per_prompt(out, prompts):
     manifest = read_manifest(out)
     assert [r["index"] for r in manifest] == list(range(len(prompts)))
     assert [r["prompt"] for r in manifest] == prompts
-    assert sorted(p.name for p in out.glob("*.png")) == [r["file"] for r in manifest]
+    assert sorted(p.name for p in out.glob(IMAGES)) == [r["file"] for r in manifest]
     for r in manifest:
         assert r["file"].startswith(f"{r['index']:03d}-")
         assert r["seed"] == r["index"]
@@ -106,13 +106,13 @@ def test_prompts_file_skips_blank_lines_and_adds_to_prompt_flags(tiny_sd3, tmp_p
 
 def test_a_second_run_makes_only_the_missing_images(tiny_sd3, tmp_path):
     out = generate(python, tmp_path, tiny_sd3, PROMPTS[:3])
-    made = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    made = {p.name: p.stat().st_mtime_ns for p in out.glob(IMAGES)}
     removed = read_manifest(out)[1]["file"]
     (out / removed).unlink()
     result = run(python(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, *prompt_args(PROMPTS[:3]), *FAST))
     assert "2 of 3 images are already in" in result.stdout
     assert (out / removed).exists()
-    assert all(p.stat().st_mtime_ns == made[p.name] for p in out.glob("*.png") if p.name != removed)
+    assert all(p.stat().st_mtime_ns == made[p.name] for p in out.glob(IMAGES) if p.name != removed)
     assert_one_image_per_prompt(out, PROMPTS[:3])
 
 
@@ -149,7 +149,7 @@ def test_an_empty_prompts_file_is_refused(tmp_path):
 def test_a_size_the_model_cannot_take_names_the_multiple(tiny_sd3, tmp_path):
     result = bad_run(tmp_path, "--model", tiny_sd3, "--height", "72", "--num-inference-steps", "1")
     assert_clear_error(result, "--height 72", "multiple of 16")
-    assert not list((tmp_path / "out").glob("*.png"))
+    assert not list((tmp_path / "out").glob(IMAGES))
 
 
 def test_a_launcher_flag_after_the_script_shows_the_right_order(tmp_path):
@@ -173,3 +173,13 @@ def test_file_names_are_safe_for_any_prompt():
     assert image_name(0, "猫と犬", 4) == "0000-猫と犬.png"
     assert image_name(7, "?!*", 3) == "007-prompt.png"
     assert len(image_name(1, "word " * 200, 3)) <= 3 + 1 + 60 + 4
+
+
+def test_a_contact_sheet_shows_every_image_in_prompt_order(one_process):
+    summary = json.loads((one_process / "summary.json").read_text())
+    sheet = pixels(one_process / summary["contact_sheet"])
+    assert sheet.shape == (2 * 64, 3 * 64, 3)  # 5 images: 3 columns, 2 rows, the sixth tile blank
+    for r in read_manifest(one_process):
+        row, col = divmod(r["index"], 3)
+        assert np.array_equal(sheet[row * 64:(row + 1) * 64, col * 64:(col + 1) * 64], pixels(one_process / r["file"]))
+    assert (sheet[64:, 128:] == 255).all()

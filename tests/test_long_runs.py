@@ -1,14 +1,17 @@
 """Long runs of data-parallelism-accelerate.py: a process killed, Ctrl-C, running again, two machines."""
 
+import re
+import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
 import pytest
 
-from tests.conftest import (BIN, DATA_PARALLEL, ROOT, accelerate_launch, assert_clear_error, free_port,
-                            offline_env, pixels, read_manifest, run, torchrun)
+from tests.conftest import (BIN, DATA_PARALLEL, IMAGES, ROOT, accelerate_launch, assert_clear_error, free_port,
+                            offline_env, pixels, python, read_manifest, run, torchrun)
 
 MANY = [f"prompt number {i}" for i in range(40)]
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
@@ -25,7 +28,7 @@ def start(command):
 
 def wait_for_images(out, count, job, timeout=120):
     deadline = time.monotonic() + timeout
-    while len(list(out.glob("*.png"))) < count:
+    while len(list(out.glob(IMAGES))) < count:
         assert job.poll() is None, job.communicate()[0]
         assert time.monotonic() < deadline, "the job made no images"
         time.sleep(0.05)
@@ -40,8 +43,8 @@ def workers(job):
 def assert_everything_on_disk_is_whole(out):
     manifest = read_manifest(out)  # every line parses
     assert len({r["index"] for r in manifest}) == len(manifest)
-    assert {r["file"] for r in manifest} == {p.name for p in out.glob("*.png")}
-    for path in out.glob("*.png"):
+    assert {r["file"] for r in manifest} == {p.name for p in out.glob(IMAGES)}
+    for path in out.glob(IMAGES):
         assert pixels(path).shape == (64, 64, 3)
     assert not list(out.glob(".*.tmp"))
 
@@ -60,7 +63,7 @@ def test_a_killed_worker_ends_the_job_and_the_next_run_completes_the_set(launche
     gone, alive = psutil.wait_procs(running, timeout=10)  # the other worker was stopped too
     assert not alive
 
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob(IMAGES)}
     assert 0 < len(before) < len(MANY)
     assert_everything_on_disk_is_whole(out)
 
@@ -68,7 +71,7 @@ def test_a_killed_worker_ends_the_job_and_the_next_run_completes_the_set(launche
     assert f"{len(before)} of {len(MANY)} images are already in" in result.stdout
     assert_everything_on_disk_is_whole(out)
     assert [r["prompt"] for r in read_manifest(out)] == MANY
-    assert all(p.stat().st_mtime_ns == before[p.name] for p in out.glob("*.png") if p.name in before)
+    assert all(p.stat().st_mtime_ns == before[p.name] for p in out.glob(IMAGES) if p.name in before)
 
 
 def test_ctrl_c_to_the_launcher_ends_every_process_cleanly(tiny_sd3, tmp_path):
@@ -102,9 +105,9 @@ def test_a_lost_manifest_line_is_rebuilt_without_making_the_image_again(tiny_sd3
 def test_overwrite_makes_every_image_again(tiny_sd3, tmp_path):
     out = tmp_path / "out"
     run([BIN / "python", DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:2])])
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob(IMAGES)}
     run([BIN / "python", DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:2]), "--overwrite"])
-    assert all(p.stat().st_mtime_ns > before[p.name] for p in out.glob("*.png"))
+    assert all(p.stat().st_mtime_ns > before[p.name] for p in out.glob(IMAGES))
     assert len(read_manifest(out)) == 2
 
 
@@ -127,3 +130,78 @@ def test_two_machines_on_loopback_make_each_prompt_once(tiny_sd3, tmp_path):
     assert [r["prompt"] for r in manifest] == MANY[:6]
     assert [r["rank"] for r in manifest] == [0, 0, 0, 1, 1, 1]
     assert "with 2 process(es)" in outputs[0]
+
+
+# --- what the user sees of a long run: one bar for the job, and a full disk said plainly ---
+
+BAR_PROMPTS = [f"prompt number {i}" for i in range(48)]
+
+
+def job_bar(log):
+    """The job's progress bar as the main process wrote it to a log (not a terminal: a line per redraw)."""
+    return [(int(done), int(total)) for done, total in re.findall(r"^images:.*?(\d+)/(\d+) \[", log, re.MULTILINE)]
+
+
+def test_the_job_shows_one_progress_bar_that_ends_at_every_image(tiny_sd3, tmp_path):
+    result = run(torchrun(2, DATA_PARALLEL, *script_args(tiny_sd3, tmp_path / "out", BAR_PROMPTS)))
+    bar = job_bar(result.stderr)
+    assert bar[0] == (0, 48) and bar[-1] == (48, 48)
+    assert [done for done, _ in bar] == sorted(done for done, _ in bar)
+    assert " 2/2 [" not in result.stderr  # no bar for the 2 steps of each of the 24 pipeline calls
+    assert "torchvision" not in result.stderr  # nor the libraries' warning about what the sample never uses
+
+
+def test_a_resumed_run_starts_the_bar_at_the_images_already_made(tiny_sd3, tmp_path):
+    out = tmp_path / "out"
+    run(torchrun(2, DATA_PARALLEL, *script_args(tiny_sd3, out, BAR_PROMPTS[:20])))
+    result = run(torchrun(2, DATA_PARALLEL, *script_args(tiny_sd3, out, BAR_PROMPTS)))
+    assert "20 of 48 images are already in" in result.stdout
+    bar = job_bar(result.stderr)
+    assert bar[0] == (20, 48) and bar[-1] == (48, 48)
+
+
+# Where a private mount namespace can be made (Linux, as root), the output folder is a real 128 KiB tmpfs that
+# fills up after about 10 images; elsewhere the disk is "full" after 5 images (PIL's save raises ENOSPC).
+MOUNT_SMALL_DISK = 'd="$1"; shift; mount -t tmpfs -o size=128k tmpfs "$d"'  # then runs "$@" there, if any
+FAKE_FULL_DISK = """import errno, runpy, sys
+from PIL import Image
+save, saved = Image.Image.save, []
+def full_after_5(self, fp, *args, **kwargs):
+    if len(saved) == 5:
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+    saved.append(fp)
+    return save(self, fp, *args, **kwargs)
+Image.Image.save = full_after_5
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")"""
+FILL = MANY[:20]
+
+
+def run_on_a_full_disk(tiny_sd3, tmp_path):
+    """Run the script until its disk is full; return the result and a folder holding what it left on disk."""
+    small, kept = tmp_path / "small", tmp_path / "kept"
+    small.mkdir()
+    in_namespace = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+    if shutil.which("unshare") and subprocess.run([*in_namespace, MOUNT_SMALL_DISK, "sh", small]).returncode == 0:
+        script = f'{MOUNT_SMALL_DISK} && "$@"; code=$?; cp -a "$d/." "{kept}/"; exit $code'
+        command = [*in_namespace, script, "sh", small, sys.executable, DATA_PARALLEL,
+                   *script_args(tiny_sd3, small, FILL)]
+    else:
+        command = [sys.executable, "-c", FAKE_FULL_DISK, DATA_PARALLEL, *script_args(tiny_sd3, kept, FILL)]
+    kept.mkdir(exist_ok=True)
+    result = subprocess.run(list(map(str, command)), cwd=ROOT, env=offline_env(), capture_output=True, text=True,
+                            timeout=300)
+    return result, kept
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_with_room_makes_the_rest(tiny_sd3, tmp_path):
+    result, out = run_on_a_full_disk(tiny_sd3, tmp_path)
+    result.stderr = re.sub(r"^images:.*\n", "", result.stderr, flags=re.MULTILINE)  # the job's bar, set aside
+    assert_clear_error(result, "No space left on device", "images are saved whole in", "run the same command again")
+    saved = int(re.search(r"(\d+) images are saved whole", result.stderr).group(1))
+    assert 0 < saved < len(FILL) and len(list(out.glob(IMAGES))) == saved
+    assert_everything_on_disk_is_whole(out)
+
+    rerun = run(python(DATA_PARALLEL, *script_args(tiny_sd3, out, FILL)))
+    assert f"{saved} of {len(FILL)} images are already in" in rerun.stdout
+    assert [r["prompt"] for r in read_manifest(out)] == FILL

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import BIN, ROOT, free_port, load_script, offline_env, run
+from tests.conftest import BIN, IMAGES, ROOT, free_port, load_script, offline_env, run
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 FLUX_DEV_CONFIGS = ROOT / "tests" / "fixtures" / "flux1-dev"
@@ -120,4 +120,4 @@ def test_the_several_machines_example_runs_on_loopback(tiny_sd3, tiny_flux, tmp_
     assert [job.returncode for job in jobs] == [0, 0], outputs
     prompts = [line for line in (ROOT / "prompts.txt").read_text().splitlines() if line.strip()]
     assert f"made {len(prompts)} images" in outputs[0]
-    assert len(list((tmp_path / "out").glob("*.png"))) == len(prompts)
+    assert len(list((tmp_path / "out").glob(IMAGES))) == len(prompts)

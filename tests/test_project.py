@@ -1,0 +1,63 @@
+"""The project as a user gets it: every import declared, and a quiet start."""
+
+import ast
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+import tomllib
+
+from tests.conftest import ROOT
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+SOURCES = [*ROOT.glob("*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("assets/*.py")]
+
+
+def distribution(requirement):
+    """`torch>=2.9` -> `torch`, in the normalized form (PEP 503) that both sides are compared in."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement).group(0)).lower()
+
+
+def undeclared_imports(sources, declared):
+    """The third-party modules that `sources` import directly but no declared distribution provides."""
+    providers = importlib.metadata.packages_distributions()  # module -> the distributions that install it
+    local = {path.stem for path in SOURCES} | {"tests"}
+    missing = {}
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for module in (name.split(".")[0] for name in names):
+                if module in sys.stdlib_module_names or module in local or module == "__future__":
+                    continue
+                if not {distribution(d) for d in providers.get(module, [module])} & declared:
+                    missing.setdefault(module, source.name)
+    return missing
+
+
+def declared_distributions():
+    groups = PYPROJECT.get("dependency-groups", {}).values()
+    return {distribution(r) for r in PYPROJECT["project"]["dependencies"] + [r for g in groups for r in g]}
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    assert undeclared_imports(SOURCES, declared_distributions()) == {}
+
+
+def test_an_undeclared_import_is_caught(tmp_path):
+    (tmp_path / "new.py").write_text("import numpy\nfrom yaml import safe_load\nimport json\n")
+    missing = undeclared_imports([tmp_path / "new.py"], declared_distributions() - {"numpy"})
+    assert set(missing) == {"numpy", "yaml"}
+
+
+def test_uv_run_starts_quietly():
+    """No "Bytecode compiled ..." line, nor any other, before a command's own output."""
+    uv = os.environ.get("UV", "uv")  # `uv run` tells the programs it runs where it is
+    result = subprocess.run([uv, "run", "python", "-c", "print(1)"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "1\n", "")
