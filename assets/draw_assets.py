@@ -6,13 +6,15 @@
 - model-sharding.png: the placement that `model-parallelism-flux.py --plan --json` computes for FLUX.1-dev
   (the real configs in tests/fixtures/flux1-dev, no weights) on 2 x 24 GiB and on 4 x 12 GiB.
 - data-parallelism-output.png: a real run of data-parallelism-accelerate.py by 2 CPU processes on the tiny
-  random-weight SD3 pipeline (its pictures are noise by design), each image labelled with the rank that made it.
+  random-weight SD3 pipeline (its pictures are noise by design), each image labelled with the rank that made it;
+  data-parallelism-contact-sheet.png: the contact sheet that run wrote, as it wrote it.
 - accelerate-config.png: accelerate-config.txt, a terminal capture of `uv run accelerate config` answered for
   two Intel GPUs, drawn as a terminal.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -157,6 +159,7 @@ def data_parallelism_output():
                         ROOT / "data-parallelism-accelerate.py", "--model", model, "--output-dir", out,
                         "--prompts-file", ROOT / "prompts.txt", "--num-inference-steps", "4", "--height", "128",
                         "--width", "128"], check=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        shutil.copyfile(out / "contact-sheet.png", ASSETS / "data-parallelism-contact-sheet.png")
         records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
         records = [r for r in records if r["rank"] == 0][:4] + [r for r in records if r["rank"] == 1][:4]
         tiles = []

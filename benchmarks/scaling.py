@@ -60,8 +60,15 @@ def main():
 def measure(args, work):
     model = args.model or str(build_sd3(work / "bench-sd3", num_layers=8, attention_head_dim=64))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # measure what users get: Python caching the libraries' bytecode
     if not torch.accelerator.is_available():
         env["OMP_NUM_THREADS"] = "1"  # one core a process: N processes use N cores
+    # A first run, not timed: as on a user's machine after their first run, the bytecode is cached.
+    warm_up = subprocess.run([sys.executable, ROOT / "data-parallelism-accelerate.py", "--model", model, "--output-dir",
+                              work / "warm-up", "--prompt", "warm-up", "--height", str(args.size), "--width",
+                              str(args.size), "--num-inference-steps", "1"], env=env, capture_output=True, text=True)
+    if warm_up.returncode != 0:
+        sys.exit(f"error: the warm-up run failed:\n{warm_up.stderr[-3000:]}")
     prompts = [arg for i in range(args.prompts) for arg in ("--prompt", f"benchmark prompt number {i}")]
     rows = []
     for n in args.processes:
