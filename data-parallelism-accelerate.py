@@ -366,6 +366,8 @@ def weigh_pipeline(args):
         cls = getattr(importlib.import_module(library), class_name, None)
         if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
             continue  # tokenizers and schedulers hold no weights
+        # On torch's meta device, as transformers builds it (accelerate's init_empty_weights would untie T5's
+        # input embeddings from its `shared` ones, and count 0.25 GiB twice).
         with warnings.catch_warnings(action="ignore"), torch.device("meta"):
             if issubclass(cls, diffusers.ModelMixin):
                 module = cls.from_config(cls.load_config(args.model, subfolder=name))
