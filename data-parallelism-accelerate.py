@@ -363,8 +363,13 @@ def weigh_pipeline(args):
         library, class_name = spec if isinstance(spec, list) and len(spec) == 2 else (None, None)
         if library is None or class_name is None or (name == "text_encoder_3" and args.no_t5):
             continue
-        cls = getattr(importlib.import_module(library), class_name, None)
-        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        # "diffusers" and "transformers", or a pipeline's own module ("stable_diffusion": its safety checker)
+        package = library if library in ("diffusers", "transformers") else f"diffusers.pipelines.{library}"
+        try:
+            cls = getattr(importlib.import_module(package), class_name, None)
+        except ImportError:
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, (diffusers.ModelMixin, transformers.PreTrainedModel))):
             continue  # tokenizers and schedulers hold no weights
         # On torch's meta device, as transformers builds it (accelerate's init_empty_weights would untie T5's
         # input embeddings from its `shared` ones, and count 0.25 GiB twice).
