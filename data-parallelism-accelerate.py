@@ -8,13 +8,19 @@ exactly once, and prompt i always gets the same picture (its seed is --seed + i)
     uv run accelerate launch --num_processes 2 data-parallelism-accelerate.py        # 2 GPUs (Intel or NVIDIA)
     uv run torchrun --nproc-per-node 2 data-parallelism-accelerate.py                 # the same, with torchrun
     uv run accelerate launch --multi_gpu --num_processes 2 data-parallelism-accelerate.py --model tiny/sd3  # CPU
+    uv run data-parallelism-accelerate.py --plan --device-memory 12GiB       # will it fit on a 12 GB card?
 
 Launcher options (--num_processes, --multi_gpu, ...) go *before* the script's name: what comes after it is
 handed to the script. The images land in --output-dir as 000-<prompt>.png, 001-..., with manifest.jsonl.
 Running the same command again makes only the images that are missing.
+
+Each GPU must hold the pipeline: SD3.5-medium is 15.2 GiB in bfloat16, plus activations. Where it does not fit
+whole (12 and 16 GB cards), each process uses diffusers' model CPU offload on its own GPU, and says so; --plan
+tells beforehand, from the configs alone, which memory mode each process will use.
 """
 
 import argparse
+import importlib
 import inspect
 import json
 import logging
@@ -33,7 +39,7 @@ import psutil
 import torch
 import transformers
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list, compute_module_sizes, convert_file_size_to_int, gather_object
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.utils import make_image_grid
 from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
@@ -51,6 +57,9 @@ CONTACT_SHEET, SHEET_IMAGES, THUMBNAIL = "contact-sheet.png", 64, 256  # at most
 LAUNCHER_FLAGS = ("--num-processes", "--num_processes", "--multi-gpu", "--multi_gpu", "--nproc-per-node",
                   "--nproc_per_node", "--num-machines", "--num_machines", "--machine-rank", "--machine_rank",
                   "--mixed-precision", "--mixed_precision", "--config-file", "--config_file")
+GiB = 2**30
+RESERVE_AT_1024 = 3 * GiB  # activations of the transformer and the VAE for one 1024x1024 image, scaled with pixels
+TEXT_ENCODER_RESERVE = GiB // 2  # a text encoder reads a few hundred tokens: small activations at any image size
 
 # diffusers imports transformers' image processors (for IP-Adapters, which this sample never uses), and without
 # torchvision transformers warns about them in every process. Silence that warning alone; the others still show.
@@ -61,6 +70,11 @@ def main():
     args = parse_args()
     prompts = read_prompts(args)
     check_model(args)  # fail now, not after every process has loaded 16 GB
+    # Know before loading: what the pipeline weighs at this dtype, from its configs alone (built on the meta device,
+    # no weights), and the system RAM free before any process loads. --plan stops here: no processes, no weights.
+    sizes = weigh_pipeline(args)
+    if args.plan:
+        return print_plan(args, sizes)
 
     # 1. One process per device. Accelerate reads the rank and world size the launcher set, picks this
     #    process's device (xpu:<local rank>, cuda:<local rank>) and joins the process group (xccl on Intel GPUs,
@@ -97,13 +111,22 @@ def main():
     made, generate_seconds = 0, 0.0
     with distributed_state.split_between_processes(todo) as my_share:
         if my_share:  # an empty share loads nothing and never calls the pipeline (an empty batch crashes it)
-            # Every process loads the whole pipeline and moves it to its own device.
-            pipeline = load_pipeline(args).to(device)
+            # Every process loads the whole pipeline onto its own device: whole when it fits with room for the
+            # activations (the fastest), else with diffusers' CPU offload to THIS process's device (xpu:1 for rank 1,
+            # never device 0): the weights stay in this process's RAM and move to its GPU when they are needed.
+            memory = memory_mode(args, device, sizes, announce=distributed_state.is_main_process)
+            pipeline = load_pipeline(args)
+            if memory == "whole":
+                pipeline.to(device)
+            elif memory == "model":  # each component goes to the GPU when it runs, and back when the next one starts
+                pipeline.enable_model_cpu_offload(device=device)
+            else:  # each layer's weights go to the GPU for its forward pass only: slow, and the least memory
+                pipeline.enable_sequential_cpu_offload(device=device)
             # Step bars from several processes would overwrite each other, and the job bar says more: --verbose.
             pipeline.set_progress_bar_config(disable=not (args.verbose and distributed_state.is_main_process))
             options = pipeline_options(args, pipeline)
             settings = {"rank": distributed_state.process_index, "device": str(device), "model": args.model,
-                        "dtype": str(pipeline.dtype).removeprefix("torch."), **options}
+                        "dtype": str(pipeline.dtype).removeprefix("torch."), **memory_record(args, memory), **options}
             generate_started = time.perf_counter()
             for start in range(0, len(my_share), args.batch_size):
                 batch = my_share[start:start + args.batch_size]
@@ -162,6 +185,18 @@ def parse_args():
                         help="make every image again, even those already in --output-dir")
     parser.add_argument("--verbose", action="store_true",
                         help="also show the main process's loading bars and the denoising steps of each pipeline call")
+    parser.add_argument("--offload", choices=["auto", "none", "model", "sequential"], default="auto",
+                        help="how each GPU holds the pipeline: none (whole, the fastest), model (its components take "
+                             "turns on the GPU, the weights wait in system RAM), sequential (layer by layer, the "
+                             "slowest); auto picks the first that fits (default: %(default)s)")
+    parser.add_argument("--no-t5", action="store_true",
+                        help="SD3 only: leave out the T5-XXL text encoder (9.5 GB less; the two CLIP encoders read "
+                             "the prompt alone, so images differ a little)")
+    parser.add_argument("--plan", action="store_true",
+                        help="load no weights, start no processes: print the memory mode each GPU would use")
+    parser.add_argument("--json", action="store_true", help="with --plan: print the plan as one JSON document")
+    parser.add_argument("--device-memory", metavar="SIZE",
+                        help="with --plan: plan for a GPU with SIZE free, e.g. 12GiB (default: the GPUs present)")
     args, unknown = parser.parse_known_args()
     for arg in unknown:
         if arg.split("=")[0] in LAUNCHER_FLAGS:
@@ -172,6 +207,16 @@ def parse_args():
     for name in ("num_inference_steps", "height", "width", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be a positive number, not {getattr(args, name)}")
+    if not args.plan and (args.json or args.device_memory):
+        fail("--json and --device-memory describe a plan: add --plan")
+    if args.device_memory is not None:
+        try:
+            args.device_memory = convert_file_size_to_int(args.device_memory)
+        except ValueError:
+            fail(f"--device-memory {args.device_memory}: write a size like 12GiB or 16GB")
+    if args.offload in ("model", "sequential") and not torch.accelerator.is_available() and args.device_memory is None:
+        fail(f"--offload {args.offload} needs a GPU (Intel XPU or NVIDIA): it moves weights between system RAM and "
+             "a GPU's memory, and there is none here; on the CPU the pipeline is used whole, in RAM")
     return args
 
 
@@ -297,11 +342,16 @@ def peak_memory(device):
     return stats
 
 
+def run_dtype(args, on_gpu):
+    return getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if on_gpu else torch.float32
+
+
 def load_pipeline(args):
-    on_gpu = torch.accelerator.is_available()
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if on_gpu else torch.float32
+    dtype = run_dtype(args, torch.accelerator.is_available())
+    # diffusers documents SD3 without T5: text_encoder_3=None, tokenizer_3=None (its prompt embeddings are zeros).
+    without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if args.no_t5 else {}
     try:
-        return DiffusionPipeline.from_pretrained(args.model, dtype=dtype)
+        return DiffusionPipeline.from_pretrained(args.model, dtype=dtype, **without_t5)
     except (OSError, ValueError) as e:  # e.g. the configs came from the cache but the weights cannot be fetched
         fail(cannot_load(args.model, e))
 
@@ -311,6 +361,182 @@ def pipeline_options(args, pipeline):
     defaults = inspect.signature(pipeline.__call__).parameters
     return {name: value if value is not None else defaults[name].default for name, value in (
         ("num_inference_steps", args.num_inference_steps), ("guidance_scale", args.guidance_scale))}
+
+
+def weigh_pipeline(args):
+    """What each component weighs at the run's dtype, from its config.json alone: the model is built on the meta
+    device (shapes, no weights), as from_pretrained does before it loads them. Plus what the run needs beside the
+    weights: activations for the image size, and the system RAM free before any process has loaded anything."""
+    on_gpu = torch.accelerator.is_available() or args.device_memory is not None
+    dtype = run_dtype(args, on_gpu)
+    with warnings.catch_warnings(action="ignore"):
+        index = DiffusionPipeline.load_config(args.model)
+        transformer = (AutoencoderKL.load_config(args.model, subfolder="transformer")
+                       if "transformer" in index else {})
+        vae = AutoencoderKL.load_config(args.model, subfolder="vae") if "vae" in index else {}
+    if args.no_t5 and "text_encoder_3" not in index:
+        fail(f"--no-t5 is for SD3 pipelines, which have a T5 text encoder (text_encoder_3); {args.model} is a "
+             f"{index.get('_class_name')}")
+    components, buffers, largest_layer = {}, 0, 0
+    for name, spec in index.items():
+        library, class_name = spec if isinstance(spec, list) and len(spec) == 2 else (None, None)
+        if library is None or class_name is None or (name == "text_encoder_3" and args.no_t5):
+            continue
+        # "diffusers" and "transformers", or a pipeline's own module ("stable_diffusion": its safety checker)
+        package = library if library in ("diffusers", "transformers") else f"diffusers.pipelines.{library}"
+        try:
+            cls = getattr(importlib.import_module(package), class_name, None)
+        except ImportError:
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, (diffusers.ModelMixin, transformers.PreTrainedModel))):
+            continue  # tokenizers and schedulers hold no weights
+        # On torch's meta device, as transformers builds it (accelerate's init_empty_weights would untie T5's
+        # input embeddings from its `shared` ones, and count 0.25 GiB twice).
+        with warnings.catch_warnings(action="ignore"), torch.device("meta"):
+            if issubclass(cls, diffusers.ModelMixin):
+                module = cls.from_config(cls.load_config(args.model, subfolder=name))
+            else:
+                module = cls(transformers.AutoConfig.from_pretrained(args.model, subfolder=name))
+        # Under float16, transformers keeps the layers a model names in `_keep_in_fp32_modules` in float32 (T5's
+        # `wo`: 2 GB more for T5-XXL), and diffusers does the same for its models.
+        keep = (getattr(cls, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else []
+        float32 = {n: torch.float32 for n, _ in module.named_parameters() if set(n.split(".")) & set(keep)}
+        components[name] = compute_module_sizes(module, dtype=dtype, special_dtypes=float32)[""]
+        # Sequential offload moves one layer's weights at a time to the GPU, and leaves the buffers there.
+        buffers += compute_module_sizes(module, dtype=dtype, buffers_only=True)[""]
+        largest_layer = max([largest_layer] + [sum(t.numel() for t in m.parameters(recurse=False)) * dtype.itemsize
+                                               for m in module.modules()])
+    # The image size the run makes: as asked, or the model's own (SD3.5: 128 latents x 8 = 1024 pixels).
+    scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    native = transformer.get("sample_size", 128) * scale if isinstance(transformer.get("sample_size"), int) else 1024
+    height, width = args.height or native, args.width or native
+    return {"dtype": str(dtype).removeprefix("torch."), "height": height, "width": width, "components": components,
+            "buffers": buffers, "largest_layer": largest_layer, "on_gpu": on_gpu,
+            "reserve": int(RESERVE_AT_1024 * height * width / 1024**2 * args.batch_size),
+            # N processes on this machine, each with its own copy of the weights in RAM when they offload.
+            "processes": int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "ram": psutil.virtual_memory().available}
+
+
+def choose_memory_mode(sizes, device_memory, offload="auto", ram=None, processes=1):
+    """The memory mode of one process: the first of whole, model offload and sequential offload that fits its
+    device's free memory (and, offloading, system RAM: one copy of the weights per process), or the mode asked."""
+    components = sizes["components"]
+    weights = sum(components.values())
+    needs = {  # device memory each mode needs at its peak
+        "whole": weights + sizes["reserve"],  # everything at once, while the VAE decodes
+        "model": max((size + (TEXT_ENCODER_RESERVE if name.startswith("text_encoder") else sizes["reserve"])
+                      for name, size in components.items()), default=0),  # the largest component, while it runs
+        "sequential": sizes["buffers"] + sizes["largest_layer"] + sizes["reserve"],  # one layer at a time
+    }
+    ram_needed = processes * weights
+    ram_fits = ram is None or ram_needed <= ram
+    tried = ["whole", "model", "sequential"] if offload == "auto" else [{"none": "whole"}.get(offload, offload)]
+    for mode in tried:
+        fits = needs[mode] <= device_memory and (mode == "whole" or ram_fits)
+        if fits:
+            break
+    return {"mode": mode, "fits": fits, "weights": weights, "largest_component": max(components.values(), default=0),
+            "largest_component_name": max(components, key=components.get, default=None),
+            "device_memory": device_memory, "needs": needs, "reserved_for_activations": sizes["reserve"],
+            "ram_needed": ram_needed, "ram_available": ram, "ram_fits": ram_fits, "processes": processes}
+
+
+def memory_mode(args, device, sizes, announce):
+    """How this process's device holds the pipeline: "whole", "model" or "sequential" (offload); say it once."""
+    if device.type == "cpu":  # offload moves weights between RAM and a GPU: on the CPU there is nothing to move
+        return "whole"
+    plan = choose_memory_mode(sizes, free_memory(device), args.offload, sizes["ram"], sizes["processes"])
+    mode = plan["mode"]
+    if not plan["ram_fits"] and mode != "whole":  # not the kernel's out-of-memory killer, half-way through loading
+        fail(f"{plan['processes']} processes offloading to their GPUs each keep a copy of the weights in system RAM: "
+             f"{size(plan['ram_needed'])}, and {size(plan['ram_available'])} is free: run fewer processes on this "
+             "machine (--num_processes), add --no-t5, or free some memory", code=1, every_process=True)
+    if not plan["fits"] and args.offload == "auto":
+        fail(f"{args.model} does not fit on {device} even layer by layer: that needs {size(plan['needs'][mode])} "
+             f"free, it has {size(plan['device_memory'])}: make smaller images (--height/--width), add --no-t5, or "
+             "use a GPU with more memory", code=1, every_process=True)
+    if announce and (mode != "whole" or not plan["fits"]):
+        print(describe_mode(args, plan, device), flush=True)
+    return mode
+
+
+def memory_record(args, mode):
+    """What the manifest says about memory: the mode, and for SD3 whether T5 read the prompts."""
+    return {"memory": mode, **({"t5": not args.no_t5} if "text_encoder_3" in DiffusionPipeline.load_config(
+        args.model) else {})}
+
+
+def free_memory(device):
+    """Free memory of this one device (bytes). Asking every device would open a context, and take memory, on each."""
+    get_memory_info = getattr(torch.accelerator, "get_memory_info", None)  # torch 2.10 or newer
+    return (get_memory_info or getattr(torch, device.type).mem_get_info)(device)[0]
+
+
+def describe_mode(args, plan, device):
+    """One line: the mode, why, what it costs, and how to turn it off."""
+    mode, needs = plan["mode"], plan["needs"]
+    why = (f"{args.model} needs {size(needs['whole'])} whole ({size(plan['weights'])} of weights, "
+           f"{size(plan['reserved_for_activations'])} for activations) and {device} has {size(plan['device_memory'])} "
+           "free")
+    ram = f"{size(plan['weights'])} of system RAM per process"
+    if not plan["fits"]:
+        return (f"memory: --offload {args.offload} needs {size(needs[mode])} on {device}, which has "
+                f"{size(plan['device_memory'])} free: trying anyway")
+    if mode == "model":
+        return (f"memory: model CPU offload on {device}, since {why}: the components take turns on the GPU (at most "
+                f"{size(needs['model'])}), which costs some seconds an image and {ram}; --offload none turns it off")
+    if mode == "sequential":
+        return (f"memory: sequential CPU offload on {device}, since {why}: the weights stream to the GPU layer by "
+                f"layer at every step (at most {size(needs['sequential'])}), many times slower, and {ram}; "
+                "--offload model or none turns it off")
+    return f"memory: the whole pipeline on {device} (--offload none)"
+
+
+def size(b):
+    return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.1f} MiB"
+
+
+def print_plan(args, sizes):
+    """--plan: the memory mode for the GPUs present (the one with the least free memory) or for --device-memory."""
+    if args.device_memory is not None:
+        device, device_memory, planned = "GPU", args.device_memory, True
+    elif torch.accelerator.is_available():
+        kind = torch.accelerator.current_accelerator().type
+        free = {i: free_memory(torch.device(kind, i)) for i in range(torch.accelerator.device_count())}
+        index = min(free, key=free.get)
+        device, device_memory, planned = f"{kind}:{index}", free[index], False
+    else:
+        device, device_memory, planned = "cpu", sizes["ram"], False
+    ram = None if planned else sizes["ram"]  # a GPU you do not have is in a machine whose RAM we cannot see
+    plan = choose_memory_mode(sizes, device_memory, args.offload, ram, sizes["processes"])
+    if device == "cpu":  # no offload without an accelerator: the pipeline is used whole, in RAM
+        plan["fits"] = plan["needs"]["whole"] <= device_memory
+        plan["mode"] = "whole"
+    plan |= {"device": device, "dtype": sizes["dtype"], "height": sizes["height"], "width": sizes["width"],
+             "batch_size": args.batch_size, "components": sizes["components"], "t5": not args.no_t5}
+    if args.json:
+        plan.pop("ram_fits")
+        print(json.dumps(plan, indent=2))
+        return
+    where = f"a GPU with {size(device_memory)} free (planned)" if planned else f"{device}, {size(device_memory)} free"
+    print(f"plan for {args.model} in {sizes['dtype']}, {sizes['height']}x{sizes['width']}, batch {args.batch_size}, "
+          f"on {where}:")
+    for name, b in sorted(sizes["components"].items(), key=lambda item: item[1], reverse=True):
+        print(f"  {name:<16} {size(b):>10}")
+    print(f"  {'weights':<16} {size(plan['weights']):>10}, and {size(plan['reserved_for_activations'])} kept free for "
+          f"activations ({size(TEXT_ENCODER_RESERVE)} while a text encoder runs)")
+    names = {"whole": "whole on the GPU", "model": "model CPU offload", "sequential": "sequential CPU offload"}
+    for mode, need in plan["needs"].items() if device != "cpu" else ():
+        ram = "" if mode == "whole" else f", and {size(plan['ram_needed'])} of system RAM"
+        print(f"  {names[mode]:<23} needs {size(need):>10} on the GPU{ram}: "
+              f"{'fits' if need <= device_memory else 'does not fit'}")
+    if device != "cpu" and ram is not None and not plan["ram_fits"]:
+        print(f"  system RAM: {size(plan['ram_needed'])} for {plan['processes']} process(es) offloading, "
+              f"{size(ram)} free: offloading does not fit")
+    if device == "cpu":
+        print(f"  no GPU here: the pipeline runs whole on the CPU, and needs {size(plan['needs']['whole'])} of RAM "
+              "(--device-memory SIZE plans for a GPU)")
+    print(f"  mode: {plan['mode']}, fits: {'yes' if plan['fits'] else 'NO'}")
 
 
 def image_names(prompts):
@@ -339,7 +565,8 @@ def images_to_make(args, prompts, names):
     # An image made with other settings is not done for this command: say so rather than mix two runs.
     for i, r in records.items():
         asked = {"model": args.model, "seed": args.seed + i, "num_inference_steps": args.num_inference_steps,
-                 "guidance_scale": args.guidance_scale, "width": args.width, "height": args.height}
+                 "guidance_scale": args.guidance_scale, "width": args.width, "height": args.height,
+                 "t5": not args.no_t5}  # SD3 with and without T5 make different pictures
         differ = [key for key, value in asked.items() if value is not None and key in r and r[key] != value]
         if differ:
             fail(f"{args.output_dir / r['file']} was made with another {', '.join(differ)}: add --overwrite to "
@@ -470,5 +697,5 @@ if __name__ == "__main__":
     except torch.OutOfMemoryError:  # on the one process that ran out: say which, and what to try
         state = PartialState()
         fail(f"rank {state.process_index} ran out of memory on {state.device}: try a smaller --batch-size or "
-             "--height/--width; if the pipeline alone does not fit on one device, shard it over several "
-             "(model-parallelism-flux.py)", code=1, every_process=True)
+             "--height/--width, --offload model (or sequential), or --no-t5 for SD3; --plan shows what fits",
+             code=1, every_process=True)

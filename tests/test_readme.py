@@ -1,7 +1,7 @@
 """The README is true: its images exist, its test command is CI's, and every `uv run` command in it works.
 
 A command is run as written, with these substitutions only: the tiny pipelines for the real models (and the
-FLUX.1-dev configs for a --plan), a few steps at 64 px, output in a temporary folder, a free port, and
+FLUX.1-dev or SD3.5-medium configs for a --plan), a few steps at 64 px, output in a temporary folder, a free port, and
 127.0.0.1 for the example address of machine 0, and a --plan for two 24 GiB GPUs where a command gives GPU
 memory budgets and this machine has no GPU. Interactive commands (`accelerate config`, `hf auth login`)
 are run with --help. The two machines of the several-machines example are run together, on loopback.
@@ -21,6 +21,7 @@ from tests.conftest import BIN, IMAGES, ROOT, free_port, load_script, offline_en
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 FLUX_DEV_CONFIGS = ROOT / "tests" / "fixtures" / "flux1-dev"
+SD35_MEDIUM_CONFIGS = ROOT / "tests" / "fixtures" / "sd3.5-medium"
 SCRIPTS = {"data-parallelism-accelerate.py": "sd3", "model-parallelism-flux.py": "flux"}
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
 
@@ -56,7 +57,7 @@ def as_test(argv, tiny, tmp_path, port):
         args += ["--plan", "--num-devices", "2", "--device-memory", "24GiB"]
     if script and "--help" not in args:
         if "--plan" in args:
-            args += ["--model", str(FLUX_DEV_CONFIGS)]
+            args += ["--model", str(SD35_MEDIUM_CONFIGS if script.startswith("data") else FLUX_DEV_CONFIGS)]
         elif script.startswith("data"):
             args += ["--model", str(tiny["sd3"]), *FAST, "--output-dir", str(tmp_path / "out")]
         else:
@@ -98,6 +99,21 @@ def test_the_readme_table_of_flux1_dev_plans_is_what_the_script_plans(monkeypatc
                                          f"{memory}GiB", *(["--staged"] if staged else [])])
         script.main()
         assert json.loads(capsys.readouterr().out)["fits"] == (fits == "yes"), (num_devices, memory, staged)
+
+
+def test_the_readme_table_of_sd35_medium_memory_modes_is_what_the_script_plans(monkeypatch, capsys):
+    script = load_script(ROOT / "data-parallelism-accelerate.py")
+    rows = re.findall(r"^\| (\d+) GiB \| (whole|model|sequential) \| (yes|\*\*no\*\*) \| ([\d.]+) GiB \| ([\d.]+) GiB "
+                      r"\| ([\d.]+) GiB \|", README, flags=re.MULTILINE)
+    assert len(rows) == 5
+    for memory, mode, fits, weights, largest, needs in rows:
+        monkeypatch.setattr("sys.argv", ["data-parallelism-accelerate.py", "--plan", "--json", "--model",
+                                         str(SD35_MEDIUM_CONFIGS), "--device-memory", f"{memory}GiB"])
+        script.main()
+        plan = json.loads(capsys.readouterr().out)
+        assert (plan["mode"], plan["fits"]) == (mode, fits == "yes"), memory
+        assert [f"{plan[k] / 2**30:.2f}" for k in ("weights", "largest_component")] == [weights, largest]
+        assert f"{plan['needs'][plan['mode']] / 2**30:.2f}" == needs
 
 
 SINGLE = [argv for argv in readme_commands() if argv[2] != "pytest" and "--machine_rank" not in argv]
