@@ -42,7 +42,7 @@ import huggingface_hub
 import psutil
 import torch
 import transformers
-from accelerate import infer_auto_device_map, init_empty_weights
+from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from accelerate.utils import compute_module_sizes, convert_file_size_to_int, get_max_memory
 from accelerate.utils.memory import clear_device_cache
 from diffusers import AutoencoderKL, AutoModel, DiffusionPipeline
@@ -87,6 +87,9 @@ def main():
             # blocks, each on the device accelerate's infer_auto_device_map chose for it in the plan...
             split = {name: AutoModel.from_pretrained(args.model, subfolder=name, device_map=stage["device_maps"][name],
                                                      dtype=dtype) for name in stage["split"]}
+            for name, model in split.items():  # all on one device after all: it still needs the hook that brings
+                if len(set(stage["device_maps"][name].values())) == 1:  # its inputs there, as "balanced" gives
+                    dispatch_model(model, device_map=stage["device_maps"][name], force_hooks=True)
             # ...and hands it to the pipeline, which puts every other component whole on a device: "balanced" takes
             # them largest first, each to the next device in turn. Accelerate's hooks then move the activations from
             # device to device as the pipeline runs: the devices take turns on one image, they do not work at once.
@@ -310,9 +313,13 @@ def balanced(sizes, max_memory):
 def plan_stage(modules, usable, dtype):
     """Where each component of one stage goes, as the load will put it: {name: device map}, and bytes per device."""
     gpus = {d: m for d, m in usable.items() if d != "cpu" and m > 0} or {"cpu": usable["cpu"]}  # no GPU: the CPU
-    sizes = {name: compute_module_sizes(module) for name, module in modules.items()}  # bytes, as loaded
-    # 1. Whole components where "balanced" puts them. diffusers sizes them all at `dtype`, so does this call.
+    # 1. Whole components where "balanced" puts them, sized as diffusers sizes them: every weight at `dtype`, and
+    #    T5's embedding counted twice (diffusers' empty model leaves `shared` and `encoder.embed_tokens` untied).
     whole = balanced({n: compute_module_sizes(m, dtype=dtype)[""] for n, m in modules.items()}, gpus)
+    for module in modules.values():  # as loaded, one tensor: tied, accelerate keeps the two on one device
+        if isinstance(module, transformers.PreTrainedModel):
+            module.tie_weights()
+    sizes = {name: compute_module_sizes(module) for name, module in modules.items()}  # bytes, as loaded
     device_maps = {name: {"": d} for name, d in whole.items() if d in gpus}
     held = Counter({d: 0 for d in gpus})
     for name, device_map in device_maps.items():
@@ -321,7 +328,7 @@ def plan_stage(modules, usable, dtype):
     #    stay whole). Each device may take up to an equal share of the stage, plus one block, less what it already
     #    holds: the device with T5 takes fewer transformer blocks. Accelerate fills the devices in their order, the
     #    last one taking what is left, then the CPU where the user added it, then "disk": no room anywhere.
-    share, order = sum(s[""] for s in sizes.values()) / len(gpus), sorted(gpus, key=str)
+    share, order, rooms = sum(s[""] for s in sizes.values()) / len(gpus), sorted(gpus, key=str), {}
     for name in sorted(set(modules) - set(device_maps), key=lambda n: sizes[n][""], reverse=True):
         module = modules[name]
         block = max((sizes[name][k] for k, m in module.named_modules() if type(m).__name__ in module._no_split_modules),
@@ -330,13 +337,14 @@ def plan_stage(modules, usable, dtype):
         room[order[-1]] = max(0, gpus[order[-1]] - held[order[-1]])
         if "cpu" in usable and "cpu" not in gpus:
             room["cpu"] = usable["cpu"] - held["cpu"]
+        rooms[name] = room
         with warnings.catch_warnings(action="ignore"):
             device_maps[name] = infer_auto_device_map(module, max_memory=room,
                                                       no_split_module_classes=module._no_split_modules)
         for key, d in device_maps[name].items():
             held[d] += sizes[name][key]
     return {"names": tuple(modules), "split": [n for n in modules if whole[n] not in gpus], "max_memory": gpus,
-            "device_maps": device_maps, "held": held, "components": {n: s[""] for n, s in sizes.items()},
+            "device_maps": device_maps, "room": rooms, "held": held, "components": {n: s[""] for n, s in sizes.items()},
             "bytes": {f"{n}.{k}" if k else n: sizes[n][k] for n, m in device_maps.items() for k in m}}
 
 
