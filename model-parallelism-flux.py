@@ -1,36 +1,39 @@
 """Model parallelism (sharding): one FLUX.1 pipeline spread over several devices, for a model that fits on none.
 
-FLUX.1-dev in bfloat16 is about 31.7 GiB: transformer 22.2 GiB, T5-XXL text encoder 9.1 GiB, CLIP-L 0.23 GiB,
-VAE 0.16 GiB. The script places it in two steps, and prints what it did:
+FLUX.1-dev in bfloat16 is 31.7 GiB: transformer 22.2 GiB, T5-XXL text encoder 9.1 GiB, CLIP-L 0.23 GiB, VAE
+0.16 GiB. The libraries place it, as in diffusers' distributed inference guide; the script only tells them how much
+memory each device may give:
 
-1. Pipeline level: `from_pretrained(..., device_map="balanced")` puts *whole components* on devices, largest
-   first. A component that fits on no single device would land on the CPU (and be slow), so instead:
-2. Layer level: that component (the transformer, or T5 on small cards) is split between its blocks over all the
-   devices with Accelerate's `infer_auto_device_map`, each device taking an equal share of the pipeline.
-
-With --staged the pipeline is not held all at once: the text encoders make the prompt embeddings and are freed,
-then the transformer and the VAE make the image. This is what fits FLUX.1-dev on two 16 GB cards.
+1. `DiffusionPipeline.from_pretrained(..., device_map="balanced", max_memory=...)` puts *whole components* on the
+   devices, largest first, each on the next device in turn. When every component fits that way, that is all.
+2. A component that fits on no device whole (the transformer on 16-24 GB cards, T5 too on 12 GB cards) is split
+   between its blocks by Accelerate's `infer_auto_device_map`, each device filled up to an equal share of the
+   pipeline, loaded on its own by `AutoModel.from_pretrained(subfolder=..., device_map=...)` and handed to the
+   pipeline, which places the rest.
+3. With --staged, the text encoders alone encode the prompt and are freed; then the transformer and the VAE make the
+   image. This is what fits FLUX.1-dev on two 16 GB cards.
 
     uv run model-parallelism-flux.py                                      # every GPU (Intel or NVIDIA) present
     uv run model-parallelism-flux.py --staged                             # text encoders first, then the rest
     uv run model-parallelism-flux.py --plan --num-devices 2 --device-memory 16GiB   # will it fit? no download
     uv run model-parallelism-flux.py --model tiny/flux --height 64 --width 64 --num-inference-steps 2  # CPU
 
---plan reads only the configs (a few kilobytes) and builds the model on the meta device: no weights are loaded.
-On each device it keeps 3 GiB free for activations at 1024x1024 (scaled with the pixel count): the VAE decoding
-the full-size image and one transformer block working on 4096 image + 512 text tokens each need 1-3 GiB.
+--plan makes the same placement with the same calls on the model built on the meta device from its configs (a few
+kilobytes, no weights), at the dtype asked (with the weights the libraries keep in float32), and loads nothing.
+Each device keeps 3 GiB free for activations at 1024x1024 (scaled with the pixel count): the VAE decoding the
+full-size image and one transformer block working on 4096 image + 512 text tokens each need 1-3 GiB.
 """
 
 import argparse
-import gc
+import contextlib
 import importlib
-import itertools
 import json
 import os
 import re
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import accelerate
@@ -41,8 +44,8 @@ import torch
 import transformers
 from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from accelerate.utils import compute_module_sizes, convert_file_size_to_int, get_max_memory
-from diffusers import AutoencoderKL, DiffusionPipeline
-from diffusers.pipelines.pipeline_loading_utils import _assign_components_to_devices  # what "balanced" calls
+from accelerate.utils.memory import clear_device_cache
+from diffusers import AutoencoderKL, AutoModel, DiffusionPipeline
 from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
@@ -57,66 +60,65 @@ def main():
     components = check_model(args)
     on_gpu = args.planned or torch.accelerator.is_available()
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if on_gpu else torch.float32
-    accelerate.utils.modeling.logger.setLevel("ERROR")  # "device 0 is not available" while planning for it
 
-    # 1. Plan, from the configs alone (the model on the meta device, no weights): whole components where
-    #    device_map="balanced" puts them, and a component that fits on no single device split between its
-    #    blocks over all of them. --plan stops here.
-    plan = make_plan(args, components, dtype)
+    # 1. Plan: how much each device may hold, and where each component (or each block of one too big for any
+    #    device) goes, computed by the calls the load makes, on the model built on the meta device.
+    plan = make_plan(args, components, device_memory(args), dtype)
     if args.plan:
         if args.json:
-            keys = ("fits", "devices", "placement", "staged", "unplaced", "reserved_per_device", "budgets", "dtype",
-                    "components", "bytes")
-            print(json.dumps({k: plan[k] for k in keys}, indent=2))
+            print(json.dumps({k: plan[k] for k in ("fits", "devices", "placement", "components", "bytes", "unplaced",
+                                                   "budgets", "reserved_per_device", "dtype", "staged")}, indent=2))
         else:
             print_plan(args, plan)
-            suggest_staged(args, components, dtype, plan)
         return
     print_plan(args, plan)
     if not plan["fits"]:
-        staged = "" if args.staged else suggest_staged(args, components, dtype, plan, quiet=True)
-        fail(f"{args.model} does not fit: {'its largest stage' if args.staged else 'it'} needs {size(plan['needed'])} "
-             f"of weights, the devices have {size(sum(plan['usable'].values()))} for them after keeping "
-             f"{size(plan['reserved_per_device'])} each for activations{staged}, or name cpu=SIZE in "
-             "--max-memory to let the CPU hold the rest (slow)", code=1)
-    devices = [d if d == "cpu" else int(d) for d in plan["devices"]]
+        fail(f"{args.model} does not fit: it needs {size(plan['needed'])} of weights at once, the devices have "
+             f"{size(sum(plan['usable'].values()))} for them after keeping {size(plan['reserved_per_device'])} each "
+             f"for activations{plan['hint']}, or add cpu=SIZE to --max-memory to let the CPU hold the rest (slow)",
+             code=1)
 
-    # 2. Load the weights where the plan puts them: `from_pretrained(..., device_map="balanced")` when every
-    #    component fits whole on a device, else each component with its own device map (see load()).
-    #    Accelerate's hooks then move the activations from device to device as the pipeline runs: the devices
-    #    take turns on one image, they do not work at the same time.
-    # The starting noise comes from a CPU generator: the same seed gives the same image on any device.
-    options = dict(height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
-                   guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
-                   generator=torch.Generator("cpu").manual_seed(args.seed))
+    # 2. Load, one stage at a time: the whole pipeline, or with --staged the text encoders and then the rest.
+    inputs = dict(prompt=args.prompt)
     started = time.perf_counter()
-    if args.staged:  # 1. the text encoders alone make the prompt embeddings, and are freed
-        pipeline = load(args, components, plan, TEXT_STAGE, dtype)
-        print("text encoders loaded:")
-        print_placement(pipeline, plan, devices)
-        with torch.no_grad():
-            prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
-                prompt=args.prompt, prompt_2=None, max_sequence_length=args.max_sequence_length)
-        # Free the text encoders before the transformer loads: drop every reference, then the memory.
-        pipeline.remove_all_hooks()
-        del pipeline
-        release_memory()
-        stage = IMAGE_STAGE
-        inputs = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
-    else:
-        stage, inputs = TEXT_STAGE + IMAGE_STAGE, dict(prompt=args.prompt)
-    pipeline = load(args, components, plan, stage, dtype)  # 2. the transformer and the VAE make the image
-    print(f"loaded in {time.perf_counter() - started:.1f} s:")
-    print_placement(pipeline, plan, devices)
+    for stage in plan["stages"]:
+        with explained_load_errors(args.model):
+            # A component that fits on no device whole: the model's own from_pretrained loads it split between its
+            # blocks, each on the device accelerate's infer_auto_device_map chose for it in the plan...
+            split = {name: AutoModel.from_pretrained(args.model, subfolder=name, device_map=stage["device_maps"][name],
+                                                     dtype=dtype) for name in stage["split"]}
+            for name, model in split.items():  # all on one device after all: it still needs the hook that brings
+                if len(set(stage["device_maps"][name].values())) == 1:  # its inputs there, as "balanced" gives
+                    dispatch_model(model, device_map=stage["device_maps"][name], force_hooks=True)
+            # ...and hands it to the pipeline, which puts every other component whole on a device: "balanced" takes
+            # them largest first, each to the next device in turn. Accelerate's hooks then move the activations from
+            # device to device as the pipeline runs: the devices take turns on one image, they do not work at once.
+            pipeline = DiffusionPipeline.from_pretrained(args.model, device_map="balanced",
+                                                         max_memory=stage["max_memory"], dtype=dtype, **split,
+                                                         **left_out(stage["names"]))
+        print(f"{'text encoders' if stage['names'] == TEXT_STAGE else 'pipeline'} loaded "
+              f"({time.perf_counter() - started:.1f} s from the start):")
+        devices = print_placement(pipeline, split)
+        if stage["names"] == TEXT_STAGE:  # --staged: the text encoders make the prompt embeddings, and are freed
+            with torch.no_grad():
+                prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
+                    prompt=args.prompt, prompt_2=None, max_sequence_length=args.max_sequence_length)
+            inputs = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
+            pipeline.remove_all_hooks()  # drop every reference to their weights, then give the memory back
+            del pipeline, split
+            clear_device_cache(garbage_collection=True)
 
-    # 3. Generate one image, timing each step, then save it and report the peak memory of every device.
+    # 3. Generate one image, timing each step, then save it and report the peak memory of every device. The
+    #    starting noise comes from a CPU generator: the same seed gives the same image on any device.
     for d in devices:
         if d != "cpu":
             torch.accelerator.reset_peak_memory_stats(d)
     step_times = []
     t0 = time.perf_counter()
-    image = pipeline(**inputs, **options, callback_on_step_end=lambda *a: step_times.append(time.perf_counter()) or {}
-                     ).images[0]
+    image = pipeline(**inputs, height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
+                     guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
+                     generator=torch.Generator("cpu").manual_seed(args.seed),
+                     callback_on_step_end=lambda *a: step_times.append(time.perf_counter()) or {}).images[0]
     seconds = time.perf_counter() - t0
     tmp = args.output.with_name(f".{args.output.name}.{os.getpid()}.tmp")
     try:
@@ -125,7 +127,7 @@ def main():
     finally:
         tmp.unlink(missing_ok=True)
     per_step = (step_times[-1] - t0) / len(step_times) if step_times else seconds
-    peak = memory(devices, peak=True)
+    peak = memory_in_use(devices, peak=True)
     print(f"made {args.output} ({image.width}x{image.height}) in {seconds:.1f} s, {per_step:.2f} s per step; "
           "peak memory: " + ", ".join(f"{device_name(d)} {peak[d] / GiB:.2f} GiB" for d in devices))
 
@@ -146,9 +148,9 @@ def parse_args():
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                         help="weights' dtype; auto is bfloat16 on GPUs and float32 on the CPU (default: %(default)s)")
     parser.add_argument("--max-memory", metavar="SIZE|DEV=SIZE,...",
-                        help="memory to use: one size for every device (16GiB), or per device (0=10GiB,1=16GiB); "
-                             "naming cpu=SIZE lets the CPU hold what the devices cannot (slow) "
-                             "(default: the free memory of every device)")
+                        help="memory to use: one size for every device (16GiB), or per device (0=10GiB,1=16GiB; the "
+                             "devices not named keep their free memory); cpu=SIZE adds the CPU for what the devices "
+                             "cannot hold (slow) (default: the free memory of every device)")
     parser.add_argument("--staged", action="store_true",
                         help="load the text encoders, encode the prompt, free them, then load the transformer and VAE")
     parser.add_argument("--plan", action="store_true", help="load no weights: print where everything would go")
@@ -191,40 +193,41 @@ def check_model(args):
         fail(f"--model {args.model}: no such folder, and not a Hub id (organisation/name)")
     diffusers.utils.logging.set_verbosity_error()  # a failed Hub look-up is said once, by us, not three times
     huggingface_hub.utils.logging.set_verbosity_error()
-    try:  # the configs only: a few kilobytes
-        with warnings.catch_warnings(action="ignore"):
-            components = DiffusionPipeline.load_config(args.model)
-            vae = AutoencoderKL.load_config(args.model, subfolder="vae")
-    except (OSError, ValueError) as e:
-        fail(cannot_load(args.model, e))
-    diffusers.utils.logging.set_verbosity_warning()
+    with explained_load_errors(args.model), warnings.catch_warnings(action="ignore"):  # the configs: a few kB
+        components = DiffusionPipeline.load_config(args.model)
+        vae = AutoencoderKL.load_config(args.model, subfolder="vae")
+    accelerate.utils.modeling.logger.setLevel("ERROR")  # "device 1 is not available" while planning for it
     if components.get("_class_name") != "FluxPipeline":
         fail(f"--model {args.model} is a {components.get('_class_name')}: this script is for FLUX.1 pipelines")
     # The VAE shrinks images 8x (2 per block after the first), and Flux packs 2x2 latents: multiples of 16.
     multiple = 2 ** (len(vae["block_out_channels"]) - 1) * 2
-    for flag, size in (("--height", args.height), ("--width", args.width)):
-        if size % multiple:
-            fail(f"{flag} {size} does not suit {args.model}: use a multiple of {multiple}, "
-                 f"e.g. {max(multiple, size // multiple * multiple)}")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value % multiple:
+            fail(f"{flag} {value} does not suit {args.model}: use a multiple of {multiple}, "
+                 f"e.g. {max(multiple, value // multiple * multiple)}")
     return components
 
 
-def cannot_load(model, error):
-    """One line for a model that cannot be loaded, with what went wrong and what to do."""
-    reason = None
-    while reason is None and error is not None:  # diffusers wraps the Hub's error: look down the chain
-        if isinstance(error, GatedRepoError):
-            reason = "it is gated, and this account has not been granted access"
-        elif isinstance(error, RepositoryNotFoundError):
-            reason = "no such model on the Hub, or it is private"
-        elif isinstance(error, (OfflineModeIsEnabled, ConnectionError)) or "Name or service not known" in str(error):
-            reason = "it is not in the local cache, and the Hub cannot be reached"
-        elif error.__cause__ is None and error.__context__ is None:
-            reason = str(error).splitlines()[0]
-        error = error.__cause__ or error.__context__
-    return (f"cannot load --model {model} ({reason}). If it is gated, accept its licence on "
-            f"https://huggingface.co/{model} and run `hf auth login` (black-forest-labs/FLUX.1-schnell is not "
-            f"gated); or pass --model PATH to a local copy")
+@contextlib.contextmanager
+def explained_load_errors(model):
+    """A model that cannot be loaded: one line with what went wrong and what to do, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        reason = None
+        while reason is None and error is not None:  # diffusers wraps the Hub's error: look down the chain
+            if isinstance(error, GatedRepoError):
+                reason = "it is gated, and this account has not been granted access"
+            elif isinstance(error, RepositoryNotFoundError):
+                reason = "no such model on the Hub, or it is private"
+            elif isinstance(error, (OfflineModeIsEnabled, ConnectionError)) or "Name or service not known" in str(error):
+                reason = "it is not in the local cache, and the Hub cannot be reached"
+            elif error.__cause__ is None and error.__context__ is None:
+                reason = str(error).splitlines()[0]
+            error = error.__cause__ or error.__context__
+        fail(f"cannot load --model {model} ({reason}). If it is gated, accept its licence on "
+             f"https://huggingface.co/{model} and run `hf auth login` (black-forest-labs/FLUX.1-schnell is not "
+             f"gated); or pass --model PATH to a local copy")
 
 
 def parse_memory(text, devices):
@@ -238,20 +241,19 @@ def parse_memory(text, devices):
         fail(f"--max-memory {text}: write sizes like 16GiB or 24GB, for every device or as 0=10GiB,1=16GiB")
 
 
-def device_budgets(args):
-    """The memory each device may use, in bytes: {0: ..., 1: ...}, plus "cpu" only where the user allows it."""
+def device_memory(args):
+    """The memory each device may use, in bytes: {0: ..., 1: ...}, plus "cpu" where the user adds it."""
     if args.planned:  # hardware the user does not have: --plan --num-devices 2 --device-memory 24GiB
-        present = get_max_memory() if torch.accelerator.is_available() else {}
-        count = args.num_devices or max(1, len([d for d in present if d != "cpu"]))
-        if args.device_memory is None and 0 not in present:
+        present = free_memory() if torch.accelerator.is_available() else {}
+        if args.device_memory is None and not present:
             fail("--num-devices needs --device-memory SIZE here: this machine has no accelerator to measure")
         try:
-            size = convert_file_size_to_int(args.device_memory) if args.device_memory else present[0]
+            each = convert_file_size_to_int(args.device_memory) if args.device_memory else min(present.values())
         except ValueError:
             fail(f"--device-memory {args.device_memory}: write a size like 16GiB or 24GB")
-        budgets = dict.fromkeys(range(count), size)
+        budgets = dict.fromkeys(range(args.num_devices or len(present) or 1), each)
     elif torch.accelerator.is_available():
-        budgets = {d: m for d, m in get_max_memory().items() if d != "cpu"}  # the free memory of each device
+        budgets = free_memory()
     else:  # no accelerator: the CPU is the one device, with the RAM that is free
         budgets = {"cpu": psutil.virtual_memory().available}
     if args.max_memory:
@@ -259,88 +261,117 @@ def device_budgets(args):
         unknown = [d for d in asked if d not in budgets and d != "cpu"]
         if unknown:
             fail(f"--max-memory names device {unknown[0]}, but the devices are {', '.join(map(str, budgets))}")
-        budgets = asked
+        budgets |= asked  # cpu=SIZE adds the CPU to the devices, it does not replace them
     return budgets
 
 
-def empty_components(model, components, names, dtype):
-    """Each component built on the meta device from its config.json alone: its real shapes, no weights."""
-    modules = {}
+def free_memory():
+    """Free memory of each accelerator, as Accelerate measures it; its total memory where that cannot be read."""
+    free = {d: m for d, m in get_max_memory().items() if isinstance(d, int)}
+    unread = [i for i in range(torch.accelerator.device_count()) if i not in free]
+    if unread:  # e.g. Intel GPUs whose torch.xpu.mem_get_info raises: Accelerate leaves them out without a word
+        properties = torch.get_device_module(torch.accelerator.current_accelerator()).get_device_properties
+        free |= {i: properties(i).total_memory for i in unread}
+        print(f"note: the free memory of {', '.join(map(device_name, unread))} cannot be read: counting on "
+              "the total memory instead; lower --max-memory if something else uses it", file=sys.stderr)
+    return dict(sorted(free.items()))
+
+
+def empty_model(model, name, library, class_name, dtype):
+    """A component built on the meta device from its config.json alone, as diffusers builds it to place it, with
+    the weights transformers or diffusers keep in float32 at this dtype (T5's `wo` in float16): no weights."""
+    cls = getattr(importlib.import_module(library), class_name)
     with warnings.catch_warnings(action="ignore"), init_empty_weights():
-        for name in names:
-            library, class_name = components[name]
-            cls = getattr(importlib.import_module(library), class_name)
-            if library == "diffusers":
-                modules[name] = cls.from_config(cls.load_config(model, subfolder=name))
-            else:
-                modules[name] = cls._from_config(transformers.AutoConfig.from_pretrained(model, subfolder=name))
-    return modules
+        if issubclass(cls, transformers.PreTrainedModel):
+            module = cls(transformers.AutoConfig.from_pretrained(model, subfolder=name)).to(dtype)
+            keep = set(module._keep_in_fp32_modules or []) if dtype == torch.float16 else set()
+            keep |= set(module._keep_in_fp32_modules_strict or []) if dtype in (torch.float16, torch.bfloat16) else set()
+        else:
+            module = cls.from_config(cls.load_config(model, subfolder=name)).to(dtype)
+            keep = set(module._keep_in_fp32_modules or [])
+    for path, submodule in module.named_modules():
+        if keep & set(path.split(".")):
+            submodule.to(torch.float32)
+    return module
 
 
-def plan_stage(modules, budgets, dtype):
-    """Where each component, or each block of a component too big for one device, goes: {name: device_map}."""
-    sizes = {name: compute_module_sizes(m, dtype=dtype)[""] for name, m in modules.items()}
-    sizes = dict(sorted(sizes.items(), key=lambda item: item[1], reverse=True))
-    devices = {d: m for d, m in sorted(budgets.items(), key=lambda item: item[1], reverse=True) if d != "cpu"}
-    devices = devices or dict(budgets)  # no accelerator: the CPU is the device
-    # 1. Pipeline level: exactly what device_map="balanced" does. Largest component first, to the devices in the
-    #    order 0, 1, ..., 1, 0; a component that does not fit on its turn's device goes to the CPU.
-    whole = _assign_components_to_devices(sizes, devices)
-    placement = {name: {"": d} for d, names in whole.items() if d != "cpu" or "cpu" in devices for name in names}
-    if len(placement) == len(sizes):
-        return placement, sizes, True  # True: device_map="balanced" itself places this stage as planned
-    # 2. Layer level: split what "balanced" left over between its blocks (`_no_split_modules`, which must stay
-    #    whole), so that each device holds an equal share of the pipeline: the whole components it already has,
-    #    plus up to one block more. The last device takes what remains. "cpu" only if the user named it.
-    used = {d: sum(sizes[n] for n, m in placement.items() if m[""] == d) for d in budgets}
-    share = sum(sizes.values()) / len(devices)
-    for name in (n for n in sizes if n not in placement):
-        module, block_classes = modules[name], modules[name]._no_split_modules
-        block = max((compute_module_sizes(m, dtype=dtype)[""] for m in module.modules()
-                     if type(m).__name__ in block_classes), default=0)
-        last = list(devices)[-1]
-        room = {d: max(0, min(budgets[d] - used[d], share + block - used[d])) for d in devices if d != last}
-        room |= {last: budgets[last] - used[last]} | ({"cpu": budgets["cpu"] - used["cpu"]} if "cpu" in budgets else {})
+def balanced(sizes, max_memory):
+    """Where `DiffusionPipeline.from_pretrained(device_map="balanced", max_memory=...)` puts each whole component:
+    largest first, each on the next device of d0, d1, ..., d1, d0 (most memory first); one that does not fit on its
+    turn's device goes to the CPU. (tests/test_model_parallelism.py checks this against diffusers' own code.)"""
+    devices = sorted(sorted(d for d in max_memory if d != "cpu"), key=max_memory.get, reverse=True)
+    room, turn, where = dict(max_memory), 0, {}
+    for name in sorted(sizes, key=sizes.get, reverse=True):
+        device = (devices + devices[::-1])[turn % (2 * len(devices))] if devices else "cpu"
+        if device == "cpu" or sizes[name] > room[device]:
+            where[name] = "cpu"
+            continue
+        where[name], room[device], turn = device, room[device] - sizes[name], turn + 1
+    return where
+
+
+def plan_stage(modules, usable, dtype):
+    """Where each component of one stage goes, as the load will put it: {name: device map}, and bytes per device."""
+    gpus = {d: m for d, m in usable.items() if d != "cpu" and m > 0} or {"cpu": usable["cpu"]}  # no GPU: the CPU
+    # 1. Whole components where "balanced" puts them, sized as diffusers sizes them: every weight at `dtype`, and
+    #    T5's embedding counted twice (diffusers' empty model leaves `shared` and `encoder.embed_tokens` untied).
+    whole = balanced({n: compute_module_sizes(m, dtype=dtype)[""] for n, m in modules.items()}, gpus)
+    for module in modules.values():  # as loaded, one tensor: tied, accelerate keeps the two on one device
+        if isinstance(module, transformers.PreTrainedModel):
+            module.tie_weights()
+    sizes = {name: compute_module_sizes(module) for name, module in modules.items()}  # bytes, as loaded
+    device_maps = {name: {"": d} for name, d in whole.items() if d in gpus}
+    held = Counter({d: 0 for d in gpus})
+    for name, device_map in device_maps.items():
+        held[device_map[""]] += sizes[name][""]
+    # 2. A component "balanced" would leave to the CPU is split between its blocks instead (`_no_split_modules`
+    #    stay whole). Each device may take up to an equal share of the stage, plus one block, less what it already
+    #    holds: the device with T5 takes fewer transformer blocks. Accelerate fills the devices in their order, the
+    #    last one taking what is left, then the CPU where the user added it, then "disk": no room anywhere.
+    share, order, rooms = sum(s[""] for s in sizes.values()) / len(gpus), sorted(gpus, key=str), {}
+    for name in sorted(set(modules) - set(device_maps), key=lambda n: sizes[n][""], reverse=True):
+        module = modules[name]
+        block = max((sizes[name][k] for k, m in module.named_modules() if type(m).__name__ in module._no_split_modules),
+                    default=0)
+        room = {d: max(0, min(gpus[d], share + block) - held[d]) for d in order[:-1]}
+        room[order[-1]] = max(0, gpus[order[-1]] - held[order[-1]])
+        if "cpu" in usable and "cpu" not in gpus:
+            room["cpu"] = usable["cpu"] - held["cpu"]
+        rooms[name] = room
         with warnings.catch_warnings(action="ignore"):
-            placement[name] = infer_auto_device_map(module, max_memory=room, no_split_module_classes=block_classes,
-                                                    dtype=dtype)
-        for key, d in placement[name].items():
-            used[d] = used.get(d, 0) + compute_module_sizes(module.get_submodule(key) if key else module, dtype=dtype)[""]
-    return placement, sizes, False
+            device_maps[name] = infer_auto_device_map(module, max_memory=room,
+                                                      no_split_module_classes=module._no_split_modules)
+        for key, d in device_maps[name].items():
+            held[d] += sizes[name][key]
+    return {"names": tuple(modules), "split": [n for n in modules if whole[n] not in gpus], "max_memory": gpus,
+            "device_maps": device_maps, "room": rooms, "held": held, "components": {n: s[""] for n, s in sizes.items()},
+            "bytes": {f"{n}.{k}" if k else n: sizes[n][k] for n, m in device_maps.items() for k in m}}
 
 
-def make_plan(args, components, dtype):
-    """The whole plan: placement, bytes per device, and whether it fits, for the run as asked (staged or not)."""
-    budgets = device_budgets(args)
+def make_plan(args, components, budgets, dtype, staged=None):
+    """The whole plan, for the run as asked (staged or not): each stage, bytes per device, and whether it fits."""
+    staged = args.staged if staged is None else staged
     reserve = int(RESERVE_AT_1024 * args.height * args.width / 1024**2)
+    # Each device keeps the activations' reserve; so does the CPU when it is the one device, not an overflow.
     usable = {d: max(0, m - reserve) if d != "cpu" or len(budgets) == 1 else m for d, m in budgets.items()}
-    stages = [TEXT_STAGE, IMAGE_STAGE] if args.staged else [TEXT_STAGE + IMAGE_STAGE]
-    modules = empty_components(args.model, components, [n for s in stages for n in s], dtype)
-    placement, sizes, peak, needed, module_bytes, balanced = {}, {}, {}, 0, {}, True
-    for stage in stages:  # a staged run frees each stage before the next: a device's peak is its busiest stage
-        stage_placement, stage_sizes, stage_balanced = plan_stage({n: modules[n] for n in stage}, usable, dtype)
-        balanced &= stage_balanced
-        placement |= stage_placement  # "disk": accelerate's word for "no room on any device" 
-        sizes |= stage_sizes
-        held = {}
-        for name, device_map in stage_placement.items():
-            for key, d in device_map.items():
-                module = modules[name].get_submodule(key) if key else modules[name]
-                bytes_ = module_bytes[f"{name}.{key}" if key else name] = compute_module_sizes(module, dtype=dtype)[""]
-                held[d] = held.get(d, 0) + bytes_
-        peak = {d: max(peak.get(d, 0), held.get(d, 0)) for d in held.keys() | peak.keys()}
-        needed = max(needed, sum(held.values()))
-    allowed = set(budgets)  # "cpu" is a place for weights only when it is the device or the user named it
-    fits = all(d in allowed for m in placement.values() for d in m.values()) and all(
-        peak[d] <= usable[d] for d in peak)
-    return {"fits": fits, "staged": args.staged, "dtype": str(dtype).removeprefix("torch."),
-            "devices": {str(d): int(b) for d, b in sorted(peak.items(), key=lambda item: str(item[0])) if d != "disk"},
-            "unplaced": int(peak.get("disk", 0)), "needed": int(needed),
+    stages = []
+    for names in ([TEXT_STAGE, IMAGE_STAGE] if staged else [TEXT_STAGE + IMAGE_STAGE]):
+        modules = {name: empty_model(args.model, name, *components[name], dtype) for name in names}
+        stages.append(plan_stage(modules, usable, dtype))
+    # A staged run frees each stage before the next: a device's peak is its busiest stage.
+    peak = {d: max(s["held"].get(d, 0) for s in stages) for s in stages for d in s["held"]}
+    plan = {"fits": "disk" not in peak and all(b <= usable.get(d, 0) for d, b in peak.items()), "staged": staged,
+            "devices": {str(d): b for d, b in sorted(peak.items(), key=lambda i: str(i[0])) if d != "disk" and b},
+            "placement": {(f"{n}.{k}" if k else n): str(d) for s in stages for n, m in s["device_maps"].items()
+                          for k, d in m.items()},
+            "components": {n: int(b) for s in stages for n, b in s["components"].items()},
+            "bytes": {k: int(b) for s in stages for k, b in s["bytes"].items()}, "unplaced": int(peak.get("disk", 0)),
             "budgets": {str(d): int(b) for d, b in budgets.items()}, "reserved_per_device": reserve,
-            "components": {n: int(s) for n, s in sizes.items()},
-            "placement": {(f"{n}.{k}" if k else n): str(d) for n, m in placement.items() for k, d in m.items()},
-            "bytes": module_bytes,
-            "device_maps": placement, "usable": usable, "balanced": balanced}
+            "dtype": str(dtype).removeprefix("torch."), "stages": stages, "usable": usable,
+            "needed": max(sum(s["held"].values()) for s in stages), "hint": ""}
+    if not plan["fits"] and not staged and make_plan(args, components, budgets, dtype, staged=True)["fits"]:
+        plan["hint"] = "; it fits with --staged (text encoders first, freed, then the transformer and VAE)"
+    return plan
 
 
 def size(b):
@@ -351,21 +382,25 @@ def print_plan(args, plan):
     where = "planned" if args.planned else "on this machine"
     print(f"plan for {args.model} in {plan['dtype']}, {args.height}x{args.width}, "
           f"{'staged' if plan['staged'] else 'all components resident at once'}, devices {where}:")
-    for name, device_map in plan["device_maps"].items():
-        if list(device_map) != [""]:
-            print(f"  {name} ({size(plan['components'][name])}) fits on no single device, where device_map="
-                  f"\"balanced\" would put it on the CPU: split layer by layer instead")
-        for key, device in block_ranges(device_map):
-            print(f"    {name + ('.' + key if key else ''):<52} -> {'nowhere: no room' if device == 'disk' else device}")
+    for number, stage in enumerate(plan["stages"], 1):
+        if plan["staged"]:
+            print(f"  stage {number}: {', '.join(stage['names'])}")
+        for name, device_map in stage["device_maps"].items():
+            if name in stage["split"]:
+                print(f"  {name} ({size(plan['components'][name])}) fits on no single device whole: split between "
+                      "its blocks")
+            for key, d in block_ranges(device_map):
+                print(f"    {name + ('.' + key if key else ''):<52} -> {'nowhere: no room' if d == 'disk' else d}")
     for d, b in plan["devices"].items():
-        print(f"  device {d}: {size(b)} of weights, of {size(plan['budgets'][d])} "
-              f"({size(plan['reserved_per_device'])} of it kept for activations)")
+        print(f"  device {d}: {size(b)} of weights, of {size(plan['budgets'][d])}"
+              + (f" ({size(plan['reserved_per_device'])} of it kept for activations)" if d != "cpu" or
+                 len(plan["budgets"]) == 1 else ""))
     if plan["unplaced"]:
         print(f"  {size(plan['unplaced'])} of weights find no room on any device")
-    if plan["devices"].get("cpu") and len(plan["devices"]) > 1:
-        print(f"  NOTE: {size(plan['devices']['cpu'])} of weights on the CPU: streamed to device 0 at every step, "
-              "which is slow")
-    print(f"  fits: {'yes' if plan['fits'] else 'NO'}")
+    if "cpu" in plan["devices"] and len(plan["budgets"]) > 1:
+        print(f"  NOTE: {size(plan['devices']['cpu'])} of weights on the CPU, streamed to the devices at every step: "
+              "slow")
+    print(f"  fits: {'yes' if plan['fits'] else 'NO'}" + plan["hint"])
 
 
 def block_ranges(device_map):
@@ -380,40 +415,38 @@ def block_ranges(device_map):
     return [(f"{p}.{a}" + (f"-{b}" if b != a else "") if a else p, d) for p, a, b, d in rows]
 
 
-def load(args, components, plan, names, dtype):
-    """Load the components `names` where the plan puts them; the pipeline's other components are left out."""
-    device_maps = {name: plan["device_maps"][name] for name in names}
-    left_out = {n: None for n in TEXT_STAGE + IMAGE_STAGE if n not in names}
-    if "text_encoder" not in names:
-        left_out |= {"tokenizer": None, "tokenizer_2": None}
-    try:
-        if plan["balanced"]:
-            # Every component fits whole on the device balanced gives it: diffusers' own placement, as planned.
-            return DiffusionPipeline.from_pretrained(args.model, device_map="balanced", max_memory=plan["usable"],
-                                                     dtype=dtype, **left_out)
-        # A component split layer by layer: load each component with its own device map, then hand them all to
-        # the pipeline. (Handing one to a device_map="balanced" pipeline mixes up devices: diffusers #9450.)
-        loaded = {}
-        for name, device_map in device_maps.items():
-            library, class_name = components[name]
-            cls = getattr(importlib.import_module(library), class_name)
-            loaded[name] = cls.from_pretrained(args.model, subfolder=name, device_map=device_map, dtype=dtype)
-            if not hasattr(loaded[name], "_hf_hook"):
-                # A component on one device gets a hook too, that moves its inputs to it, as "balanced" does.
-                dispatch_model(loaded[name], device_map=device_map, force_hooks=True)
-        return DiffusionPipeline.from_pretrained(args.model, dtype=dtype, **loaded, **left_out)
-    except (OSError, ValueError) as e:  # e.g. the configs came from the cache but the weights cannot be fetched
-        fail(cannot_load(args.model, e))
+def left_out(names):
+    """The pipeline's components that are not in this stage, and not loaded (tokenizers go with the text encoders)."""
+    out = {n: None for n in TEXT_STAGE + IMAGE_STAGE if n not in names}
+    return out | ({"tokenizer": None, "tokenizer_2": None} if "text_encoder" not in names else {})
 
 
-def release_memory():
-    """Give the memory of weights nothing refers to any more back to the devices."""
-    gc.collect()
-    if torch.accelerator.is_available():
-        torch.accelerator.empty_cache()
+def placement(pipeline, split):
+    """Where the libraries put each component, and each range of a split one's blocks, from their own record
+    (`hf_device_map`): [(name, device)]. With no accelerator there is no record: the component's own device."""
+    record = pipeline.hf_device_map or {}
+    rows = []
+    for name, module in pipeline.components.items():
+        if isinstance(module, torch.nn.Module):
+            device_map = split[name].hf_device_map if name in split else {"": record.get(name, module.device.type)}
+            rows += [(name + ("." + key if key else ""), d) for key, d in block_ranges(device_map)]
+    return rows
 
 
-def memory(devices, peak=False):
+def print_placement(pipeline, split):
+    """Print where everything is and the memory in use on each device; return the devices."""
+    rows = placement(pipeline, split)
+    offload = any(d != "cpu" for _, d in rows)  # a CPU beside accelerators only holds what they could not
+    for name, d in rows:
+        print(f"  {name:<52} -> {device_name(d)}"
+              + (" (streamed to the device at every step: slow)" if d == "cpu" and offload else ""))
+    devices = sorted({d for _, d in rows}, key=str)
+    used = memory_in_use(devices)
+    print("  memory in use: " + ", ".join(f"{device_name(d)} {used[d] / GiB:.2f} GiB" for d in devices))
+    return devices
+
+
+def memory_in_use(devices, peak=False):
     """Memory in use (or its peak) on each device, in bytes; for the CPU, this process's resident memory."""
     used = {}
     for d in devices:
@@ -427,38 +460,8 @@ def memory(devices, peak=False):
     return used
 
 
-def print_placement(pipeline, plan, devices):
-    """Where each component, and each range of the transformer's blocks, really is, read from its weights."""
-    for name, module in pipeline.components.items():
-        if not isinstance(module, torch.nn.Module):
-            continue
-        for key, _ in block_ranges(plan["device_maps"][name]):
-            part = module.get_submodule(key.split("-")[0]) if key else module
-            tensor = next(itertools.chain(part.parameters(), part.buffers()), None)
-            if tensor is None:  # a part with no weights at all (e.g. the rotary position embedding)
-                continue
-            device = tensor.device
-            # Weights Accelerate keeps on the CPU and streams in at every step show as "meta" on the module.
-            print(f"  {name + ('.' + key if key else ''):<52} -> "
-                  f"{'cpu (streamed to the device at every step: slow)' if device.type == 'meta' else device}")
-    used = memory(devices)
-    print("  memory in use: " + ", ".join(f"{device_name(d)} {used[d] / GiB:.2f} GiB" for d in devices))
-
-
 def device_name(d):
-    return "cpu" if d == "cpu" else f"{torch.accelerator.current_accelerator().type}:{d}"
-
-
-def suggest_staged(args, components, dtype, plan, quiet=False):
-    """If the pipeline does not fit at once but fits in stages, say so (or return the hint, for an error)."""
-    if plan["fits"] or args.staged:
-        return ""
-    if not make_plan(argparse.Namespace(**{**vars(args), "staged": True}), components, dtype)["fits"]:
-        return ""
-    hint = "; it fits with --staged (text encoders first, freed, then the transformer and VAE)"
-    if not quiet:
-        print("  " + hint[2:])
-    return hint
+    return f"{torch.accelerator.current_accelerator().type}:{d}" if isinstance(d, int) else str(d)
 
 
 if __name__ == "__main__":

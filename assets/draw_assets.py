@@ -4,7 +4,7 @@
 
 - data-parallelism-workflow.png, model-parallelism-workflow.png: diagrams of the two techniques.
 - model-sharding.png: the placement that `model-parallelism-flux.py --plan --json` computes for FLUX.1-dev
-  (the real configs in tests/fixtures/flux1-dev, no weights) on 2 x 24 GiB and on 4 x 12 GiB.
+  (the real configs in tests/fixtures/flux1-dev, no weights) on 2 x 24 GiB, on 23.0 + 23.6 GiB and on 4 x 12 GiB.
 - data-parallelism-output.png: a real run of data-parallelism-accelerate.py by 2 CPU processes on the tiny
   random-weight SD3 pipeline (its pictures are noise by design), each image labelled with the rank that made it;
   data-parallelism-contact-sheet.png: the contact sheet that run wrote, as it wrote it.
@@ -109,13 +109,16 @@ def model_parallelism_workflow():
 
 
 def model_sharding():
-    """Bars per device from the script's own plan of FLUX.1-dev, for two hardware set-ups."""
+    """Bars per device from the script's own plan of FLUX.1-dev, for three hardware set-ups."""
     plans = []
-    for num, size in ((2, "24GiB"), (4, "12GiB")):
+    for label, num, size, extra in (("2 x 24 GiB", 2, "24GiB", []),
+                                    ("23.0 + 23.6 GiB free", 2, "24GiB", ["--max-memory", "0=23GiB,1=23.6GiB"]),
+                                    ("4 x 12 GiB", 4, "12GiB", [])):
         result = subprocess.run([sys.executable, ROOT / "model-parallelism-flux.py", "--plan", "--json", "--model",
-                                 ROOT / "tests/fixtures/flux1-dev", "--num-devices", str(num), "--device-memory", size],
-                                capture_output=True, text=True, check=True, cwd=ROOT)
-        plans.append((f"{num} x {size.replace('GiB', ' GiB')}", json.loads(result.stdout)))
+                                 ROOT / "tests/fixtures/flux1-dev", "--num-devices", str(num), "--device-memory", size,
+                                 *extra], capture_output=True, text=True, check=True, cwd=ROOT,
+                                env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        plans.append((label, json.loads(result.stdout)))
     width, row_height = 1200, 70
     height = 170 + sum(60 + len(p["devices"]) * row_height for _, p in plans)
     image = Image.new("RGB", (width, height), PAPER)

@@ -1,22 +1,35 @@
-"""model-parallelism-flux.py, run as users run it: a tiny Flux end to end on the CPU, and plans for FLUX.1-dev."""
+"""model-parallelism-flux.py, run as users run it: a tiny Flux end to end on the CPU, plans for FLUX.1-dev pinned to
+what diffusers and Accelerate decide themselves, the GPU code paths simulated (meta-device models, faked free
+memory), and tests on real GPUs where there are some."""
 
+import importlib
 import json
+import re
+import subprocess
+import sys
+import types
 
+import diffusers
 import numpy as np
 import pytest
+import torch
+from accelerate import infer_auto_device_map
+from accelerate.utils import compute_module_sizes
+from diffusers.models.model_loading_utils import _determine_device_map
+from diffusers.pipelines.pipeline_loading_utils import ALL_IMPORTABLE_CLASSES, _get_final_device_map, _load_empty_model
+from PIL import Image
 
-from tests.conftest import ROOT, assert_clear_error, load_script, pixels, python, run
+from tests.conftest import ROOT, accelerator, assert_clear_error, load_script, pixels, python, run
 
 MODEL_PARALLEL = ROOT / "model-parallelism-flux.py"
 FLUX1_DEV = ROOT / "tests" / "fixtures" / "flux1-dev"  # FLUX.1-dev's real config.json files, no weights
 FAST = ["--height", "64", "--width", "64", "--num-inference-steps", "2", "--seed", "7"]
-
-
-@pytest.fixture(scope="module")
-def resident(tiny_flux, tmp_path_factory):
-    """The tiny Flux made in one go, on the CPU: (image, stdout)."""
-    out = tmp_path_factory.mktemp("resident") / "cat.png"
-    return out, run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, *FAST)).stdout
+GiB = 2**30
+DTYPES = ["bfloat16", "float16", "float32"]
+# (devices, memory of each, --max-memory): unequal cards, either way round, small cards, one big card, and equal
+# budgets given out of order.
+BUDGETS = [(2, "24GiB", "0=23GiB,1=23.6GiB"), (2, "24GiB", "0=23.6GiB,1=23GiB"), (2, "24GiB", "0=16GiB,1=24GiB"),
+           (4, "12GiB", None), (1, "80GiB", None), (2, "40GiB", "1=40GiB,0=40GiB")]
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +40,73 @@ def script():
 
 
 @pytest.fixture
-def plan(script, monkeypatch, capsys):
-    def plan(num_devices, memory):
-        monkeypatch.setattr("sys.argv", ["model-parallelism-flux.py", "--plan", "--json", "--model", str(FLUX1_DEV),
-                                         "--num-devices", str(num_devices), "--device-memory", memory])
+def main(script, monkeypatch, capsys):
+    """Run the script's command line in this process: (stdout, stderr)."""
+    def main(*argv):
+        monkeypatch.setattr("sys.argv", ["model-parallelism-flux.py", *map(str, argv)])
         script.main()
-        return json.loads(capsys.readouterr().out)  # exactly one JSON document: json.loads fails on anything else
+        return capsys.readouterr()
+    return main
+
+
+@pytest.fixture
+def plan(main):
+    """The script's --plan --json for FLUX.1-dev on planned devices."""
+    def plan(num_devices, memory, *extra):
+        out = main("--plan", "--json", "--model", FLUX1_DEV, "--num-devices", num_devices, "--device-memory", memory,
+                   *extra).out
+        return json.loads(out)  # exactly one JSON document: json.loads fails on anything else
     return plan
+
+
+def budget_args(max_memory, dtype="bfloat16"):
+    return ["--dtype", dtype, *(["--max-memory", max_memory] if max_memory else [])]
+
+
+@pytest.fixture
+def recorded(monkeypatch, script):
+    """Every pipeline the script loads, kept to look at its weights after the run."""
+    pipelines, load = [], script.DiffusionPipeline.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        pipelines.append(load(*args, **kwargs))
+        return pipelines[-1]
+    monkeypatch.setattr(script.DiffusionPipeline, "from_pretrained", from_pretrained)
+    return pipelines
+
+
+def printed_placement(stdout):
+    """The placement the script printed after loading: [(module path, device)], one list per stage."""
+    stages = stdout.split(" loaded (")[1:]
+    return [[(name, device.split(" (")[0]) for name, device in re.findall(r"^  (\S+) +-> (.+)$", s, flags=re.M)]
+            for s in stages]
+
+
+def assert_printout_names_where_the_weights_are(stdout, pipeline):
+    """Each printed row names the device of the first weight of that part: the one it is on, or "cpu" for weights
+    Accelerate keeps on the CPU (the module shows them as "meta") and streams in."""
+    rows = printed_placement(stdout)[-1]
+    assert {name.split(".")[0] for name, _ in rows} == {n for n, m in pipeline.components.items()
+                                                       if isinstance(m, torch.nn.Module)}
+    for name, device in rows:
+        component, _, key = name.partition(".")
+        part = getattr(pipeline, component).get_submodule(re.sub(r"-\d+$", "", key)) if key else getattr(
+            pipeline, component)
+        tensor = next(iter(part.state_dict().values()), None) if not list(part.parameters()) else next(
+            part.parameters())
+        if tensor is None:
+            continue
+        assert device == ("cpu" if tensor.device.type == "meta" else str(tensor.device)), (name, device)
+
+
+# --- the tiny Flux, end to end on the CPU ---
+
+
+@pytest.fixture(scope="module")
+def resident(tiny_flux, tmp_path_factory):
+    """The tiny Flux made in one go, on the CPU: (image, stdout)."""
+    out = tmp_path_factory.mktemp("resident") / "cat.png"
+    return out, run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, *FAST)).stdout
 
 
 def test_tiny_flux_makes_an_image_on_the_cpu(resident):
@@ -44,9 +117,14 @@ def test_tiny_flux_makes_an_image_on_the_cpu(resident):
 
 def test_placement_of_every_component_is_printed(resident):
     _, stdout = resident
-    for component in ("transformer", "text_encoder", "text_encoder_2", "vae"):
-        assert f"  {component} " in stdout and "-> cpu" in stdout
+    assert sorted(name for name, _ in printed_placement(stdout)[0]) == ["text_encoder", "text_encoder_2",
+                                                                       "transformer", "vae"]
     assert "memory in use: cpu" in stdout and "fits: yes" in stdout
+
+
+def test_the_printed_placement_is_where_the_weights_are(main, recorded, tiny_flux, tmp_path):
+    stdout = main("--model", tiny_flux, "--output", tmp_path / "x.png", *FAST).out
+    assert_printout_names_where_the_weights_are(stdout, recorded[-1])
 
 
 def test_staged_run_with_the_same_seed_gives_the_same_image(resident, tiny_flux, tmp_path):
@@ -56,20 +134,228 @@ def test_staged_run_with_the_same_seed_gives_the_same_image(resident, tiny_flux,
     assert np.array_equal(pixels(out), pixels(resident[0]))
 
 
-@pytest.mark.parametrize("num_devices, memory", [(2, "24GiB"), (4, "12GiB")])
-def test_flux1_dev_fits_balanced_on_the_devices_alone(plan, num_devices, memory):
-    result = plan(num_devices, memory)
+# --- FLUX.1-dev planned: balanced, fits as the libraries will load it ---
+
+
+@pytest.mark.parametrize("num_devices, memory, max_memory", [
+    (2, "24GiB", "0=23GiB,1=23.6GiB"), (2, "24GiB", "0=23.6GiB,1=23GiB"), (4, "12GiB", None)])
+def test_flux1_dev_is_balanced_within_10_percent_on_the_devices_alone(plan, num_devices, memory, max_memory):
+    result = plan(num_devices, memory, *budget_args(max_memory))
     assert result["fits"] and result["unplaced"] == 0
     assert sorted(result["devices"]) == [str(i) for i in range(num_devices)]  # no "cpu"
-    assert set(result["placement"].values()) <= set(result["devices"])
     weights = list(result["devices"].values())
-    assert max(weights) <= 1.25 * sum(weights) / len(weights)
-    assert any(m.startswith("transformer.") for m in result["placement"])  # split layer by layer
+    assert max(weights) <= 1.10 * sum(weights) / len(weights)
+    for device, held in result["devices"].items():  # every device keeps its activation reserve
+        assert held <= result["budgets"][device] - result["reserved_per_device"]
+    assert any(m.startswith("transformer.") for m in result["placement"])  # split between its blocks
+
+
+@pytest.mark.parametrize("max_memory", ["0=23GiB,1=23.6GiB", "0=23.6GiB,1=23GiB"])
+def test_the_plan_command_of_the_issue_fits_balanced(max_memory):
+    result = run(python(MODEL_PARALLEL, "--plan", "--json", "--model", FLUX1_DEV, "--num-devices", "2",
+                        "--device-memory", "24GiB", "--max-memory", max_memory))
+    plan = json.loads(result.stdout)
+    weights = list(plan["devices"].values())
+    assert plan["fits"] and "cpu" not in plan["devices"] and max(weights) <= 1.10 * sum(weights) / len(weights)
 
 
 def test_flux1_dev_does_not_fit_on_two_8_gib_devices(plan):
     result = plan(2, "8GiB")
     assert not result["fits"] and result["unplaced"] > 0
+
+
+def test_a_plan_that_fits_only_staged_says_so(main):
+    stdout = main("--plan", "--model", FLUX1_DEV, "--num-devices", 2, "--device-memory", "16GiB").out
+    assert "fits: NO; it fits with --staged" in stdout
+
+
+# --- the plan is the libraries' own decision, for the same arguments ---
+
+
+def diffusers_balanced(max_memory, dtype, passed=None):
+    """What DiffusionPipeline.from_pretrained(FLUX.1-dev, device_map="balanced", max_memory=...) decides."""
+    config = diffusers.DiffusionPipeline.load_config(FLUX1_DEV)
+    init_dict = {k: tuple(v) for k, v in diffusers.FluxPipeline.extract_init_dict(config)[0].items() if v[0]}
+    return _get_final_device_map(device_map="balanced", pipeline_class=diffusers.FluxPipeline,
+                                 passed_class_obj=passed or {}, init_dict=init_dict,
+                                 library=importlib.import_module("diffusers"), max_memory=max_memory,
+                                 dtype=getattr(torch, dtype), cached_folder=str(FLUX1_DEV))
+
+
+def diffusers_empty_model(name, dtype):
+    """The component as diffusers builds it on the meta device to place it."""
+    library, class_name = diffusers.DiffusionPipeline.load_config(FLUX1_DEV)[name]
+    return _load_empty_model(library_name=library, class_name=class_name, importable_classes=ALL_IMPORTABLE_CLASSES,
+                             pipelines=diffusers.pipelines, is_pipeline_module=False, name=name,
+                             dtype=getattr(torch, dtype), cached_folder=str(FLUX1_DEV))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_devices, memory, max_memory", BUDGETS)
+def test_whole_components_go_where_diffusers_balanced_puts_them(script, plan, num_devices, memory, max_memory,
+                                                                dtype):
+    result = plan(num_devices, memory, *budget_args(max_memory, dtype))
+    usable = {int(d): b - result["reserved_per_device"] for d, b in result["budgets"].items()}
+    max_memory_given = {d: b for d, b in usable.items() if b > 0}
+    decided = diffusers_balanced(max_memory_given, dtype)
+    for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        if decided.get(name, "cpu") == "cpu":  # left to the CPU by diffusers: the script splits it instead
+            assert name not in result["placement"] and any(k.startswith(name + ".") for k in result["placement"])
+        else:
+            assert result["placement"][name] == str(decided[name]), (name, decided)
+
+
+@pytest.mark.parametrize("num_devices, memory, max_memory", [(2, "24GiB", "0=23GiB,1=23.6GiB"), (4, "12GiB", None)])
+def test_diffusers_places_the_rest_as_planned_when_a_split_component_is_handed_to_it(
+        script, plan, num_devices, memory, max_memory):
+    result = plan(num_devices, memory, *budget_args(max_memory))
+    split = {n for n in ("transformer", "text_encoder_2") if n not in result["placement"]}
+    assert split  # this budget splits something
+    usable = {int(d): b - result["reserved_per_device"] for d, b in result["budgets"].items()}
+    decided = diffusers_balanced(usable, "bfloat16", passed={n: diffusers_empty_model(n, "bfloat16") for n in split})
+    for name in {"text_encoder", "text_encoder_2", "vae"} - split:
+        assert result["placement"][name] == str(decided[name])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_devices, memory, max_memory", [b for b in BUDGETS if b[0] > 1])
+def test_a_split_component_goes_where_the_libraries_would_split_it(script, monkeypatch, num_devices, memory,
+                                                                  max_memory, dtype):
+    """Each block where the libraries would put it, given the per-device memory the script hands over: for the
+    transformer, diffusers' own from_pretrained(device_map="sequential", max_memory=...); for T5, Accelerate's
+    infer_auto_device_map with its `wo` weights in float32 under float16, as transformers loads them.
+    (transformers' own device_map="sequential" would place T5 differently: its own copy of the algorithm leaves no
+    room for the largest layer on device 0; the script hands T5 the device map itself, so it loads as planned.)"""
+    stages = []
+    monkeypatch.setattr(script, "plan_stage", lambda *a, _plan=script.plan_stage: stages.append(_plan(*a)) or stages[-1])
+    monkeypatch.setattr("sys.argv", ["x", "--plan", "--json", "--model", str(FLUX1_DEV), "--num-devices",
+                                     str(num_devices), "--device-memory", memory, *budget_args(max_memory, dtype)])
+    script.main()
+    checked = 0
+    for stage in stages:
+        for name in stage["split"]:
+            model, room = diffusers_empty_model(name, dtype), dict(stage["room"][name])
+            if name == "transformer":
+                decided = _determine_device_map(model, "sequential", room, getattr(torch, dtype), [])
+            else:
+                model.tie_weights()  # as transformers loads it: `shared` and `encoder.embed_tokens` are one tensor
+                kept = {n: torch.float32 for n, _ in model.named_parameters() if ".wo." in n and dtype == "float16"}
+                decided = infer_auto_device_map(model, max_memory=room, no_split_module_classes=model._no_split_modules,
+                                                dtype=getattr(torch, dtype), special_dtypes=kept)
+            assert stage["device_maps"][name] == decided, name
+            checked += 1
+    assert checked or all(not s["split"] for s in stages)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_component_sizes_are_diffusers_empty_model_sizes_as_loaded(plan, dtype):
+    components = plan(1, "200GiB", "--dtype", dtype)["components"]
+    for name, planned in components.items():
+        model = diffusers_empty_model(name, dtype)
+        expected = compute_module_sizes(model, dtype=getattr(torch, dtype))[""]
+        if name == "text_encoder_2":  # as loaded: its embedding is one tensor, `wo` stays float32 under float16
+            expected -= compute_module_sizes(model, dtype=getattr(torch, dtype))["encoder.embed_tokens"]
+            if dtype == "float16":
+                expected += 2 * sum(p.numel() for n, p in model.named_parameters() if ".wo." in n)
+        assert planned == expected, name
+
+
+def test_float32_t5_is_twice_bfloat16(plan):
+    bfloat16 = plan(1, "200GiB", "--dtype", "bfloat16")["components"]["text_encoder_2"]
+    float32 = plan(1, "200GiB", "--dtype", "float32")["components"]["text_encoder_2"]
+    assert float32 == 2 * bfloat16 and bfloat16 > 8 * GiB
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_meta_t5_has_the_dtypes_of_a_real_load(script, tiny_flux, dtype):
+    real = diffusers.AutoModel.from_pretrained(str(tiny_flux), subfolder="text_encoder_2", dtype=getattr(torch, dtype))
+    meta = script.empty_model(tiny_flux, "text_encoder_2", "transformers", "T5EncoderModel", getattr(torch, dtype))
+    meta.tie_weights()  # as the plan does before it splits or sizes it
+    assert {n: p.dtype for n, p in meta.named_parameters()} == {n: p.dtype for n, p in real.named_parameters()}
+
+
+@pytest.mark.parametrize("component", ["transformer", "text_encoder_2"])
+def test_a_planned_split_is_a_device_map_from_pretrained_takes(script, plan_tiny, component, tiny_flux):
+    """The keys accelerate gives the meta model are the real model's: from_pretrained loads them (here all put on
+    the CPU, the one device there is)."""
+    device_map = plan_tiny["stages"][0]["device_maps"][component]
+    assert len(device_map) > 1
+    model = diffusers.AutoModel.from_pretrained(str(tiny_flux), subfolder=component,
+                                                device_map=dict.fromkeys(device_map, "cpu"))
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+@pytest.fixture
+def plan_tiny(script, tiny_flux):
+    """The tiny Flux planned on 8 devices so small that the transformer and T5 are split."""
+    args = types.SimpleNamespace(model=str(tiny_flux), height=64, width=64, staged=False)
+    components = diffusers.DiffusionPipeline.load_config(tiny_flux)
+    return script.make_plan(args, components, dict.fromkeys(range(8), 12 * 2**20 + 80 * 2**10), torch.float32)
+
+
+# --- the GPU code paths, simulated on the CPU ---
+
+
+@pytest.fixture
+def two_gpus(monkeypatch, script):
+    """Two accelerators of 24 GiB, as torch and accelerate see them, on this CPU-only machine."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a: torch.device("xpu"))
+    monkeypatch.setattr(script, "get_max_memory", lambda: {0: 22 * GiB, 1: 23 * GiB, "cpu": 64 * GiB})
+
+
+def test_free_memory_of_the_devices_present_is_the_budget(two_gpus, main):
+    result = json.loads(main("--plan", "--json", "--model", FLUX1_DEV).out)
+    assert result["budgets"] == {"0": 22 * GiB, "1": 23 * GiB} and result["fits"]
+
+
+def test_cpu_in_max_memory_adds_the_cpu_to_the_gpus(two_gpus, main):
+    result = json.loads(main("--plan", "--json", "--model", FLUX1_DEV, "--max-memory", "cpu=32GiB").out)
+    assert result["budgets"] == {"0": 22 * GiB, "1": 23 * GiB, "cpu": 32 * GiB}
+    assert {"0", "1"} <= set(result["devices"])  # the GPUs still hold the weights
+
+
+def test_weights_on_the_cpu_are_announced(main):
+    stdout = main("--plan", "--model", FLUX1_DEV, "--num-devices", 2, "--device-memory", "16GiB", "--max-memory",
+                  "cpu=32GiB").out
+    assert "fits: yes" in stdout and re.search(r"NOTE: \d+\.\d+ GiB of weights on the CPU", stdout)
+    assert re.search(r"transformer\.single_transformer_blocks\.\S+ +-> cpu", stdout)
+
+
+def test_a_failing_free_memory_query_falls_back_to_total_memory_in_one_line(monkeypatch, script, main):
+    """Intel GPUs whose torch.xpu.mem_get_info raises: accelerate's get_max_memory() finds no device at all."""
+    import accelerate.utils.modeling
+
+    def mem_get_info(device):
+        raise RuntimeError("The device (Intel(R) Graphics) doesn't support querying the available free memory")
+    monkeypatch.setattr(accelerate.utils.modeling, "is_xpu_available", lambda *a, **k: True)
+    monkeypatch.setattr(torch.xpu, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.xpu, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.xpu, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=24 * GiB))
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a: torch.device("xpu"))
+    assert not [d for d in accelerate.utils.get_max_memory() if d != "cpu"]  # the library finds no device
+    captured = main("--plan", "--json", "--model", FLUX1_DEV)
+    assert json.loads(captured.out)["budgets"] == {"0": 24 * GiB, "1": 24 * GiB}
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: the free memory of xpu:0, xpu:1 cannot be read")
+
+
+# --- the script itself ---
+
+
+def test_the_placing_calls_are_in_main(script):
+    import inspect
+    source = inspect.getsource(script.main)
+    assert 'DiffusionPipeline.from_pretrained(args.model, device_map="balanced"' in source
+    assert "from_pretrained(args.model, subfolder=name, device_map=" in source and "encode_prompt(" in source
+
+
+def test_the_script_calls_no_private_library_function():
+    found = subprocess.run(["grep", "-n", r"import _\|\._[a-z_]*(", MODEL_PARALLEL], capture_output=True, text=True)
+    assert found.stdout == ""
 
 
 # --- bad input: one line saying what to do, a non-zero exit, no traceback ---
@@ -88,16 +374,21 @@ def test_a_size_the_model_cannot_take_names_the_multiple(tiny_flux, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_max_memory_naming_a_device_that_is_not_there_is_a_clear_error():
+    result = run(python(MODEL_PARALLEL, "--plan", "--model", FLUX1_DEV, "--num-devices", "2", "--device-memory",
+                        "24GiB", "--max-memory", "2=10GiB"), check=False)
+    assert_clear_error(result, "--max-memory names device 2")
+
+
 # --- the parts worth a unit test ---
 
 
 def test_max_memory_with_one_size_applies_to_every_device(script):
-    assert script.parse_memory("16GiB", [0, 1]) == {0: 16 * 2**30, 1: 16 * 2**30}
+    assert script.parse_memory("16GiB", [0, 1]) == {0: 16 * GiB, 1: 16 * GiB}
 
 
 def test_max_memory_per_device_names_only_those_devices(script):
-    assert script.parse_memory("0=10GiB, 1=16GiB,cpu=1GB", [0, 1, 2]) == {0: 10 * 2**30, 1: 16 * 2**30,
-                                                                          "cpu": 10**9}
+    assert script.parse_memory("0=10GiB, 1=16GiB,cpu=1GB", [0, 1, 2]) == {0: 10 * GiB, 1: 16 * GiB, "cpu": 10**9}
 
 
 def test_max_memory_that_is_not_a_size_is_a_clear_error(script, capsys):
@@ -109,3 +400,67 @@ def test_max_memory_that_is_not_a_size_is_a_clear_error(script, capsys):
 def test_block_ranges_fold_consecutive_blocks_on_one_device(script):
     device_map = {"embed": 0, "blocks.0": 0, "blocks.1": 0, "blocks.2": 1, "norm": 1}
     assert script.block_ranges(device_map) == [("embed", 0), ("blocks.0-1", 0), ("blocks.2", 1), ("norm", 1)]
+
+
+# --- on real GPUs (Intel XPU or NVIDIA CUDA): skipped where there are none ---
+
+
+def tiny_budget(tiny_flux, devices, fraction):
+    """--max-memory for the tiny Flux at 64x64 in float32: each of `devices` may hold `fraction` of its weights
+    beyond the activations' reserve; every other device present holds nothing."""
+    plan = json.loads(run(python(MODEL_PARALLEL, "--plan", "--json", "--model", tiny_flux, "--dtype", "float32",
+                                 "--height", "64", "--width", "64")).stdout)
+    each = plan["reserved_per_device"] + int(sum(plan["components"].values()) * fraction)
+    return ",".join(f"{d}={each // 1024 if d in devices else 0}KiB" for d in range(torch.accelerator.device_count()))
+
+
+def cpu_image(tiny_flux):
+    """The tiny Flux's image made on the CPU with the script's settings, as the script makes it on a CPU."""
+    pipeline = diffusers.FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
+    return np.asarray(pipeline(prompt="A cat holding a sign that says hello world", height=64, width=64,
+                               num_inference_steps=2, guidance_scale=3.5, max_sequence_length=512,
+                               generator=torch.Generator("cpu").manual_seed(7)).images[0], dtype=np.int16)
+
+
+@accelerator
+@pytest.mark.parametrize("staged", [False, True], ids=["resident", "staged"])
+def test_gpus_tiny_flux_split_over_every_device_matches_the_cpu_image(main, recorded, tiny_flux, tmp_path, staged):
+    count = torch.accelerator.device_count()
+    if count < 2:
+        pytest.skip("needs 2 GPUs or more")
+    flags = ["--model", tiny_flux, "--dtype", "float32", *(["--staged"] if staged else [])]
+    for fraction in (1.15 / count, 1.3 / count, 1.5 / count, 2 / count):  # the smallest share the blocks allow
+        max_memory = tiny_budget(tiny_flux, range(count), fraction)
+        planned = json.loads(main("--plan", "--json", *flags, "--height", 64, "--width", 64, "--max-memory",
+                                  max_memory).out)
+        if planned["fits"] and set(planned["devices"]) == {str(d) for d in range(count)}:
+            break
+    else:
+        pytest.fail("no budget splits the tiny Flux over every device")
+    stdout = main(*flags, "--max-memory", max_memory, "--output", tmp_path / "x.png", *FAST).out
+    assert_printout_names_where_the_weights_are(stdout, recorded[-1])
+    assert {d for _, d in printed_placement(stdout)[-1]} | {d for _, d in printed_placement(stdout)[0]} == {
+        f"{torch.accelerator.current_accelerator().type}:{d}" for d in range(count)}
+    difference = np.abs(pixels(tmp_path / "x.png") - cpu_image(tiny_flux))
+    assert difference.mean() <= 1 and difference.max() <= 12
+
+
+@accelerator
+@pytest.mark.parametrize("staged", [False, True], ids=["resident", "staged"])
+def test_gpus_tiny_flux_on_one_device_and_the_cpu_matches_the_cpu_image(main, recorded, tiny_flux, tmp_path, staged):
+    flags = ["--model", tiny_flux, "--dtype", "float32", *(["--staged"] if staged else [])]
+    max_memory = tiny_budget(tiny_flux, [0], 0.5) + ",cpu=1GiB"
+    stdout = main(*flags, "--max-memory", max_memory, "--output", tmp_path / "x.png", *FAST).out
+    assert "NOTE:" in stdout and "streamed to the device at every step" in stdout
+    assert_printout_names_where_the_weights_are(stdout, recorded[-1])
+    devices = {d for rows in printed_placement(stdout) for _, d in rows}
+    assert devices == {f"{torch.accelerator.current_accelerator().type}:0", "cpu"}
+    difference = np.abs(pixels(tmp_path / "x.png") - cpu_image(tiny_flux))
+    assert difference.mean() <= 1 and difference.max() <= 12
+
+
+@accelerator
+def test_gpus_free_memory_is_read_and_the_flux1_dev_plan_fits_a_device_present(main):
+    result = json.loads(main("--plan", "--json", "--model", FLUX1_DEV).out)
+    assert set(result["budgets"]) == {str(d) for d in range(torch.accelerator.device_count())}
+    assert all(b > 0 for b in result["budgets"].values())
