@@ -11,7 +11,7 @@ from tests.conftest import (BIN, DATA_PARALLEL, ROOT, accelerate_launch, assert_
                             offline_env, pixels, read_manifest, run, torchrun)
 
 MANY = [f"prompt number {i}" for i in range(40)]
-FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
+FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64", "--device", "cpu"]  # CPU on purpose
 
 
 def script_args(model, out, prompts=MANY):
