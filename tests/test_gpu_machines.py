@@ -6,6 +6,7 @@ real commands on the GPUs of the machine, and are skipped (reported as skipped) 
 """
 
 import argparse
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -157,6 +158,23 @@ def test_a_gpu_that_torch_cannot_use_stops_the_script_before_it_loads_anything(
     result = run_on(fake_sysfs(tmp_path, *INTEL_BRIDGES, gpu), python(script_path, *args, *FAST))
     assert_clear_error(result, *words, torch.__version__)
     assert not args[-1].exists()  # no output folder, no image: it stopped before loading the pipeline
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
+def test_under_a_launcher_the_gpu_that_torch_cannot_use_is_said_once(tiny_sd3, tmp_path):
+    result = run_on(fake_sysfs(tmp_path, NVIDIA_GPU), torchrun(2, DATA_PARALLEL, "--model", tiny_sd3, *FAST))
+    assert result.returncode != 0
+    assert result.stderr.count("error: this machine has an NVIDIA GPU") == 1
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
+def test_the_readme_shows_what_the_script_says_without_the_xpu_build(tmp_path):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").split("### Intel GPUs", 1)[1].split("\n### ", 1)[0]
+    shown = re.search(r"```text\n\s*(error: .*)\n", readme).group(1)
+    result = run_on(fake_sysfs(tmp_path, *INTEL_BRIDGES, INTEL_GPU), python(DATA_PARALLEL))
+    said = result.stderr.strip()
+    # The same line, but for torch's version: the README's comes from our build machine.
+    assert re.sub(r"this torch \([^)]*\)", "", said) == re.sub(r"this torch \([^)]*\)", "", shown)
 
 
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
