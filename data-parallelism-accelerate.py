@@ -240,15 +240,16 @@ def check_torch_can_use_the_gpus(device):
     if device == "cpu" or torch.accelerator.is_available():
         return
     gpus = gpus_on_the_pci_bus()
-    keep = "then `export UV_NO_SYNC=1` so that `uv run` keeps it (README: Set-up); or pass --device cpu to run on " \
-           "the CPU on purpose"
+    keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (README: Set-up); or pass --device cpu to run on "
+            "the CPU on purpose")
     if "NVIDIA" in gpus:  # first: a laptop may have an Intel GPU for the screen and an NVIDIA one to compute
-        cuda = torch.version.cuda  # None in a torch built without CUDA
-        driver = {"12": "525", "13": "580"}.get((cuda or "").split(".")[0])  # the oldest Linux driver for each
-        cause = ("it is not a CUDA build: install one" if cuda is None else
-                 f"it is built for CUDA {cuda}, which needs " + (f"NVIDIA driver {driver} or newer" if driver else
-                 "a newer NVIDIA driver") + " (`nvidia-smi` shows yours): update the driver, or install a torch "
-                 "built for an older CUDA")
+        cuda = torch.version.cuda  # "13.2"; None in a torch built without CUDA
+        # The oldest driver each CUDA major version runs on (NVIDIA's "minor version compatibility" table).
+        driver = {"11": "450", "12": "525", "13": "580"}.get(str(cuda).split(".")[0])
+        needs = f"NVIDIA driver {driver} or newer" if driver else f"an NVIDIA driver for CUDA {cuda}"
+        cause = "it is not a CUDA build: install one" if cuda is None else (
+            f"it is built for CUDA {cuda}, which needs {needs} (`nvidia-smi` shows yours): update the driver, or "
+            "install a torch built for an older CUDA")
         fail(f"this machine has an NVIDIA GPU, but this torch ({torch.__version__}) cannot use it: {cause}: "
              f"`uv pip install --reinstall torch --index-url https://download.pytorch.org/whl/cu128`, {keep}")
     if "Intel" in gpus:
@@ -289,7 +290,7 @@ def check_launch(args):
         fail(f"{here} processes on this machine, but it has {devices} {kind} device(s): start one process per "
              f"device, e.g. `{launch}` (torchrun: --nproc-per-node {devices})")
     backend = torch.distributed.Backend.default_device_backend_map.get(kind)  # xpu: xccl, cuda: nccl
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
+    if backend and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
             torch.distributed.is_available() and torch.distributed.is_backend_available(backend)):
         fix = {"xccl": "install the XPU build of torch 2.8 or newer: `uv pip install --reinstall torch "
                        "--index-url https://download.pytorch.org/whl/xpu`",
