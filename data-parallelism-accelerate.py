@@ -27,11 +27,13 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import diffusers
@@ -68,6 +70,8 @@ logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "t
 
 def main():
     args = parse_args()
+    check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
+    check_launch(args)  # one process per device, and a torch that can join them into a group
     prompts = read_prompts(args)
     check_model(args)  # fail now, not after every process has loaded 16 GB
     # Know before loading: what the pipeline weighs at this dtype, from its configs alone (built on the meta device,
@@ -79,8 +83,12 @@ def main():
     # 1. One process per device. Accelerate reads the rank and world size the launcher set, picks this
     #    process's device (xpu:<local rank>, cuda:<local rank>) and joins the process group (xccl on Intel GPUs,
     #    nccl on NVIDIA). With no accelerator, `cpu=True` makes the processes a gloo group on the CPU: without it
-    #    every CPU process would think it is alone and make every image.
-    distributed_state = PartialState(cpu=not torch.accelerator.is_available())
+    #    every CPU process would think it is alone and make every image. A process that is done (or had nothing
+    #    to do) waits in gather_object below while the others download, load and generate, for as long as they
+    #    take: the group's timeout is a week, not NCCL's 10 minutes (gloo's 30), which would abort the job at its
+    #    very end. A failure still ends the job at once: the launcher stops every process when one fails.
+    distributed_state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available(),
+                                     timeout=timedelta(days=7))
     if distributed_state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
         fail(f"the launcher started {os.environ['WORLD_SIZE']} processes but they formed no group, so each would "
              f"make every image: on Intel GPUs this torch ({torch.__version__}) lacks the xccl backend (install "
@@ -197,6 +205,9 @@ def parse_args():
     parser.add_argument("--json", action="store_true", help="with --plan: print the plan as one JSON document")
     parser.add_argument("--device-memory", metavar="SIZE",
                         help="with --plan: plan for a GPU with SIZE free, e.g. 12GiB (default: the GPUs present)")
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                        help="auto: each process on a GPU of its own where torch can use the GPUs, else the CPU; "
+                             "cpu: on the CPU on purpose, even on a machine with GPUs (default: %(default)s)")
     args, unknown = parser.parse_known_args()
     for arg in unknown:
         if arg.split("=")[0] in LAUNCHER_FLAGS:
@@ -279,6 +290,77 @@ def cannot_load(model, error):
             f"https://huggingface.co/{model} and run `hf auth login`; or pass --model PATH to a local copy")
 
 
+def check_torch_can_use_the_gpus(device):
+    """No silent CPU run: where this machine has GPUs that the installed torch cannot use, stop before anything
+    is loaded, with the likely cause and the fix. Without this, PyPI's torch (no XPU support) on an Intel GPU, or
+    its CUDA 13 build under an older NVIDIA driver, runs everything on the CPU, for hours, without a word."""
+    if device == "cpu" or torch.accelerator.is_available():
+        return
+    gpus = gpus_on_the_pci_bus()
+    keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (README: Set-up); or pass --device cpu to run on "
+            "the CPU on purpose")
+    if "NVIDIA" in gpus:  # first: a laptop may have an Intel GPU for the screen and an NVIDIA one to compute
+        cuda = torch.version.cuda  # "13.2"; None in a torch built without CUDA
+        # The oldest driver each CUDA major version runs on (NVIDIA's "minor version compatibility" table).
+        driver = {"11": "450", "12": "525", "13": "580"}.get(str(cuda).split(".")[0])
+        needs = f"NVIDIA driver {driver} or newer" if driver else f"an NVIDIA driver for CUDA {cuda}"
+        cause = "it is not a CUDA build: install one" if cuda is None else (
+            f"it is built for CUDA {cuda}, which needs {needs} (`nvidia-smi` shows yours): update the driver, or "
+            "install a torch built for an older CUDA")
+        fail(f"this machine has an NVIDIA GPU, but this torch ({torch.__version__}) cannot use it: {cause}: "
+             f"`uv pip install --reinstall torch --index-url https://download.pytorch.org/whl/cu128`, {keep}")
+    if "Intel" in gpus:
+        fail(f"this machine has an Intel GPU, but this torch ({torch.__version__}) cannot use it: it is not the XPU "
+             "build (PyPI's torch has no XPU support): `uv pip install --reinstall torch --index-url "
+             f"https://download.pytorch.org/whl/xpu`, {keep}")
+
+
+def gpus_on_the_pci_bus():
+    """The makers of this machine's GPUs, read from the PCI devices Linux lists (what `lspci` reads): a display
+    device (PCI class 0x03....) from NVIDIA (vendor 0x10de) or Intel (0x8086). Intel's bridges and other
+    controllers are no GPU. Empty where there is no such folder (Windows, macOS): there, nothing is checked.
+    Tests point SYSFS_PCI_DEVICES at a fake tree."""
+    makers = {"0x10de": "NVIDIA", "0x8086": "Intel"}
+    found = set()
+    for pci_device in Path(os.environ.get("SYSFS_PCI_DEVICES", "/sys/bus/pci/devices")).glob("*"):
+        try:
+            vendor, pci_class = ((pci_device / name).read_text().strip().lower() for name in ("vendor", "class"))
+        except OSError:  # not a device folder, or unreadable
+            continue
+        if vendor in makers and pci_class.startswith("0x03"):
+            found.add(makers[vendor])
+    return found
+
+
+def check_launch(args):
+    """Launch mistakes, caught before any process joins a group, each said by the first process of each machine."""
+    if args.device == "cpu" or not torch.accelerator.is_available():
+        return  # CPU processes share the CPU: any number of them is fine
+    kind = torch.accelerator.current_accelerator().type  # "xpu" or "cuda"
+    devices = torch.accelerator.device_count()
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this machine's processes (torchrun and accelerate set it)
+    script = Path(sys.argv[0]).name
+    # --multi_gpu: without it, an accelerate config that says "no distributed training" would start one process.
+    launch = f"uv run accelerate launch --multi_gpu --num_processes {devices} {script}" if devices > 1 else (
+        f"uv run {script}")
+    if here > devices:  # two processes on one device: NCCL stops at the first collective ("Duplicate GPU")
+        fail(f"{here} processes on this machine, but it has {devices} {kind} device(s): start one process per "
+             f"device, e.g. `{launch}` (torchrun: --nproc-per-node {devices})")
+    backend = torch.distributed.Backend.default_device_backend_map.get(kind)  # xpu: xccl, cuda: nccl
+    if backend and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
+            torch.distributed.is_available() and torch.distributed.is_backend_available(backend)):
+        fix = {"xccl": "install the XPU build of torch 2.8 or newer: `uv pip install --reinstall torch "
+                       "--index-url https://download.pytorch.org/whl/xpu`",
+               "nccl": "torch has NCCL on Linux only: run on Linux (or WSL), or run one process"}.get(
+                   backend, f"install a torch built with {backend}")
+        fail(f"this torch ({torch.__version__}) lacks the {backend} backend that processes on {kind} devices need "
+             f"to work as a group: {fix}")
+    if here == 1 and devices > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        command = " ".join([launch, *map(shlex.quote, sys.argv[1:])])
+        print(f"note: this machine has {devices} {kind} devices and one process uses only one of them: `{command}` "
+              "uses them all", file=sys.stderr, flush=True)
+
+
 def read_prompts(args):
     prompts = list(args.prompt)
     if args.prompts_file is not None:
@@ -342,12 +424,15 @@ def peak_memory(device):
     return stats
 
 
-def run_dtype(args, on_gpu):
+def run_dtype(args, on_gpu=None):
+    """The weights' dtype: as asked, or bfloat16 on a GPU and float32 on the CPU (where bfloat16 is slow)."""
+    if on_gpu is None:
+        on_gpu = args.device != "cpu" and torch.accelerator.is_available()
     return getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if on_gpu else torch.float32
 
 
 def load_pipeline(args):
-    dtype = run_dtype(args, torch.accelerator.is_available())
+    dtype = run_dtype(args)
     # diffusers documents SD3 without T5: text_encoder_3=None, tokenizer_3=None (its prompt embeddings are zeros).
     without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if args.no_t5 else {}
     try:
@@ -367,7 +452,7 @@ def weigh_pipeline(args):
     """What each component weighs at the run's dtype, from its config.json alone: the model is built on the meta
     device (shapes, no weights), as from_pretrained does before it loads them. Plus what the run needs beside the
     weights: activations for the image size, and the system RAM free before any process has loaded anything."""
-    on_gpu = torch.accelerator.is_available() or args.device_memory is not None
+    on_gpu = (args.device != "cpu" and torch.accelerator.is_available()) or args.device_memory is not None
     dtype = run_dtype(args, on_gpu)
     with warnings.catch_warnings(action="ignore"):
         index = DiffusionPipeline.load_config(args.model)

@@ -9,7 +9,8 @@ from tests.conftest import (DATA_PARALLEL, IMAGES, accelerate_launch, assert_cle
                             read_manifest, run, torchrun)
 
 PROMPTS = ["a red fox", "a lighthouse/at night", "un chat noir, été", "a red fox", "the last prompt"]
-FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
+# CPU tests: on the CPU on purpose, alike on a machine with GPUs (tests/test_gpu_machines.py runs on those).
+FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64", "--device", "cpu"]
 # Two processes run with one thread each, one process with two: float sums can round differently, so two runs
 # may differ by a unit or two in a pixel value. A different seed or a wrong prompt changes them by ~100.
 TOLERANCE = 3
@@ -120,7 +121,7 @@ def test_a_second_run_makes_only_the_missing_images(tiny_sd3, tmp_path):
 
 
 def bad_run(tmp_path, *args):
-    return run(python(DATA_PARALLEL, "--output-dir", tmp_path / "out", *args), check=False)
+    return run(python(DATA_PARALLEL, "--output-dir", tmp_path / "out", "--device", "cpu", *args), check=False)
 
 
 def test_an_unreachable_model_says_how_to_log_in_or_use_a_local_copy(tmp_path):
@@ -158,7 +159,8 @@ def test_a_launcher_flag_after_the_script_shows_the_right_order(tmp_path):
 
 
 def test_under_a_launcher_a_bad_input_ends_every_process_and_is_said_once(tmp_path):
-    result = run(torchrun(2, DATA_PARALLEL, "--prompts-file", tmp_path / "nope.txt"), check=False, timeout=60)
+    result = run(torchrun(2, DATA_PARALLEL, "--prompts-file", tmp_path / "nope.txt", "--device", "cpu"), check=False,
+                 timeout=60)
     assert result.returncode != 0
     assert result.stderr.count("error: cannot read --prompts-file") == 1
 

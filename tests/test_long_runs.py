@@ -14,7 +14,7 @@ from tests.conftest import (BIN, DATA_PARALLEL, IMAGES, ROOT, accelerate_launch,
                             offline_env, pixels, python, read_manifest, run, torchrun)
 
 MANY = [f"prompt number {i}" for i in range(40)]
-FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
+FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64", "--device", "cpu"]  # CPU on purpose
 
 
 def script_args(model, out, prompts=MANY):

@@ -1,0 +1,350 @@
+"""Real GPU machines: no silent CPU run, launch mistakes caught up front, no time limit on a legitimate wait.
+
+Most of it runs anywhere, by simulation: a fake /sys/bus/pci/devices tree (SYSFS_PCI_DEVICES), and torch's
+answers about accelerators and process-group backends monkeypatched. The tests marked `accelerator` run the
+real commands on the GPUs of the machine, and are skipped (reported as skipped) where there is none.
+"""
+
+import argparse
+import re
+import subprocess
+import sys
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+from torch.distributed.constants import default_pg_nccl_timeout, default_pg_timeout
+
+from tests.conftest import (BIN, DATA_PARALLEL, ROOT, accelerator, assert_clear_error, free_port, load_script,
+                            offline_env, pixels, python, read_manifest, run, torchrun)
+
+# The scripts with the "no silent CPU" check. model-parallelism-flux.py joins this list once it has it.
+SCRIPTS = [DATA_PARALLEL]
+FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
+NVIDIA_GPU, INTEL_GPU = ("0x10de", "0x030200"), ("0x8086", "0x030000")  # a 3D controller, a VGA controller
+INTEL_BRIDGES = [("0x8086", "0x060000"), ("0x8086", "0x060400"), ("0x8086", "0x0c0330")]  # host, PCI, USB
+OTHERS = [("0x1af4", "0x020000"), ("0x1a03", "0x030000")]  # a virtio network card; a server's ASPEED VGA
+
+
+def fake_sysfs(tmp_path, *devices):
+    """A /sys/bus/pci/devices tree: one folder per device, with its `vendor` and `class` files."""
+    root = tmp_path / "pci-devices"
+    root.mkdir()
+    for slot, (vendor, pci_class) in enumerate(devices):
+        device = root / f"0000:00:{slot:02x}.0"
+        device.mkdir()
+        (device / "vendor").write_text(vendor + "\n")
+        (device / "class").write_text(pci_class + "\n")
+    return root
+
+
+@pytest.fixture(scope="module", params=SCRIPTS, ids=lambda path: path.name)
+def script(request):
+    """The script, imported as a module, for the tests of its helpers."""
+    return load_script(request.param)
+
+
+def gpus_found(script, monkeypatch, root):
+    monkeypatch.setenv("SYSFS_PCI_DEVICES", str(root))
+    return script.gpus_on_the_pci_bus()
+
+
+# --- reading the PCI devices ---
+
+
+def test_an_nvidia_display_device_is_an_nvidia_gpu(script, monkeypatch, tmp_path):
+    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, *INTEL_BRIDGES, NVIDIA_GPU, *OTHERS)) == {"NVIDIA"}
+
+
+def test_an_intel_display_device_is_an_intel_gpu(script, monkeypatch, tmp_path):
+    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, *INTEL_BRIDGES, INTEL_GPU, *OTHERS)) == {"Intel"}
+
+
+def test_intel_bridges_and_controllers_alone_are_no_gpu(script, monkeypatch, tmp_path):
+    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, *INTEL_BRIDGES, *OTHERS)) == set()
+
+
+def test_no_pci_folder_finds_no_gpu(script, monkeypatch, tmp_path):
+    assert gpus_found(script, monkeypatch, tmp_path / "no-sysfs-here") == set()
+
+
+# --- the messages, by simulation: this torch sees no GPU on a machine that has one ---
+
+
+def refusal(script, monkeypatch, capsys, tmp_path, devices, device="auto", torch_sees_a_gpu=False):
+    """What the check says (stderr) and its exit code (None: it let the run go on)."""
+    monkeypatch.setenv("SYSFS_PCI_DEVICES", str(fake_sysfs(tmp_path, *devices)))
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: torch_sees_a_gpu)
+    try:
+        script.check_torch_can_use_the_gpus(device)
+        code = None
+    except SystemExit as e:
+        code = e.code
+    return capsys.readouterr().err, code
+
+
+def assert_one_error_line(err, code, *expected):
+    assert code not in (None, 0)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+def test_an_nvidia_gpu_under_a_driver_too_old_for_this_cuda_build_names_the_driver_and_an_older_build(
+        script, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.version, "cuda", "13.2")
+    err, code = refusal(script, monkeypatch, capsys, tmp_path, [*INTEL_BRIDGES, NVIDIA_GPU])
+    assert_one_error_line(err, code, "NVIDIA GPU", torch.__version__, "CUDA 13.2", "driver 580 or newer",
+                          "uv pip install --reinstall torch --index-url https://download.pytorch.org/whl/cu128",
+                          "UV_NO_SYNC=1", "--device cpu")
+
+
+def test_an_nvidia_gpu_with_a_torch_built_without_cuda_says_to_install_a_cuda_build(
+        script, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    err, code = refusal(script, monkeypatch, capsys, tmp_path, [NVIDIA_GPU])
+    assert_one_error_line(err, code, "NVIDIA GPU", torch.__version__, "not a CUDA build",
+                          "--index-url https://download.pytorch.org/whl/cu128")
+
+
+def test_an_intel_gpu_with_pypis_torch_gives_the_xpu_wheel_command(script, monkeypatch, capsys, tmp_path):
+    err, code = refusal(script, monkeypatch, capsys, tmp_path, [*INTEL_BRIDGES, INTEL_GPU])
+    assert_one_error_line(err, code, "Intel GPU", torch.__version__, "not the XPU build",
+                          "uv pip install --reinstall torch --index-url https://download.pytorch.org/whl/xpu",
+                          "UV_NO_SYNC=1", "--device cpu")
+
+
+def test_an_intel_screen_gpu_beside_an_nvidia_gpu_gets_the_nvidia_message(script, monkeypatch, capsys, tmp_path):
+    err, code = refusal(script, monkeypatch, capsys, tmp_path, [INTEL_GPU, NVIDIA_GPU])
+    assert_one_error_line(err, code, "NVIDIA GPU")
+
+
+@pytest.mark.parametrize("devices", [[*INTEL_BRIDGES, *OTHERS], []], ids=["intel-bridges-only", "no-devices"])
+def test_a_machine_without_gpus_runs_on_the_cpu_as_before(script, monkeypatch, capsys, tmp_path, devices):
+    assert refusal(script, monkeypatch, capsys, tmp_path, devices) == ("", None)
+
+
+def test_device_cpu_runs_on_the_cpu_on_purpose_beside_a_gpu(script, monkeypatch, capsys, tmp_path):
+    assert refusal(script, monkeypatch, capsys, tmp_path, [NVIDIA_GPU], device="cpu") == ("", None)
+
+
+def test_a_gpu_that_torch_can_use_is_no_problem(script, monkeypatch, capsys, tmp_path):
+    assert refusal(script, monkeypatch, capsys, tmp_path, [INTEL_GPU], torch_sees_a_gpu=True) == ("", None)
+
+
+# --- the real command: it stops before loading anything, or runs as before ---
+
+
+def model_and_output(script_path, request, tmp_path):
+    if "flux" in script_path.name:
+        return ["--model", request.getfixturevalue("tiny_flux"), "--output", tmp_path / "out.png"]
+    return ["--model", request.getfixturevalue("tiny_sd3"), "--output-dir", tmp_path / "out"]
+
+
+def run_on(pci_devices, command):
+    return subprocess.run([str(a) for a in command], cwd=ROOT, env=offline_env(SYSFS_PCI_DEVICES=str(pci_devices)),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
+@pytest.mark.parametrize("script_path", SCRIPTS, ids=lambda path: path.name)
+@pytest.mark.parametrize("gpu, words", [(NVIDIA_GPU, ["NVIDIA GPU", "driver"]), (INTEL_GPU, ["Intel GPU", "XPU"])],
+                         ids=["nvidia", "intel"])
+def test_a_gpu_that_torch_cannot_use_stops_the_script_before_it_loads_anything(
+        script_path, gpu, words, request, tmp_path):
+    args = model_and_output(script_path, request, tmp_path)
+    result = run_on(fake_sysfs(tmp_path, *INTEL_BRIDGES, gpu), python(script_path, *args, *FAST))
+    assert_clear_error(result, *words, torch.__version__)
+    assert not args[-1].exists()  # no output folder, no image: it stopped before loading the pipeline
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
+def test_under_a_launcher_the_gpu_that_torch_cannot_use_is_said_once(tiny_sd3, tmp_path):
+    result = run_on(fake_sysfs(tmp_path, NVIDIA_GPU), torchrun(2, DATA_PARALLEL, "--model", tiny_sd3, *FAST))
+    assert result.returncode != 0
+    assert result.stderr.count("error: this machine has an NVIDIA GPU") == 1
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
+def test_the_readme_shows_what_the_script_says_without_the_xpu_build(tmp_path):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").split("### Intel GPUs", 1)[1].split("\n### ", 1)[0]
+    shown = re.search(r"```text\n\s*(error: .*)\n", readme).group(1)
+    result = run_on(fake_sysfs(tmp_path, *INTEL_BRIDGES, INTEL_GPU), python(DATA_PARALLEL))
+    said = result.stderr.strip()
+    # The same line, but for torch's version: the README's comes from our build machine.
+    assert re.sub(r"this torch \([^)]*\)", "", said) == re.sub(r"this torch \([^)]*\)", "", shown)
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
+@pytest.mark.parametrize("script_path", SCRIPTS, ids=lambda path: path.name)
+def test_device_cpu_makes_the_images_on_a_machine_whose_gpu_torch_cannot_use(script_path, request, tmp_path):
+    args = model_and_output(script_path, request, tmp_path)
+    result = run_on(fake_sysfs(tmp_path, NVIDIA_GPU), python(script_path, *args, *FAST, "--device", "cpu"))
+    assert result.returncode == 0, result.stderr
+    assert args[-1].exists()
+
+
+@pytest.mark.parametrize("script_path", SCRIPTS, ids=lambda path: path.name)
+def test_intel_bridges_alone_let_the_script_run_as_before(script_path, request, tmp_path):
+    args = model_and_output(script_path, request, tmp_path)
+    result = run_on(fake_sysfs(tmp_path, *INTEL_BRIDGES, *OTHERS), python(script_path, *args, *FAST))
+    assert result.returncode == 0, result.stderr
+    assert args[-1].exists()
+
+
+# --- launch mistakes, by simulation: torch's view of the accelerators and the launcher's environment ---
+
+
+@pytest.fixture(scope="module")
+def data_parallel():
+    return load_script(DATA_PARALLEL)
+
+
+def launch(data_parallel, monkeypatch, capsys, kind="cuda", devices=1, processes=1, machines=1, local_rank=0,
+           backends=("nccl", "xccl", "gloo"), device="auto"):
+    """Run the script's launch check on `devices` GPUs with `processes` per machine: (stderr, exit code or None)."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: devices)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device(kind))
+    monkeypatch.setattr(torch.distributed, "is_backend_available", lambda backend: backend in backends)
+    monkeypatch.setattr(sys, "argv", ["data-parallelism-accelerate.py", "--prompt", "a red fox"])
+    if processes * machines > 1:  # what torchrun (also under accelerate launch) sets in each process
+        monkeypatch.setenv("WORLD_SIZE", str(processes * machines))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    else:  # plain python
+        for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(name, raising=False)
+    try:
+        data_parallel.check_launch(argparse.Namespace(device=device))
+        code = None
+    except SystemExit as e:
+        code = e.code
+    return capsys.readouterr().err, code
+
+
+def test_more_processes_than_gpus_on_a_machine_is_refused(data_parallel, monkeypatch, capsys):
+    err, code = launch(data_parallel, monkeypatch, capsys, devices=1, processes=2)
+    assert_one_error_line(err, code, "2 processes on this machine", "1 cuda device", "one process per device",
+                          "uv run data-parallelism-accelerate.py", "--nproc-per-node 1")
+
+
+def test_more_processes_than_gpus_names_the_launch_that_fits(data_parallel, monkeypatch, capsys):
+    err, code = launch(data_parallel, monkeypatch, capsys, kind="xpu", devices=2, processes=4, machines=2)
+    assert_one_error_line(err, code, "4 processes on this machine", "2 xpu device",
+                          "uv run accelerate launch --multi_gpu --num_processes 2 data-parallelism-accelerate.py")
+
+
+def test_a_launch_mistake_is_said_by_the_first_process_of_each_machine_only(data_parallel, monkeypatch, capsys):
+    err, code = launch(data_parallel, monkeypatch, capsys, devices=1, processes=2, local_rank=1)
+    assert code not in (None, 0) and err == ""
+
+
+def test_an_xpu_torch_without_xccl_is_refused_with_the_xpu_wheel_command(data_parallel, monkeypatch, capsys):
+    err, code = launch(data_parallel, monkeypatch, capsys, kind="xpu", devices=2, processes=2, backends=("gloo",))
+    assert_one_error_line(err, code, torch.__version__, "xccl", "--index-url https://download.pytorch.org/whl/xpu")
+
+
+def test_a_cuda_torch_without_nccl_is_refused(data_parallel, monkeypatch, capsys):
+    err, code = launch(data_parallel, monkeypatch, capsys, kind="cuda", devices=2, processes=2, backends=("gloo",))
+    assert_one_error_line(err, code, torch.__version__, "nccl", "Linux")
+
+
+def test_one_process_beside_several_gpus_gets_a_note_with_the_command_that_uses_them_all(
+        data_parallel, monkeypatch, capsys):
+    err, code = launch(data_parallel, monkeypatch, capsys, devices=4, processes=1)
+    assert code is None  # the run goes on
+    assert err.splitlines() == ["note: this machine has 4 cuda devices and one process uses only one of them: "
+                                "`uv run accelerate launch --multi_gpu --num_processes 4 data-parallelism-accelerate.py"
+                                " --prompt 'a red fox'` uses them all"]
+
+
+@pytest.mark.parametrize("devices, processes, machines", [(1, 1, 1), (2, 2, 1), (2, 2, 2), (4, 3, 1)])
+def test_a_launch_that_fits_the_gpus_says_nothing(data_parallel, monkeypatch, capsys, devices, processes, machines):
+    assert launch(data_parallel, monkeypatch, capsys, devices=devices, processes=processes,
+                  machines=machines) == ("", None)
+
+
+def test_device_cpu_skips_the_gpu_launch_checks(data_parallel, monkeypatch, capsys):
+    assert launch(data_parallel, monkeypatch, capsys, devices=1, processes=2, backends=(), device="cpu") == ("", None)
+
+
+# --- no time limit on a legitimate wait ---
+
+
+def test_a_process_that_is_done_can_wait_for_the_others_for_days(data_parallel, monkeypatch, tiny_sd3, tmp_path):
+    """The group's timeout: NCCL's default (10 minutes) would end a job whose other processes still load or
+    generate while one waits in gather_object. Checked at the call, since no test can wait that long."""
+    asked = {}
+
+    class Stop(Exception):
+        pass
+
+    def partial_state(**kwargs):
+        asked.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(data_parallel, "PartialState", partial_state)
+    monkeypatch.setattr(sys, "argv", ["data-parallelism-accelerate.py", "--model", str(tiny_sd3), "--output-dir",
+                                      str(tmp_path / "out"), "--device", "cpu"])
+    with pytest.raises(Stop):
+        data_parallel.main()
+    assert asked["cpu"] is True
+    assert asked["timeout"] >= timedelta(days=1) > max(default_pg_nccl_timeout, default_pg_timeout)
+
+
+# --- on real GPUs: skipped where there are none ---
+
+GPU_TOLERANCE = 8  # of 255: float32 on a GPU rounds differently from the CPU (TF32 convolutions on NVIDIA)
+
+
+def accelerate_on(n, *script_args):
+    """The launch the script's note suggests: --multi_gpu needs 2 processes or more."""
+    return [BIN / "accelerate", "launch", *(["--multi_gpu"] if n > 1 else []), "--num_processes", n,
+            "--num_machines", 1, "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            free_port(), DATA_PARALLEL, *script_args]
+
+
+@accelerator
+@pytest.mark.parametrize("launcher", [torchrun, accelerate_on], ids=["torchrun", "accelerate"])
+def test_one_process_per_gpu_makes_the_images_of_a_cpu_run(launcher, tiny_sd3, tmp_path):
+    n, kind = torch.accelerator.device_count(), torch.accelerator.current_accelerator().type
+    prompts = [a for i in range(2 * n + 1) for a in ("--prompt", f"prompt number {i}")]
+    common = ["--model", tiny_sd3, *prompts, *FAST, "--dtype", "float32"]
+    run(python(DATA_PARALLEL, *common, "--device", "cpu", "--output-dir", tmp_path / "cpu"))
+    if launcher is torchrun:
+        run(torchrun(n, DATA_PARALLEL, *common, "--output-dir", tmp_path / "gpu"))
+    else:
+        run(accelerate_on(n, *common, "--output-dir", tmp_path / "gpu"))
+    on_gpus, on_cpu = read_manifest(tmp_path / "gpu"), read_manifest(tmp_path / "cpu")
+    # Every GPU made its share (one process alone, without a launcher's rank, says "cuda" rather than "cuda:0").
+    devices = {torch.device(r["device"]) for r in on_gpus}
+    assert {d.type for d in devices} == {kind} and len(devices) == n
+    assert {r["device"] for r in on_cpu} == {"cpu"}
+    assert [r["file"] for r in on_gpus] == [r["file"] for r in on_cpu]
+    for r in on_gpus:
+        gpu, cpu = pixels(tmp_path / "gpu" / r["file"]), pixels(tmp_path / "cpu" / r["file"])
+        assert np.abs(gpu - cpu).max() <= GPU_TOLERANCE, r["file"]
+
+
+@accelerator
+def test_more_processes_than_gpus_stop_before_any_collective(tiny_sd3, tmp_path):
+    n = torch.accelerator.device_count()
+    result = run(torchrun(n + 1, DATA_PARALLEL, "--model", tiny_sd3, *FAST, "--output-dir", tmp_path / "out"),
+                 check=False, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count(f"error: {n + 1} processes on this machine, but it has {n} ") == 1
+    assert "Duplicate GPU" not in result.stderr + result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+@accelerator
+@pytest.mark.skipif(torch.accelerator.device_count() < 2, reason="needs 2 GPUs or more")
+def test_one_process_on_a_machine_with_several_gpus_notes_the_command_and_runs(tiny_sd3, tmp_path):
+    n = torch.accelerator.device_count()
+    result = run(python(DATA_PARALLEL, "--model", tiny_sd3, *FAST, "--output-dir", tmp_path / "out"))
+    assert f"note: this machine has {n} " in result.stderr
+    assert f"accelerate launch --multi_gpu --num_processes {n} data-parallelism-accelerate.py" in result.stderr
+    assert len(read_manifest(tmp_path / "out")) == 4  # the default prompts, all made
