@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import logging
 import os
 import re
 import sys
@@ -54,11 +55,16 @@ GiB = 2**30
 RESERVE_AT_1024 = 3 * GiB  # activations kept free on each device at 1024x1024, scaled with the pixel count
 TEXT_STAGE, IMAGE_STAGE = ("text_encoder", "text_encoder_2"), ("transformer", "vae")
 
+# diffusers imports transformers' image processors (for IP-Adapters, which this sample never uses), and without
+# torchvision transformers warns about them. Silence that warning alone; the others still show.
+logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "torchvision" not in record.getMessage())
+
 
 def main():
     args = parse_args()
+    check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
     components = check_model(args)
-    on_gpu = args.planned or torch.accelerator.is_available()
+    on_gpu = args.planned or (args.device != "cpu" and torch.accelerator.is_available())
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if on_gpu else torch.float32
 
     # 1. Plan: how much each device may hold, and where each component (or each block of one too big for any
@@ -151,6 +157,9 @@ def parse_args():
                         help="memory to use: one size for every device (16GiB), or per device (0=10GiB,1=16GiB; the "
                              "devices not named keep their free memory); cpu=SIZE adds the CPU for what the devices "
                              "cannot hold (slow) (default: the free memory of every device)")
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                        help="auto: the GPUs where torch can use them, else the CPU; cpu: on the CPU on purpose, even "
+                             "on a machine with GPUs (default: %(default)s)")
     parser.add_argument("--staged", action="store_true",
                         help="load the text encoders, encode the prompt, free them, then load the transformer and VAE")
     parser.add_argument("--plan", action="store_true", help="load no weights: print where everything would go")
@@ -182,6 +191,48 @@ def fail(message, code=2):
     """One line on stderr and a non-zero exit, no traceback."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def check_torch_can_use_the_gpus(device):
+    """No silent CPU run: where this machine has GPUs that the installed torch cannot use, stop before anything
+    is loaded, with the likely cause and the fix. Without this, PyPI's torch (no XPU support) on an Intel GPU, or
+    its CUDA 13 build under an older NVIDIA driver, runs everything on the CPU, for hours, without a word."""
+    if device == "cpu" or torch.accelerator.is_available():
+        return
+    gpus = gpus_on_the_pci_bus()
+    keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (README: Set-up); or pass --device cpu to run on "
+            "the CPU on purpose")
+    if "NVIDIA" in gpus:  # first: a laptop may have an Intel GPU for the screen and an NVIDIA one to compute
+        cuda = torch.version.cuda  # "13.2"; None in a torch built without CUDA
+        # The oldest driver each CUDA major version runs on (NVIDIA's "minor version compatibility" table).
+        driver = {"11": "450", "12": "525", "13": "580"}.get(str(cuda).split(".")[0])
+        needs = f"NVIDIA driver {driver} or newer" if driver else f"an NVIDIA driver for CUDA {cuda}"
+        cause = "it is not a CUDA build: install one" if cuda is None else (
+            f"it is built for CUDA {cuda}, which needs {needs} (`nvidia-smi` shows yours): update the driver, or "
+            "install a torch built for an older CUDA")
+        fail(f"this machine has an NVIDIA GPU, but this torch ({torch.__version__}) cannot use it: {cause}: "
+             f"`uv pip install --reinstall torch --index-url https://download.pytorch.org/whl/cu128`, {keep}")
+    if "Intel" in gpus:
+        fail(f"this machine has an Intel GPU, but this torch ({torch.__version__}) cannot use it: it is not the XPU "
+             "build (PyPI's torch has no XPU support): `uv pip install --reinstall torch --index-url "
+             f"https://download.pytorch.org/whl/xpu`, {keep}")
+
+
+def gpus_on_the_pci_bus():
+    """The makers of this machine's GPUs, read from the PCI devices Linux lists (what `lspci` reads): a display
+    device (PCI class 0x03....) from NVIDIA (vendor 0x10de) or Intel (0x8086). Intel's bridges and other
+    controllers are no GPU. Empty where there is no such folder (Windows, macOS): there, nothing is checked.
+    Tests point SYSFS_PCI_DEVICES at a fake tree."""
+    makers = {"0x10de": "NVIDIA", "0x8086": "Intel"}
+    found = set()
+    for pci_device in Path(os.environ.get("SYSFS_PCI_DEVICES", "/sys/bus/pci/devices")).glob("*"):
+        try:
+            vendor, pci_class = ((pci_device / name).read_text().strip().lower() for name in ("vendor", "class"))
+        except OSError:  # not a device folder, or unreadable
+            continue
+        if vendor in makers and pci_class.startswith("0x03"):
+            found.add(makers[vendor])
+    return found
 
 
 def check_model(args):
@@ -252,9 +303,9 @@ def device_memory(args):
         except ValueError:
             fail(f"--device-memory {args.device_memory}: write a size like 16GiB or 24GB")
         budgets = dict.fromkeys(range(args.num_devices or len(present) or 1), each)
-    elif torch.accelerator.is_available():
+    elif args.device != "cpu" and torch.accelerator.is_available():
         budgets = free_memory()
-    else:  # no accelerator: the CPU is the one device, with the RAM that is free
+    else:  # no accelerator (or --device cpu): the CPU is the one device, with the RAM that is free
         budgets = {"cpu": psutil.virtual_memory().available}
     if args.max_memory:
         asked = parse_memory(args.max_memory, list(budgets))

@@ -19,8 +19,7 @@ from torch.distributed.constants import default_pg_nccl_timeout, default_pg_time
 from tests.conftest import (BIN, DATA_PARALLEL, ROOT, accelerator, assert_clear_error, free_port, load_script,
                             offline_env, pixels, python, read_manifest, run, torchrun)
 
-# The scripts with the "no silent CPU" check. model-parallelism-flux.py joins this list once it has it.
-SCRIPTS = [DATA_PARALLEL]
+SCRIPTS = [DATA_PARALLEL, ROOT / "model-parallelism-flux.py"]  # both have the "no silent CPU" check
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
 NVIDIA_GPU, INTEL_GPU = ("0x10de", "0x030200"), ("0x8086", "0x030000")  # a 3D controller, a VGA controller
 INTEL_BRIDGES = [("0x8086", "0x060000"), ("0x8086", "0x060400"), ("0x8086", "0x0c0330")]  # host, PCI, USB

@@ -24,6 +24,7 @@ from tests.conftest import ROOT, accelerator, assert_clear_error, load_script, p
 MODEL_PARALLEL = ROOT / "model-parallelism-flux.py"
 FLUX1_DEV = ROOT / "tests" / "fixtures" / "flux1-dev"  # FLUX.1-dev's real config.json files, no weights
 FAST = ["--height", "64", "--width", "64", "--num-inference-steps", "2", "--seed", "7"]
+CPU = ["--device", "cpu"]  # the CPU tests run on the CPU on purpose, alike on a machine with GPUs
 GiB = 2**30
 DTYPES = ["bfloat16", "float16", "float32"]
 # (devices, memory of each, --max-memory): unequal cards, either way round, small cards, one big card, and equal
@@ -106,7 +107,7 @@ def assert_printout_names_where_the_weights_are(stdout, pipeline):
 def resident(tiny_flux, tmp_path_factory):
     """The tiny Flux made in one go, on the CPU: (image, stdout)."""
     out = tmp_path_factory.mktemp("resident") / "cat.png"
-    return out, run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, *FAST)).stdout
+    return out, run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, *FAST, *CPU)).stdout
 
 
 def test_tiny_flux_makes_an_image_on_the_cpu(resident):
@@ -123,13 +124,13 @@ def test_placement_of_every_component_is_printed(resident):
 
 
 def test_the_printed_placement_is_where_the_weights_are(main, recorded, tiny_flux, tmp_path):
-    stdout = main("--model", tiny_flux, "--output", tmp_path / "x.png", *FAST).out
+    stdout = main("--model", tiny_flux, "--output", tmp_path / "x.png", *FAST, *CPU).out
     assert_printout_names_where_the_weights_are(stdout, recorded[-1])
 
 
 def test_staged_run_with_the_same_seed_gives_the_same_image(resident, tiny_flux, tmp_path):
     out = tmp_path / "staged.png"
-    stdout = run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, "--staged", *FAST)).stdout
+    stdout = run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, "--staged", *FAST, *CPU)).stdout
     assert "text encoders loaded" in stdout
     assert np.array_equal(pixels(out), pixels(resident[0]))
 

@@ -3,7 +3,7 @@
 A command is run as written, with these substitutions only: the tiny pipelines for the real models (and the
 FLUX.1-dev or SD3.5-medium configs for a --plan), a few steps at 64 px, output in a temporary folder, a free port, and
 127.0.0.1 for the example address of machine 0, and a --plan for two 24 GiB GPUs where a command gives GPU
-memory budgets and this machine has no GPU; the data parallel script runs on the CPU on purpose (`--device cpu`),
+memory budgets and this machine has no GPU; both scripts run on the CPU on purpose (`--device cpu`),
 alike on a machine with GPUs. Interactive commands (`accelerate config`, `hf auth login`)
 are run with --help. The two machines of the several-machines example are run together, on loopback.
 """
@@ -62,7 +62,7 @@ def as_test(argv, tiny, tmp_path, port):
         elif script.startswith("data"):
             args += ["--model", str(tiny["sd3"]), *FAST, "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
         else:
-            args += ["--model", str(tiny["flux"]), *FAST, "--output", str(tmp_path / "out.png")]
+            args += ["--model", str(tiny["flux"]), *FAST, "--output", str(tmp_path / "out.png"), "--device", "cpu"]
     return command + args
 
 
