@@ -1,7 +1,7 @@
 """Model parallelism (sharding): one FLUX.1 pipeline spread over several devices, for a model that fits on none.
 
-FLUX.1-dev in bfloat16 is 31.7 GiB: transformer 22.2 GiB, T5-XXL text encoder 9.1 GiB, CLIP-L 0.23 GiB, VAE
-0.16 GiB. The libraries place it, as in diffusers' distributed inference guide; the script only tells them how much
+FLUX.1-dev in bfloat16 is 31.4 GiB as loaded: transformer 22.2 GiB, T5-XXL text encoder 8.9 GiB, CLIP-L 0.23 GiB,
+VAE 0.16 GiB. The libraries place it, as in diffusers' distributed inference guide; the script only tells them how much
 memory each device may give:
 
 1. `DiffusionPipeline.from_pretrained(..., device_map="balanced", max_memory=...)` puts *whole components* on the
