@@ -70,8 +70,9 @@ logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "t
 
 def main():
     args = parse_args()
-    check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
-    check_launch(args)  # one process per device, and a torch that can join them into a group
+    if not args.plan:  # a plan loads nothing and starts no processes: it may be for GPUs this machine lacks
+        check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
+        check_launch(args)  # one process per device, and a torch that can join them into a group
     prompts = read_prompts(args)
     check_model(args)  # fail now, not after every process has loaded 16 GB
     # Know before loading: what the pipeline weighs at this dtype, from its configs alone (built on the meta device,
@@ -86,7 +87,8 @@ def main():
     #    every CPU process would think it is alone and make every image. A process that is done (or had nothing
     #    to do) waits in gather_object below while the others download, load and generate, for as long as they
     #    take: the group's timeout is a week, not NCCL's 10 minutes (gloo's 30), which would abort the job at its
-    #    very end. A failure still ends the job at once: the launcher stops every process when one fails.
+    #    very end. A failure still ends the job at once: on each machine, the launcher stops every process when
+    #    one fails.
     distributed_state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available(),
                                      timeout=timedelta(days=7))
     if distributed_state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
@@ -478,10 +480,12 @@ def weigh_pipeline(args):
         # On torch's meta device, as transformers builds it (accelerate's init_empty_weights would untie T5's
         # input embeddings from its `shared` ones, and count 0.25 GiB twice).
         with warnings.catch_warnings(action="ignore"), torch.device("meta"):
-            if issubclass(cls, diffusers.ModelMixin):
-                module = cls.from_config(cls.load_config(args.model, subfolder=name))
-            else:
-                module = cls(transformers.AutoConfig.from_pretrained(args.model, subfolder=name))
+            try:
+                config = (cls.load_config(args.model, subfolder=name) if issubclass(cls, diffusers.ModelMixin) else
+                          transformers.AutoConfig.from_pretrained(args.model, subfolder=name))
+            except (OSError, ValueError) as e:  # e.g. a local folder without this component's config.json
+                fail(cannot_load(args.model, e))
+            module = cls.from_config(config) if issubclass(cls, diffusers.ModelMixin) else cls(config)
         # Under float16, transformers keeps the layers a model names in `_keep_in_fp32_modules` in float32 (T5's
         # `wo`: 2 GB more for T5-XXL), and diffusers does the same for its models.
         keep = (getattr(cls, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else []
@@ -552,9 +556,16 @@ def memory_record(args, mode):
 
 
 def free_memory(device):
-    """Free memory of this one device (bytes). Asking every device would open a context, and take memory, on each."""
+    """Free memory of this one device (bytes). Asking every device would open a context, and take memory, on each.
+    Where it cannot be read (some Intel GPUs), its total memory, and a note that says so."""
     get_memory_info = getattr(torch.accelerator, "get_memory_info", None)  # torch 2.10 or newer
-    return (get_memory_info or getattr(torch, device.type).mem_get_info)(device)[0]
+    try:
+        return (get_memory_info or getattr(torch, device.type).mem_get_info)(device)[0]
+    except RuntimeError:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"note: the free memory of {device} cannot be read: counting on the total memory instead",
+                  file=sys.stderr, flush=True)
+        return torch.get_device_module(device).get_device_properties(device).total_memory
 
 
 def describe_mode(args, plan, device):
@@ -585,7 +596,7 @@ def print_plan(args, sizes):
     """--plan: the memory mode for the GPUs present (the one with the least free memory) or for --device-memory."""
     if args.device_memory is not None:
         device, device_memory, planned = "GPU", args.device_memory, True
-    elif torch.accelerator.is_available():
+    elif args.device != "cpu" and torch.accelerator.is_available():
         kind = torch.accelerator.current_accelerator().type
         free = {i: free_memory(torch.device(kind, i)) for i in range(torch.accelerator.device_count())}
         index = min(free, key=free.get)
@@ -593,7 +604,9 @@ def print_plan(args, sizes):
     else:
         device, device_memory, planned = "cpu", sizes["ram"], False
     ram = None if planned else sizes["ram"]  # a GPU you do not have is in a machine whose RAM we cannot see
-    plan = choose_memory_mode(sizes, device_memory, args.offload, ram, sizes["processes"])
+    # The run this plans: one process per GPU present, each with a copy of the weights in RAM if they offload.
+    processes = torch.accelerator.device_count() if device != "cpu" and not planned else sizes["processes"]
+    plan = choose_memory_mode(sizes, device_memory, args.offload, ram, processes)
     if device == "cpu":  # no offload without an accelerator: the pipeline is used whole, in RAM
         plan["fits"] = plan["needs"]["whole"] <= device_memory
         plan["mode"] = "whole"

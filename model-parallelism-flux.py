@@ -62,7 +62,8 @@ logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "t
 
 def main():
     args = parse_args()
-    check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
+    if not args.plan:  # a plan loads nothing: it may be for GPUs this machine does not have
+        check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
     components = check_model(args)
     on_gpu = args.planned or (args.device != "cpu" and torch.accelerator.is_available())
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if on_gpu else torch.float32
@@ -130,6 +131,8 @@ def main():
     try:
         image.save(tmp, format="PNG")
         os.replace(tmp, args.output)  # written whole, then renamed: never half an image on disk
+    except OSError as e:  # a full disk, most often
+        fail(f"cannot write {args.output} ({e.strerror or e}): make room, or choose another --output", code=1)
     finally:
         tmp.unlink(missing_ok=True)
     per_step = (step_times[-1] - t0) / len(step_times) if step_times else seconds
@@ -178,6 +181,8 @@ def parse_args():
     if not args.plan and (args.json or args.planned):
         fail("--json, --num-devices and --device-memory describe a plan: add --plan")
     if not args.plan:  # find out now, not after loading 32 GB and 50 steps, that the image cannot be saved
+        if args.output.is_dir():
+            fail(f"--output {args.output} is a folder: name the image file, e.g. {args.output / 'flux-dev.png'}")
         try:
             args.output.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -247,6 +252,8 @@ def check_model(args):
     with explained_load_errors(args.model), warnings.catch_warnings(action="ignore"):  # the configs: a few kB
         components = DiffusionPipeline.load_config(args.model)
         vae = AutoencoderKL.load_config(args.model, subfolder="vae")
+    diffusers.utils.logging.set_verbosity_warning()  # and the libraries' warnings show again from here on
+    huggingface_hub.utils.logging.set_verbosity_warning()
     accelerate.utils.modeling.logger.setLevel("ERROR")  # "device 1 is not available" while planning for it
     if components.get("_class_name") != "FluxPipeline":
         fail(f"--model {args.model} is a {components.get('_class_name')}: this script is for FLUX.1 pipelines")
@@ -332,7 +339,7 @@ def empty_model(model, name, library, class_name, dtype):
     """A component built on the meta device from its config.json alone, as diffusers builds it to place it, with
     the weights transformers or diffusers keep in float32 at this dtype (T5's `wo` in float16): no weights."""
     cls = getattr(importlib.import_module(library), class_name)
-    with warnings.catch_warnings(action="ignore"), init_empty_weights():
+    with explained_load_errors(model), warnings.catch_warnings(action="ignore"), init_empty_weights():
         if issubclass(cls, transformers.PreTrainedModel):
             module = cls(transformers.AutoConfig.from_pretrained(model, subfolder=name)).to(dtype)
             keep = set(module._keep_in_fp32_modules or []) if dtype == torch.float16 else set()
@@ -405,6 +412,10 @@ def make_plan(args, components, budgets, dtype, staged=None):
     reserve = int(RESERVE_AT_1024 * args.height * args.width / 1024**2)
     # Each device keeps the activations' reserve; so does the CPU when it is the one device, not an overflow.
     usable = {d: max(0, m - reserve) if d != "cpu" or len(budgets) == 1 else m for d, m in budgets.items()}
+    if not any(usable.values()):
+        fail(f"no device has room for weights beyond the {size(reserve)} each keeps for activations at "
+             f"{args.height}x{args.width}: give them more memory (--max-memory, --device-memory), make smaller "
+             "images, or add cpu=SIZE to --max-memory (slow)")
     stages = []
     for names in ([TEXT_STAGE, IMAGE_STAGE] if staged else [TEXT_STAGE + IMAGE_STAGE]):
         modules = {name: empty_model(args.model, name, *components[name], dtype) for name in names}

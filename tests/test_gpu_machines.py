@@ -347,3 +347,15 @@ def test_one_process_on_a_machine_with_several_gpus_notes_the_command_and_runs(t
     assert f"note: this machine has {n} " in result.stderr
     assert f"accelerate launch --multi_gpu --num_processes {n} data-parallelism-accelerate.py" in result.stderr
     assert len(read_manifest(tmp_path / "out")) == 4  # the default prompts, all made
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
+@pytest.mark.parametrize("script_path, plan", [
+    (DATA_PARALLEL, ["--model", ROOT / "tests" / "fixtures" / "sd3.5-medium", "--device-memory", "12GiB"]),
+    (ROOT / "model-parallelism-flux.py", ["--model", ROOT / "tests" / "fixtures" / "flux1-dev", "--num-devices", "2",
+                                          "--device-memory", "24GiB"]),
+], ids=["data-parallelism", "model-parallelism"])
+def test_a_plan_for_other_gpus_runs_on_a_machine_whose_gpu_torch_cannot_use(script_path, plan, tmp_path):
+    result = run_on(fake_sysfs(tmp_path, INTEL_GPU), python(script_path, "--plan", *plan))
+    assert result.returncode == 0, result.stderr
+    assert "fits: yes" in result.stdout

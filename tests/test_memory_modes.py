@@ -7,6 +7,7 @@ offload itself on the tiny SD3 pipeline, on a GPU where there is one, and by sim
 import importlib
 import json
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -329,3 +330,16 @@ def test_two_processes_offload_each_to_its_own_gpu(tiny_sd3, tmp_path, whole_on_
     assert [r["device"] for r in manifest] == [f"{kind}:0", f"{kind}:0", f"{kind}:1"]
     for r in manifest:
         assert np.abs(pixels(tmp_path / r["file"]) - pixels(reference / r["file"])).max() <= TOLERANCE
+
+
+def test_a_free_memory_query_that_fails_counts_on_the_total_memory_in_one_line(script, monkeypatch, capsys):
+    """Some Intel GPUs cannot say how much of their memory is free (torch raises): count on the total, and say so."""
+    def cannot_tell(device):
+        raise RuntimeError("The device (Intel(R) Arc(TM) A770 Graphics) doesn't support querying the available "
+                           "free memory")
+    monkeypatch.setattr(torch.accelerator, "get_memory_info", cannot_tell, raising=False)
+    properties = SimpleNamespace(get_device_properties=lambda device: SimpleNamespace(total_memory=16 * GiB))
+    monkeypatch.setattr(torch, "get_device_module", lambda device: properties)
+    assert script.free_memory(torch.device("xpu", 1)) == 16 * GiB
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["note: the free memory of xpu:1 cannot be read: counting on the total memory instead"]

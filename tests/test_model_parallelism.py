@@ -465,3 +465,14 @@ def test_gpus_free_memory_is_read_and_the_flux1_dev_plan_fits_a_device_present(m
     result = json.loads(main("--plan", "--json", "--model", FLUX1_DEV).out)
     assert set(result["budgets"]) == {str(d) for d in range(torch.accelerator.device_count())}
     assert all(b > 0 for b in result["budgets"].values())
+
+
+def test_devices_with_no_room_beyond_the_activations_reserve_are_a_clear_error():
+    result = run(python(MODEL_PARALLEL, "--plan", "--model", FLUX1_DEV, "--num-devices", "2", "--device-memory",
+                        "2GiB"), check=False)
+    assert_clear_error(result, "no device has room for weights beyond the 3.00 GiB", "--max-memory")
+
+
+def test_an_output_that_is_a_folder_is_refused_before_anything_loads(tiny_flux, tmp_path):
+    result = run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", tmp_path, *FAST, *CPU), check=False)
+    assert_clear_error(result, f"--output {tmp_path} is a folder")
