@@ -84,25 +84,16 @@ def main():
     # 1. One process per device. Accelerate reads the rank and world size the launcher set, picks this
     #    process's device (xpu:<local rank>, cuda:<local rank>) and joins the process group (xccl on Intel GPUs,
     #    nccl on NVIDIA). With no accelerator, `cpu=True` makes the processes a gloo group on the CPU: without it
-    #    every CPU process would think it is alone and make every image. A process that is done (or had nothing
-    #    to do) waits in gather_object below while the others download, load and generate, for as long as they
-    #    take: the group's timeout is a week, not NCCL's 10 minutes (gloo's 30), which would abort the job at its
-    #    very end. A failure still ends the job at once: on each machine, the launcher stops every process when
-    #    one fails.
+    #    every CPU process would think it is alone and make every image. A process that is done waits for the
+    #    others in gather_object below as long as they take: a week, not NCCL's 10 minutes (a failure still ends
+    #    the job at once: the launcher stops every process on its machine when one fails).
     distributed_state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available(),
                                      timeout=timedelta(days=7))
-    if distributed_state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
-        fail(f"the launcher started {os.environ['WORLD_SIZE']} processes but they formed no group, so each would "
-             f"make every image: on Intel GPUs this torch ({torch.__version__}) lacks the xccl backend (install "
-             "the XPU build of torch 2.8 or newer)")
+    check_group_formed(distributed_state)
     device = distributed_state.device
     if device.type == "cpu":  # in a CPU process group Accelerate says "cpu:0": moving the weights from "cpu"
         device = torch.device("cpu")  # to "cpu:0" would copy every one of them, twice the memory for nothing
-    for library in (diffusers, transformers):
-        if not distributed_state.is_main_process:  # one copy of the libraries' warnings is enough
-            library.utils.logging.set_verbosity_error()
-        if not (args.verbose and distributed_state.is_main_process):  # their loading bars would cut the job's
-            library.utils.logging.disable_progress_bar()
+    quiet_libraries(main_process=distributed_state.is_main_process, verbose=args.verbose)
 
     # 2. The main process looks at what is already on disk and tells the others what is left to make, so that
     #    every process splits the same list, even one that starts late, after another has saved images.
@@ -245,6 +236,24 @@ def fail(message, code=2, every_process=False):
     else:
         time.sleep(1)
     sys.exit(code)
+
+
+def check_group_formed(distributed_state):
+    """Several processes that formed no group would each make every image: stop instead."""
+    if distributed_state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+        fail(f"the launcher started {os.environ['WORLD_SIZE']} processes but they formed no group, so each would "
+             f"make every image: on Intel GPUs this torch ({torch.__version__}) lacks the xccl backend (install "
+             "the XPU build of torch 2.8 or newer)")
+
+
+def quiet_libraries(main_process, verbose):
+    """One copy of the libraries' warnings is enough (the main process's); and their loading bars would cut
+    through the job's progress bar, so they show only with --verbose."""
+    for library in (diffusers, transformers):
+        if not main_process:
+            library.utils.logging.set_verbosity_error()
+        if not (verbose and main_process):
+            library.utils.logging.disable_progress_bar()
 
 
 def check_model(args):
