@@ -56,8 +56,11 @@ RESERVE_AT_1024 = 3 * GiB  # activations kept free on each device at 1024x1024, 
 TEXT_STAGE, IMAGE_STAGE = ("text_encoder", "text_encoder_2"), ("transformer", "vae")
 
 # diffusers imports transformers' image processors (for IP-Adapters, which this sample never uses), and without
-# torchvision transformers warns about them. Silence that warning alone; the others still show.
+# torchvision transformers warns about them; and to place the components, diffusers casts empty models, warning
+# that they keep no modules in float32 ("[]"). Silence those warnings alone; the others still show.
 logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "torchvision" not in record.getMessage())
+logging.getLogger("diffusers.models.modeling_utils").addFilter(
+    lambda record: "should be kept in float32: []" not in record.getMessage())
 
 
 def main():
@@ -252,7 +255,7 @@ def check_model(args):
     with explained_load_errors(args.model), warnings.catch_warnings(action="ignore"):  # the configs: a few kB
         components = DiffusionPipeline.load_config(args.model)
         vae = AutoencoderKL.load_config(args.model, subfolder="vae")
-    diffusers.utils.logging.set_verbosity_warning()  # and the libraries' warnings show again from here on
+    diffusers.utils.logging.set_verbosity_warning()  # from here on, the libraries' warnings show again
     huggingface_hub.utils.logging.set_verbosity_warning()
     accelerate.utils.modeling.logger.setLevel("ERROR")  # "device 1 is not available" while planning for it
     if components.get("_class_name") != "FluxPipeline":
