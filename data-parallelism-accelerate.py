@@ -127,7 +127,8 @@ def main():
             pipeline.set_progress_bar_config(disable=not (args.verbose and distributed_state.is_main_process))
             options = pipeline_options(args, pipeline)
             settings = {"rank": distributed_state.process_index, "device": str(device), "model": args.model,
-                        "dtype": str(pipeline.dtype).removeprefix("torch."), **memory_record(args, memory), **options}
+                        "dtype": str(pipeline.dtype).removeprefix("torch."), **memory_record(pipeline, memory),
+                        **options}
             generate_started = time.perf_counter()
             for start in range(0, len(my_share), args.batch_size):
                 batch = my_share[start:start + args.batch_size]
@@ -509,7 +510,7 @@ def weigh_pipeline(args):
     native = transformer.get("sample_size", 128) * scale if isinstance(transformer.get("sample_size"), int) else 1024
     height, width = args.height or native, args.width or native
     return {"dtype": str(dtype).removeprefix("torch."), "height": height, "width": width, "components": components,
-            "buffers": buffers, "largest_layer": largest_layer, "on_gpu": on_gpu,
+            "buffers": buffers, "largest_layer": largest_layer,
             "reserve": int(RESERVE_AT_1024 * height * width / 1024**2 * args.batch_size),
             # N processes on this machine, each with its own copy of the weights in RAM when they offload.
             "processes": int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "ram": psutil.virtual_memory().available}
@@ -558,10 +559,10 @@ def memory_mode(args, device, sizes, announce):
     return mode
 
 
-def memory_record(args, mode):
+def memory_record(pipeline, mode):
     """What the manifest says about memory: the mode, and for SD3 whether T5 read the prompts."""
-    return {"memory": mode, **({"t5": not args.no_t5} if "text_encoder_3" in DiffusionPipeline.load_config(
-        args.model) else {})}
+    return {"memory": mode, **({"t5": pipeline.text_encoder_3 is not None} if "text_encoder_3" in pipeline.components
+                               else {})}
 
 
 def free_memory(device):

@@ -257,8 +257,8 @@ def test_model_offload_goes_to_this_processs_own_device_not_device_0(script, mon
     monkeypatch.setattr(script, "free_memory", lambda device: 12 * GiB)
     device = torch.device("cuda", 1)
     mode = script.memory_mode(args, device, {**SD35, "ram": 64 * GiB, "processes": 2}, announce=True)
-    assert mode == "model" and script.memory_record(args, mode) == {"memory": "model", "t5": True}
     pipeline = script.load_pipeline(args)
+    assert mode == "model" and script.memory_record(pipeline, mode) == {"memory": "model", "t5": True}
     pipeline.enable_model_cpu_offload(device=device)  # what main() does in this mode
     hooked = {name: module._hf_hook.execution_device for name, module in pipeline.components.items()
               if isinstance(module, torch.nn.Module)}
