@@ -1,16 +1,24 @@
 """Shared fixtures: tiny offline pipelines, and running the scripts the way a user does (in a subprocess)."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
+
+# Offline in this process too (the tests that run a script's main() here): huggingface_hub reads it once, on import.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np
 import pytest
 import torch
+from accelerate import PartialState
 from PIL import Image
 
 from tests import tiny_pipelines
@@ -42,6 +50,33 @@ def run(args, timeout=300, check=True, **kwargs):
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(map(str, args))} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(script, *args, **env):
+    """Run a script's main() in this process, as `python SCRIPT ARGS...` would run it, with the same environment
+    as `run` (plus `env`): its exit code and what it printed. For what ends before any weight is loaded or any
+    process group is formed (bad input, --plan, the checks): the same user-facing result as a subprocess, without
+    its 6-8 s of imports. The libraries' own log lines go to this process's stderr, not to the result: the tests
+    that the whole output is one line keep a subprocess run of each script for that."""
+    module = load_script(Path(script))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with (mock.patch.dict(os.environ, offline_env(**env), clear=True), mock.patch.object(sys, "argv", [
+            str(script), *map(str, args)]), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr)):
+        try:
+            module.main()
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+        finally:  # a main() that got as far as PartialState leaves Accelerate's shared state set: not for the next
+            PartialState._reset_state()
+    return Result(code, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_clear_error(result, *expected):

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from tests.conftest import (BIN, DATA_PARALLEL, IMAGES, ROOT, accelerate_launch, assert_clear_error, free_port,
-                            offline_env, pixels, python, read_manifest, run, torchrun)
+                            offline_env, pixels, python, read_manifest, run, run_main, torchrun)
 
 MANY = [f"prompt number {i}" for i in range(40)]
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64", "--device", "cpu"]  # CPU on purpose
@@ -87,9 +87,16 @@ def test_ctrl_c_to_the_launcher_ends_every_process_cleanly(tiny_sd3, tmp_path):
     assert_everything_on_disk_is_whole(out)
 
 
-def test_a_lost_manifest_line_is_rebuilt_without_making_the_image_again(tiny_sd3, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def three_images(tiny_sd3, tmp_path_factory):
+    """One plain run of three prompts; each test below works on a copy of its folder."""
+    out = tmp_path_factory.mktemp("three") / "out"
     run([BIN / "python", DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:3])])
+    return out
+
+
+def test_a_lost_manifest_line_is_rebuilt_without_making_the_image_again(tiny_sd3, three_images, tmp_path):
+    out = shutil.copytree(three_images, tmp_path / "out")
     lines = (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     lost = read_manifest(out)[1]
     made_at = (out / lost["file"]).stat().st_mtime_ns
@@ -102,20 +109,20 @@ def test_a_lost_manifest_line_is_rebuilt_without_making_the_image_again(tiny_sd3
     assert (out / lost["file"]).stat().st_mtime_ns == made_at
 
 
-def test_overwrite_makes_every_image_again(tiny_sd3, tmp_path):
-    out = tmp_path / "out"
-    run([BIN / "python", DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:2])])
+def test_overwrite_makes_every_image_again(tiny_sd3, three_images, tmp_path):
+    out = shutil.copytree(three_images, tmp_path / "out")
     before = {p.name: p.stat().st_mtime_ns for p in out.glob(IMAGES)}
-    run([BIN / "python", DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:2]), "--overwrite"])
+    run([BIN / "python", DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:3]), "--overwrite"])
     assert all(p.stat().st_mtime_ns > before[p.name] for p in out.glob(IMAGES))
-    assert len(read_manifest(out)) == 2
+    assert len(read_manifest(out)) == 3
 
 
-def test_a_run_with_other_settings_into_the_same_folder_is_refused(tiny_sd3, tmp_path):
-    out = tmp_path / "out"
-    run([BIN / "python", DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:2])])
-    result = run([BIN / "python", DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:2]), "--seed", "5"], check=False)
+def test_a_run_with_other_settings_into_the_same_folder_is_refused(tiny_sd3, three_images, tmp_path):
+    out = shutil.copytree(three_images, tmp_path / "out")
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob(IMAGES)}
+    result = run_main(DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:3]), "--seed", "5")
     assert_clear_error(result, "was made with another seed", "--overwrite")
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob(IMAGES)} == before
 
 
 def test_two_machines_on_loopback_make_each_prompt_once(tiny_sd3, tmp_path):
@@ -142,22 +149,21 @@ def job_bar(log):
     return [(int(done), int(total)) for done, total in re.findall(r"^images:.*?(\d+)/(\d+) \[", log, re.MULTILINE)]
 
 
-def test_the_job_shows_one_progress_bar_that_ends_at_every_image(tiny_sd3, tmp_path):
-    result = run(torchrun(2, DATA_PARALLEL, *script_args(tiny_sd3, tmp_path / "out", BAR_PROMPTS)))
+def test_the_job_shows_one_progress_bar_that_ends_at_every_image_and_a_resumed_run_starts_it_at_those_made(
+        tiny_sd3, tmp_path):
+    out = tmp_path / "out"
+    result = run(torchrun(2, DATA_PARALLEL, *script_args(tiny_sd3, out, BAR_PROMPTS[:20])))
     bar = job_bar(result.stderr)
-    assert bar[0] == (0, 48) and bar[-1] == (48, 48)
+    assert bar[0] == (0, 20) and bar[-1] == (20, 20)
     assert [done for done, _ in bar] == sorted(done for done, _ in bar)
-    assert " 2/2 [" not in result.stderr  # no bar for the 2 steps of each of the 24 pipeline calls
+    assert " 2/2 [" not in result.stderr  # no bar for the 2 steps of each of the 10 pipeline calls
     assert "torchvision" not in result.stderr  # nor the libraries' warning about what the sample never uses
 
-
-def test_a_resumed_run_starts_the_bar_at_the_images_already_made(tiny_sd3, tmp_path):
-    out = tmp_path / "out"
-    run(torchrun(2, DATA_PARALLEL, *script_args(tiny_sd3, out, BAR_PROMPTS[:20])))
     result = run(torchrun(2, DATA_PARALLEL, *script_args(tiny_sd3, out, BAR_PROMPTS)))
     assert "20 of 48 images are already in" in result.stdout
     bar = job_bar(result.stderr)
     assert bar[0] == (20, 48) and bar[-1] == (48, 48)
+    assert [done for done, _ in bar] == sorted(done for done, _ in bar)
 
 
 # Where a private mount namespace can be made (Linux, as root), the output folder is a real 128 KiB tmpfs that
