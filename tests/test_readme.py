@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import BIN, IMAGES, ROOT, free_port, load_script, offline_env, run
+from tests.test_readme_programs import launch_commands, readme_programs
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 FLUX_DEV_CONFIGS = ROOT / "tests" / "fixtures" / "flux1-dev"
@@ -27,11 +28,17 @@ SCRIPTS = {"data-parallelism-accelerate.py": "sd3", "model-parallelism-flux.py":
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
 
 
-def readme_commands():
-    """Every `uv run ...` line of the README's bash blocks, without its trailing comment."""
+def readme_lines():
+    """Every `uv run ...` line of the README's bash blocks."""
     blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)
-    lines = [line.strip() for block in blocks for line in block.splitlines()]
-    return [shlex.split(line, comments=True) for line in lines if line.startswith("uv run ")]
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("uv run ")]
+
+
+def readme_commands():
+    """Every `uv run ...` line of the README's bash blocks, without its trailing comment; but the launch commands
+    of the one-page programs (`# file: NAME.py` blocks), which tests/test_readme_programs.py runs on the program
+    written out from the README."""
+    return [shlex.split(line, comments=True) for line in readme_lines() if line not in launch_commands(README)]
 
 
 def as_test(argv, tiny, tmp_path, port):
@@ -70,6 +77,15 @@ def test_the_readme_has_commands_to_check():
     words = {word for argv in readme_commands() for word in argv[2:]}
     assert {"accelerate", "torchrun", "pytest", "data-parallelism-accelerate.py", "model-parallelism-flux.py",
             "tests/tiny_pipelines.py", "benchmarks/scaling.py", "--machine_rank", "--plan", "--staged"} <= words
+
+
+def test_the_commands_left_to_test_readme_programs_are_the_one_page_programs_launch_commands():
+    """Not one README command is skipped: those not run here name a program the README itself writes out."""
+    programs = {program.name for program in readme_programs(README)}
+    left = [line for line in readme_lines() if line in launch_commands(README)]
+    assert left, "the README's one-page programs have no launch commands"
+    assert all(set(shlex.split(line, comments=True)) & programs for line in left)
+    assert not programs & {word for argv in readme_commands() for word in argv}  # nor run here, on no file
 
 
 def test_every_image_the_readme_shows_is_in_assets():

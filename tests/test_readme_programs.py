@@ -1,0 +1,399 @@
+"""The README's "technique on one page" programs run as written, and do what they claim.
+
+Convention (LESSON-CONVENTION.md): in a technique's section, a ```python block whose first line is exactly
+`# file: NAME.py` is a complete program; the ```bash block directly above it holds its launch commands (the
+`uv run ...` lines that name NAME.py). Every such program is found here automatically, written as written into a
+temporary folder, and run with each of its commands, with one substitution: the real model's Hub id becomes the
+path of the tiny pipeline of the same family (SD3 or FLUX). The launchers are the real ones, offline, on a free
+port; `accelerate launch` gets `--multi_gpu` where the README line lacks it and there is no GPU (without it
+Accelerate starts one CPU process). Where a command starts more processes than this machine has GPUs (one
+process a GPU), it is skipped with the reason.
+
+What a program did is observed, not re-made: a `sitecustomize` probe on the program's PYTHONPATH records every
+image saved (`PIL.Image.Image.save`) and the rank of the process that saved it. The images are checked against
+independent oracles: diffusers called directly with the same seed (data parallel), the pipeline's real placement
+(model parallel), and the contiguous split Accelerate documents (which process makes which prompt).
+"""
+
+import ast
+import json
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import BIN, ROOT, free_port, offline_env, pixels
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+MAX_LINES = 32  # "at most about 30 lines", the `# file:` line included
+TINY = {"stable-diffusion-3": "tiny_sd3", "flux": "tiny_flux"}  # a Hub id's family -> the tiny pipeline's fixture
+FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>\w*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
+                   flags=re.MULTILINE | re.DOTALL)
+FILE_LINE = re.compile(r"# file: (?P<name>[\w.-]+\.py)")
+PROBE = '''\
+# Written by tests/test_readme_programs.py: records every image a process saves, and the rank of that process.
+import json, os
+import PIL.Image
+
+_save = PIL.Image.Image.save
+
+
+def _recorded_save(self, fp, *args, **kwargs):
+    result = _save(self, fp, *args, **kwargs)
+    line = json.dumps({"rank": int(os.environ.get("RANK", "0")), "file": os.path.basename(str(fp))}) + "\\n"
+    with open(os.environ["IMAGE_SAVES_LOG"], "a", encoding="utf-8") as log:
+        log.write(line)  # one short append: lines from several processes do not interleave
+    return result
+
+
+PIL.Image.Image.save = _recorded_save
+'''
+
+
+@dataclass
+class Program:
+    name: str  # NAME.py, the file the launch commands name
+    source: str  # the python block, as written
+    commands: list = field(default_factory=list)  # the `uv run` lines of the bash block directly above, naming NAME.py
+
+
+def readme_programs(text):
+    """Every `# file: NAME.py` python block of a README, with the launch commands of the bash block above it."""
+    blocks = [(m["lang"], textwrap.dedent(m["body"])) for m in FENCE.finditer(text)]
+    programs = []
+    for k, (lang, body) in enumerate(blocks):
+        first = body.split("\n", 1)[0].rstrip()
+        if lang != "python" or not (match := FILE_LINE.fullmatch(first)):
+            continue
+        program = Program(match["name"], body)
+        if k > 0 and blocks[k - 1][0] == "bash":
+            lines = [line.strip() for line in blocks[k - 1][1].splitlines()]
+            program.commands = [line for line in lines if line.startswith("uv run ")
+                                and program.name in shlex.split(line, comments=True)]
+        programs.append(program)
+    return programs
+
+
+def launch_commands(text=README):
+    """The README lines that launch a one-page program: run here, not by test_readme.py's run of every command."""
+    return {command for program in readme_programs(text) for command in program.commands}
+
+
+def hub_id(source):
+    """The one string literal of the program that is the Hub id (organisation/name) of a model with a tiny twin.
+
+    Read from the text, not the syntax tree: a program that does not parse must still get to run, and fail."""
+    ids = [m[2] for m in re.finditer(r"""(["'])([\w.-]+/[\w.-]+)\1""", source)
+           if any(family in m[2].lower() for family in TINY)]
+    assert len(ids) == 1, f"expected one Hub model id (of {', '.join(TINY)}) in the program, found {ids}"
+    return ids[0]
+
+
+def with_tiny_pipeline(source, tiny_path):
+    """The one substitution: the real model's Hub id (as a string literal) becomes the tiny pipeline's path."""
+    model = hub_id(source)
+    literals = [f'"{model}"', f"'{model}'"]
+    assert sum(source.count(literal) for literal in literals) == 1, f"{model} must appear once, as a literal"
+    for literal in literals:
+        source = source.replace(literal, repr(str(tiny_path)))
+    return source
+
+
+def tiny_fixture(model):
+    family = next((family for family in TINY if family in model.lower()), None)
+    assert family, f"no tiny pipeline for {model}: add its family to TINY"
+    return TINY[family]
+
+
+def literal(source, name):
+    """The value of a module-level `name = <literal>` in the program (its prompts, its seed)."""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [name]:
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"the program has no module-level `{name} = ...`")
+
+
+def number_of_processes(argv):
+    argv = [str(arg) for arg in argv]
+    for flag in ("--nproc-per-node", "--nproc_per_node", "--num_processes", "--num-processes"):
+        for k, arg in enumerate(argv):
+            if arg == flag:
+                return int(argv[k + 1])
+            if arg.startswith(flag + "="):
+                return int(arg.split("=", 1)[1])
+    return 1
+
+
+def as_test(line, name):
+    """The README's command line, runnable here: the real launcher, a free port (see the module's docstring)."""
+    argv = shlex.split(line, comments=True)[2:]  # without `uv run`
+    program, args = argv[0], argv[1:]
+    if program == name or program == "python":
+        return [sys.executable, *([name] if program == name else []), *args]
+    if program == "torchrun":
+        return [BIN / "torchrun", "--master-port", free_port(), *args]
+    if program == "accelerate" and args[:1] == ["launch"]:
+        multi = [] if "--multi_gpu" in args or torch.accelerator.is_available() else ["--multi_gpu"]
+        return [BIN / "accelerate", "launch", "--main_process_port", free_port(), *multi, *args[1:]]
+    raise AssertionError(f"no way to run `{line}` here: add its launcher to as_test")
+
+
+@dataclass
+class Run:
+    program: Program
+    command: str
+    folder: Path  # where it ran, and wrote its files
+    processes: int
+    result: subprocess.CompletedProcess
+    saves: list  # [{"rank": r, "file": name}, ...]: every image saved, by whom
+
+    def succeeded(self):
+        if self.result.returncode != 0:
+            pytest.fail(f"`{self.command}` (README, {self.program.name}) exited {self.result.returncode}\n"
+                        f"{self.result.stdout}\n{self.result.stderr}")
+
+
+def run_program(program, command, tiny_path, folder, timeout=600, a_gpu_a_process=True):
+    """Write the program as written (but for the model id) into `folder` and run the README's command there."""
+    argv = as_test(command, program.name)
+    processes = number_of_processes(argv)
+    if a_gpu_a_process and torch.accelerator.is_available() and processes > torch.accelerator.device_count():
+        pytest.skip(f"`{command}` starts {processes} processes, one a GPU; this machine has "
+                    f"{torch.accelerator.device_count()}")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / program.name).write_text(with_tiny_pipeline(program.source, tiny_path), encoding="utf-8")
+    probe = folder.parent / f"{folder.name}-probe"
+    probe.mkdir(exist_ok=True)
+    (probe / "sitecustomize.py").write_text(PROBE, encoding="utf-8")
+    log = probe / "saves.jsonl"
+    env = offline_env(PYTHONPATH=str(probe), IMAGE_SAVES_LOG=str(log))
+    result = subprocess.run([str(a) for a in argv], cwd=folder, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    saves = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()] if log.exists() else []
+    return Run(program, command, folder, processes, result, saves)
+
+
+PROGRAMS = readme_programs(README)
+RUNS = [(program, command) for program in PROGRAMS for command in program.commands]
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    """Each README command of each program, run once for all the tests that check it."""
+    done = {}
+
+    def get(program, command):
+        if (program.name, command) not in done:
+            tiny = request.getfixturevalue(tiny_fixture(hub_id(program.source)))
+            done[program.name, command] = run_program(program, command, tiny, tmp_path_factory.mktemp("lesson") / "run")
+        return done[program.name, command]
+    return get
+
+
+def runs_of(name):
+    selected = [(p, c) for p, c in RUNS if p.name == name]
+    return pytest.mark.parametrize("program, command", selected, ids=[c for _, c in selected])
+
+
+def test_the_readme_has_a_program_for_each_technique_with_its_launch_commands():
+    names = [program.name for program in PROGRAMS]
+    assert {"data_parallel_minimal.py", "model_parallel_minimal.py"} <= set(names)
+    assert len(names) == len(set(names))
+    for program in PROGRAMS:
+        assert program.commands, f"{program.name}: no `uv run` line naming it in the bash block directly above"
+        assert program.name in {"data_parallel_minimal.py", "model_parallel_minimal.py",
+                                "context_parallel_minimal.py"}, f"{program.name}: this test has no checks for it"
+
+
+@pytest.mark.parametrize("program", PROGRAMS, ids=[p.name for p in PROGRAMS])
+def test_each_program_fits_on_one_page(program):
+    lines = program.source.rstrip("\n").splitlines()
+    assert len(lines) <= MAX_LINES, f"{program.name} has {len(lines)} lines"
+    compile(program.source, program.name, "exec")  # a syntax error in the README fails here first, and clearly
+
+
+@pytest.mark.parametrize("program, command", RUNS, ids=[c for _, c in RUNS])
+def test_each_program_runs_with_the_command_above_it(program, command, runs):
+    run = runs(program, command)
+    run.succeeded()
+    assert run.saves, f"{program.name} saved no image"
+
+
+@runs_of("data_parallel_minimal.py")
+def test_data_parallel_program_makes_each_prompt_once_in_the_process_whose_share_it_is(program, command, runs):
+    run = runs(program, command)
+    run.succeeded()
+    prompts = literal(program.source, "prompts")
+    # Accelerate's split_between_processes: contiguous slices, the extra prompts to the first ranks.
+    owner = {int(i): rank for rank, share in enumerate(np.array_split(np.arange(len(prompts)), run.processes))
+             for i in share}
+    saved = {}
+    for save in run.saves:
+        index = int(re.match(r"\d+", save["file"])[0])  # the image is named by its prompt's index
+        assert index not in saved, f"prompt {index} saved twice: {run.saves}"
+        saved[index] = save
+        assert save["rank"] == owner[index], f"prompt {index} saved by process {save['rank']}, not {owner[index]}"
+        assert f"{save['file']} made by process {save['rank']}" in run.result.stdout
+    assert sorted(saved) == list(range(len(prompts)))
+    assert sorted(p.name for p in run.folder.glob("*.png")) == sorted(s["file"] for s in run.saves)
+
+
+@runs_of("data_parallel_minimal.py")
+def test_data_parallel_program_images_are_what_diffusers_makes_from_the_same_seed(program, command, runs, tiny_sd3):
+    from diffusers import DiffusionPipeline
+
+    run = runs(program, command)
+    run.succeeded()
+    prompts, seed = literal(program.source, "prompts"), literal(program.source, "seed")
+    on_gpu = torch.accelerator.is_available()
+    pipeline = DiffusionPipeline.from_pretrained(tiny_sd3, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    for save in run.saves:
+        index = int(re.match(r"\d+", save["file"])[0])
+        # the device of the process that made it: on GPUs, rank r's own; on the CPU, the CPU
+        device = torch.device(torch.accelerator.current_accelerator().type, save["rank"]) if on_gpu else "cpu"
+        expected = pipeline.to(device)(prompts[index],
+                                       generator=torch.Generator("cpu").manual_seed(seed + index)).images[0]
+        made, expected = pixels(run.folder / save["file"]), np.asarray(expected.convert("RGB"), dtype=np.int16)
+        assert made.shape == expected.shape, save["file"]
+        difference = int(np.abs(made - expected).max())
+        assert difference <= 1, f"{save['file']} differs from diffusers' own image by up to {difference}/255"
+
+
+def printed_placement(stdout):
+    return dict(re.findall(r"^(\w+) -> (\S+)$", stdout, flags=re.MULTILINE))
+
+
+@runs_of("model_parallel_minimal.py")
+def test_model_parallel_program_prints_where_each_component_really_is_and_saves_one_image(program, command, runs,
+                                                                                        tiny_flux):
+    from diffusers import DiffusionPipeline
+
+    run = runs(program, command)
+    run.succeeded()
+    printed = printed_placement(run.result.stdout)
+    # The oracle: the same pipeline placed by diffusers here, and where its components really are.
+    pipeline = DiffusionPipeline.from_pretrained(tiny_flux, device_map="balanced")
+    modules = {name: module for name, module in pipeline.components.items() if isinstance(module, torch.nn.Module)}
+    assert set(printed) == set(modules), run.result.stdout
+    if torch.accelerator.is_available():  # free memory decides the order; the cycle over the GPUs does not
+        assert set(printed) == set(pipeline.hf_device_map)
+        used = {device for device in printed.values() if device != "cpu"}
+        assert used <= {str(d) for d in range(torch.accelerator.device_count())}, printed
+        assert len(used) == min(len(modules), torch.accelerator.device_count()), printed
+    else:
+        assert pipeline.hf_device_map is None  # diffusers places nothing without an accelerator...
+        assert printed == {name: str(module.device) for name, module in modules.items()} == {
+            name: "cpu" for name in modules}  # ...and everything is on the CPU, as printed
+    assert len(run.saves) == 1, run.saves
+    assert f"saved {run.saves[0]['file']}" in run.result.stdout
+    assert [p.name for p in run.folder.glob("*.png")] == [run.saves[0]["file"]]
+    assert pixels(run.folder / run.saves[0]["file"]).std() > 0  # a picture (noise, from random weights), not blank
+
+
+@runs_of("context_parallel_minimal.py")
+def test_context_parallel_program_saves_one_image_from_the_main_process(program, command, runs):
+    run = runs(program, command)
+    run.succeeded()
+    check_one_image_by_the_main_process(run)
+
+
+def check_one_image_by_the_main_process(run):
+    assert [save["rank"] for save in run.saves] == [0], f"expected one image, saved by process 0: {run.saves}"
+    assert [p.name for p in run.folder.glob("*.png")] == [run.saves[0]["file"]]
+
+
+# The extractor and the runner, on a small README written here: the convention's every case, a program that does
+# not run, and the context parallel check (its program is not in this branch's README yet).
+
+SYNTHETIC = '''\
+## Context parallelism
+### The technique on one page
+```bash
+uv run torchrun --nproc-per-node 2 context_parallel_minimal.py   # two processes, one image
+uv run accelerate launch --num_processes 2 context_parallel_minimal.py
+uv run context-parallelism-flux.py --help
+```
+
+```python
+# file: context_parallel_minimal.py
+import os
+from PIL import Image
+
+model_id = "black-forest-labs/FLUX.1-dev"
+if os.environ.get("RANK", "0") == "0":  # the main process
+    Image.new("RGB", (8, 8)).save("one.png")
+```
+
+Some words.
+
+```python
+# file: orphan_minimal.py
+print("no launch command above me")
+```
+
+```python
+# a plain example, not a program
+```
+'''
+
+
+def test_the_extractor_finds_each_program_with_the_commands_that_launch_it():
+    programs = readme_programs(SYNTHETIC)
+    assert [p.name for p in programs] == ["context_parallel_minimal.py", "orphan_minimal.py"]
+    context, orphan = programs
+    assert context.commands == ["uv run torchrun --nproc-per-node 2 context_parallel_minimal.py   # two processes, "
+                                "one image", "uv run accelerate launch --num_processes 2 context_parallel_minimal.py"]
+    assert context.source.startswith("# file: context_parallel_minimal.py\n") and context.source.endswith("\n")
+    assert orphan.commands == []  # the block above it is not bash: the suite's check of the README would fail it
+    assert launch_commands(SYNTHETIC) == set(context.commands)
+    assert tiny_fixture(hub_id(context.source)) == "tiny_flux"
+    assert tiny_fixture("stabilityai/stable-diffusion-3.5-medium") == "tiny_sd3"
+    assert "FLUX.1-dev" not in with_tiny_pipeline(context.source, Path("/tmp/tiny/flux"))
+    assert "model_id = '/tmp/tiny/flux'" in with_tiny_pipeline(context.source, Path("/tmp/tiny/flux"))
+
+
+def test_the_readme_blocks_are_found_in_lists_too():
+    indented = "1. Run:\n   ```bash\n   uv run x_minimal.py\n   ```\n\n   ```python\n   # file: x_minimal.py\n   pass\n   ```\n"
+    [program] = readme_programs(indented)
+    assert (program.name, program.source, program.commands) == ("x_minimal.py", "# file: x_minimal.py\npass\n",
+                                                                ["uv run x_minimal.py"])
+
+
+def test_the_launch_commands_get_only_a_port_and_where_there_is_no_gpu_multi_gpu():
+    torchrun = as_test("uv run torchrun --nproc-per-node 2 a.py", "a.py")
+    assert torchrun[0] == BIN / "torchrun" and torchrun[1] == "--master-port" and torchrun[3:] == [
+        "--nproc-per-node", "2", "a.py"]
+    accelerate = as_test("uv run accelerate launch --num_processes 2 a.py", "a.py")
+    assert accelerate[:3] == [BIN / "accelerate", "launch", "--main_process_port"]
+    assert accelerate[4:] == ([] if torch.accelerator.is_available() else ["--multi_gpu"]) + [
+        "--num_processes", "2", "a.py"]
+    assert as_test("uv run a.py --x 1", "a.py") == [sys.executable, "a.py", "--x", "1"]
+    assert [number_of_processes(c) for c in (torchrun, accelerate, ["a.py"])] == [2, 2, 1]
+
+
+def test_the_context_parallel_check_on_a_synthetic_program(tmp_path):
+    program = readme_programs(SYNTHETIC)[0]
+    run = run_program(program, program.commands[0], Path("/nowhere/tiny/flux"), tmp_path / "run",
+                      a_gpu_a_process=False)  # it uses no GPU: 2 processes run on any machine
+    run.succeeded()
+    check_one_image_by_the_main_process(run)
+    # One image saved by every process, or by another than the main one, is caught.
+    for saves in ([{"rank": 0, "file": "one.png"}, {"rank": 1, "file": "one.png"}], [{"rank": 1, "file": "one.png"}]):
+        with pytest.raises(AssertionError, match="saved by process 0"):
+            check_one_image_by_the_main_process(Run(program, "", run.folder, 2, run.result, saves))
+
+
+def test_a_program_that_does_not_run_fails_the_suite(tmp_path):
+    broken = Program("model_parallel_minimal.py",
+                     '# file: model_parallel_minimal.py\nmodel = "black-forest-labs/FLUX.1-dev"\nprint(model\n')
+    run = run_program(broken, "uv run model_parallel_minimal.py", Path("/nowhere"), tmp_path / "run")
+    with pytest.raises(pytest.fail.Exception, match="SyntaxError"):
+        run.succeeded()
