@@ -341,9 +341,9 @@ def make_plan(args):
     # to split and which output to gather. Read here, not called, to say before loading that there is none.
     if getattr(transformer_class, "_cp_plan", None) is None:
         fail(f"--model {args.model} is a {index.get('_class_name')}: diffusers cannot split its transformer "
-             f"({index['transformer'][1]}) by context parallelism. data-parallelism-accelerate.py makes many images "
-             "with it at once (a whole copy per GPU); model-parallelism-flux.py spreads a FLUX.1 pipeline too large "
-             "for one GPU over several")
+             f"({index['transformer'][1]}) by context parallelism (it has no context-parallel plan): "
+             "data-parallelism-accelerate.py serves it on several GPUs (a whole copy on each, many images at once); "
+             "model-parallelism-flux.py shards FLUX.1 pipelines only")
     # The VAE shrinks images 8x (2 per block after the first), and Flux packs 2x2 latents into one token: an
     # image token is a 16x16 patch of pixels, and sizes must be multiples of 16.
     patch = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1) * 2
@@ -470,8 +470,10 @@ def fit(plan, device_memory, ram=None, processes_here=1):
         need, device_memory = need * processes_here, ram
     if need <= device_memory:
         return True, None
-    where = (f"{processes_here} process(es) on the CPU need {size(need)} of RAM, and {size(device_memory)} is free"
-             if plan["device"] == "cpu" else f"each GPU holds the whole pipeline: it needs {size(need)} "
+    if plan["device"] == "cpu":
+        return False, (f"{plan['model']} does not fit: {processes_here} process(es) on the CPU need {size(need)} of "
+                       f"RAM, a copy each, and {size(device_memory)} is free: run fewer processes, or free some memory")
+    where = (f"each GPU holds the whole pipeline: it needs {size(need)} "
              f"({size(plan['weights'] - (plan['text_encoders'] if plan['staged'] else 0))} of weights, "
              f"{size(plan['reserved_for_activations'])} for activations) and has {size(device_memory)} free")
     if not plan["staged"] and plan["needs"]["staged"] <= device_memory:
