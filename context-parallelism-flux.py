@@ -529,6 +529,8 @@ def check_plan(args, plan):
     """Before any process loads anything: a split the processes cannot make is one line, and a non-zero exit."""
     if plan["problems"]:
         fail(plan["problems"][0])
+    if args.staged and plan["pipeline"] != "FluxPipeline":  # it calls FLUX.1's encode_prompt
+        fail(f"--staged is for FLUX.1 pipelines; {args.model} is a {plan['pipeline']}")
     if plan["device"] == "cpu":  # every process of this machine keeps a copy of the weights in RAM
         fits, why = fit(plan, None, psutil.virtual_memory().available, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if not fits:
@@ -595,8 +597,6 @@ def load_pipeline(args, plan, without=()):
 
 def encode_and_free_text_encoders(args, plan, device):
     """--staged: the text encoders alone encode the prompt, and are freed before the transformer is loaded."""
-    if plan["pipeline"] != "FluxPipeline":
-        fail(f"--staged is for FLUX.1 pipelines; {args.model} is a {plan['pipeline']}")
     text = load_pipeline(args, plan, without=("transformer", "vae")).to(device)
     with torch.no_grad():
         prompt_embeds, pooled_prompt_embeds, _ = text.encode_prompt(
@@ -644,7 +644,7 @@ def report(args, plan, stats, image, seconds, step_times, t0):
           f"process(es): {plan['tokens_per_process'] if n > 1 else plan['image_tokens'] + plan['text_tokens']} "
           f"tokens per process" + (f", {plan['heads'] // plan['ulysses_degree']} of {plan['heads']} heads each in "
                                    "every attention" if n > 1 else ""))
-    print(f"made {args.output} ({image.width}x{image.height}) in {seconds:.1f} s, {per_step:.2f} s per step, "
+    print(f"made {args.output} ({image.width}x{image.height}) in {seconds:.2f} s, {per_step:.3f} s per step, "
           f"{time.time() - psutil.Process().create_time():.1f} s since the start; peak memory: "
           + ", ".join(f"rank {s['rank']} on {s['device']} {s['peak_gib']:.2f} GiB" for s in stats))
 
