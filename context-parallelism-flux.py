@@ -590,7 +590,8 @@ def explained_load_errors(model):
 
 def load_pipeline(args, plan, without=()):
     """The pipeline at the run's dtype, without the components named (None: not loaded)."""
-    left_out = {name: None for name in without} | ({"tokenizer": None, "tokenizer_2": None} if without else {})
+    left_out = {name: None for name in without} | (  # the tokenizers go with the text encoders
+        {"tokenizer": None, "tokenizer_2": None} if "text_encoder" in without else {})
     with explained_load_errors(args.model):
         return DiffusionPipeline.from_pretrained(args.model, dtype=getattr(torch, plan["dtype"]), **left_out)
 

@@ -292,3 +292,9 @@ def test_two_gpus_make_the_image_of_one_faster_per_step(tmp_path):
         images[n] = pixels(out)
     assert np.abs(images[2] - images[1]).mean() < 2
     assert times[2] < times[1]
+
+
+def test_staged_two_processes_free_the_text_encoders_and_make_the_same_image(tiny_flux, one_process, tmp_path):
+    staged = launched(torchrun(2, CONTEXT_PARALLEL, "--model", tiny_flux, *FAST, "--staged", "--output",
+                               tmp_path / "out" / "cat.png", "--device", "cpu"), tmp_path)
+    assert np.abs(pixels(staged.image) - pixels(one_process.image)).max() <= 1
