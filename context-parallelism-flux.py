@@ -417,10 +417,10 @@ def split_problems(args, processes, ulysses, heads, image_tokens, text_tokens, p
             torch.accelerator.current_accelerator().type != "cuda"):
         problems.append(f"ring attention's backends ({', '.join(RING_BACKENDS)}) run on NVIDIA GPUs only: use "
                         "--ulysses-degree alone")
-    if heads and heads % ulysses:
-        works = [d for d in range(2, heads + 1) if heads % d == 0][:6]
+    if heads and heads % ulysses:  # the process counts that share the heads and both kinds of tokens evenly
+        works = [n for n in range(2, heads + 1) if heads % n == 0 and image_tokens % n == 0 and text_tokens % n == 0]
         problems.append(f"{heads} attention heads cannot be shared between {ulysses} processes (Ulysses gives each "
-                        f"process heads/{ulysses}): run {', '.join(map(str, works))} processes")
+                        f"process heads/{ulysses}): at this size run {', '.join(map(str, works)) or 'one'} process(es)")
     if image_tokens % processes:
         height = next(h for h in range(args.height + patch, 100 * args.height, patch)
                       if (h // patch) * (args.width // patch) % processes == 0)

@@ -55,7 +55,7 @@ def as_test(argv, tiny, tmp_path, port):
     elif program == "benchmarks/scaling.py":
         args += ["--model", str(tiny["sd3"]), "--prompts", "4", "--size", "64", "--steps", "1"]
     elif program == "benchmarks/context_parallel.py":  # a small random FLUX: 2 heads of 64
-        args += ["--hidden", "128", "--size", "64", "--steps", "2"]
+        args += ["--hidden", "128", "--size", "64", "--steps", "2", "--repeats", "1"]
     script = next((a for a in [program, *args] if a in SCRIPTS), None)
     if "--max-memory" in args and not torch.accelerator.is_available():  # budgets for GPUs this machine lacks
         args += ["--plan", "--num-devices", "2", "--device-memory", "24GiB"]
