@@ -4,6 +4,7 @@ each process really held, seen by a probe inside the processes; every bad input;
 real configs; the CPU workaround for diffusers 0.42, shown to be still needed; and GPU runs where there are GPUs.
 """
 
+import inspect
 import json
 import os
 import re
@@ -309,3 +310,28 @@ def test_the_readme_table_of_flux1_dev_plans_is_what_the_script_plans(plan):
     for memory, fits, staged_fits in rows:
         assert plan(2, f"{memory}GiB")["fits"] == (fits == "yes"), memory
         assert plan(2, f"{memory}GiB", "--staged")["fits"] == (fits == "yes" or bool(staged_fits)), memory
+
+
+# --- the guards: the same code as in the other scripts ---
+
+
+@pytest.mark.parametrize("helper", ["fail", "check_torch_can_use_the_gpus", "gpus_on_the_pci_bus", "free_memory"])
+def test_the_gpu_machine_guards_are_the_data_parallel_scripts_own(script, helper):
+    """Copied, not rewritten: a fix to one script's guard (tests/test_gpu_machines.py tests them there) must reach
+    this one too. When this fails, port the change."""
+    data_parallel = load_script(ROOT / "data-parallelism-accelerate.py")
+    assert inspect.getsource(getattr(script, helper)) == inspect.getsource(getattr(data_parallel, helper))
+
+
+def test_more_processes_than_gpus_is_refused_with_the_launch_that_fits(script, monkeypatch, capsys):
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("xpu"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr("sys.argv", ["context-parallelism-flux.py"])
+    with pytest.raises(SystemExit):
+        script.check_launch(SimpleNamespace(device="auto"))
+    err = capsys.readouterr().err
+    assert "4 processes on this machine, but it has 2 xpu device(s)" in err
+    assert "torchrun --nproc-per-node 2 context-parallelism-flux.py" in err
