@@ -9,7 +9,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import textwrap
 from types import SimpleNamespace
 
@@ -18,8 +17,8 @@ import pytest
 import torch
 from diffusers import ContextParallelConfig, FluxPipeline, FluxTransformer2DModel
 
-from tests.conftest import (BIN, ROOT, accelerate_launch, accelerator, assert_clear_error, free_port, load_script,
-                            offline_env, pixels, python, run, torchrun)
+from tests.conftest import (ROOT, accelerate_launch, accelerator, load_script, offline_env, pixels, python, run,
+                            torchrun)
 
 CONTEXT_PARALLEL = ROOT / "context-parallelism-flux.py"
 FLUX1_DEV = ROOT / "tests" / "fixtures" / "flux1-dev"  # FLUX.1-dev's real config.json files, no weights
@@ -282,16 +281,14 @@ def test_two_gpus_make_the_image_of_one_faster_per_step(tmp_path):
     Tolerance: bfloat16 keeps 8 bits of mantissa, and 2 GPUs add the attention's terms in another order (each GPU
     attends over half the heads with a kernel chosen for that shape), so the latents differ by about 2**-8 of their
     size, a few of 255 in some pixel values after the VAE: the mean difference stays below 2 of 255."""
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.context_parallel import build_pipeline, per_step_seconds
-
-    model = build_pipeline(tmp_path / "model", hidden=3072, heads=24, blocks=(2, 4))
+    benchmark = load_script(ROOT / "benchmarks" / "context_parallel.py")
+    model = benchmark.build_pipeline(tmp_path / "model", hidden=3072, heads=24, blocks=(2, 4))
     times, images = {}, {}
     for n in (1, 2):
         out = tmp_path / f"{n}.png"
         launch = torchrun(n, CONTEXT_PARALLEL, "--model", model, "--height", "1024", "--width", "1024",
                           "--num-inference-steps", "20", "--output", out)
-        times[n] = per_step_seconds(run(launch, timeout=900).stdout)
+        times[n] = benchmark.per_step_seconds(run(launch, timeout=900).stdout)
         images[n] = pixels(out)
     assert np.abs(images[2] - images[1]).mean() < 2
     assert times[2] < times[1]
