@@ -2,7 +2,8 @@
 
     uv run assets/draw_assets.py
 
-- data-parallelism-workflow.png, model-parallelism-workflow.png: diagrams of the two techniques.
+- data-parallelism-workflow.png, model-parallelism-workflow.png, context-parallelism-workflow.png: diagrams of the
+  three techniques.
 - model-sharding.png: the placement that `model-parallelism-flux.py --plan --json` computes for FLUX.1-dev
   (the real configs in tests/fixtures/flux1-dev, no weights) on 2 x 24 GiB, on 23.0 + 23.6 GiB and on 4 x 12 GiB.
 - data-parallelism-output.png: a real run of data-parallelism-accelerate.py by 2 CPU processes on the tiny
@@ -108,6 +109,44 @@ def model_parallelism_workflow():
     image.save(ASSETS / "model-parallelism-workflow.png")
 
 
+def context_parallelism_workflow():
+    """One image, its tokens split between 2 GPUs; in every attention an all-to-all swaps tokens for heads."""
+    width, height = 1200, 700
+    image = Image.new("RGB", (width, height), PAPER)
+    draw = ImageDraw.Draw(image)
+    title(draw, "Context parallelism: one image, its tokens split between the GPUs",
+          "uv run torchrun --nproc-per-node 2 context-parallelism-flux.py   (FLUX.1-dev, 1024x1024)", width)
+    box(draw, (40, 95, 330, 195), "one image's sequence:\n4096 image tokens (64 x 64)\n+ 512 prompt tokens", GREY, 16)
+    for rank in (0, 1):
+        x = 420 + rank * 390
+        if rank == 0:
+            arrow(draw, (330, 145), (x, 145))
+        else:  # under process 0's boxes, then up
+            draw.line([(330, 192), (x + 110, 192)], fill=INK, width=3)
+            arrow(draw, (x + 110, 192), (x + 110, 182))
+        draw.text((x + 170, 100), f"process {rank} on xpu:{rank} (or cuda:{rank})", fill=INK, font=font(16),
+                  anchor="mm")
+        box(draw, (x, 120, x + 220, 180), f"image tokens\n{2048 * rank}-{2048 * rank + 2047}", BLUE, 15)
+        box(draw, (x + 230, 120, x + 340, 180), f"prompt\n{256 * rank}-{256 * rank + 255}", PURPLE, 15)
+    draw.text((40, 225), "every GPU holds the WHOLE transformer; each runs every block on its 2304 tokens. "
+              "In each of the 57 blocks' attention:", fill=INK, font=font(17))
+    rows = [("Q, K, V of MY 2304 tokens, all 24 heads", ORANGE),
+            ("all-to-all: send heads 12-23 of my tokens, receive heads 0-11 of the other's", GREEN),
+            ("attend: ALL 4608 tokens, MY 12 heads (Ulysses)", ORANGE),
+            ("all-to-all back: MY 2304 tokens, all 24 heads", GREEN)]
+    for k, (text, fill) in enumerate(rows):
+        y = 265 + k * 75
+        box(draw, (140, y, 1060, y + 55), text, fill, 17)
+        if k:
+            arrow(draw, (600, y - 20), (600, y))
+    arrow(draw, (600, 545), (600, 575))
+    box(draw, (60, 575, 1140, 630), "after the last block: all-gather, the whole latent on every GPU; each decodes it, "
+        "the main process saves the image", BLUE, 16)
+    draw.text((width / 2, height - 30), "ring attention (--ring-degree) passes keys and values round the GPUs instead "
+              "of swapping heads; the native attention cannot (no log-sum-exp)", fill=MUTED, font=font(15), anchor="mm")
+    image.save(ASSETS / "context-parallelism-workflow.png")
+
+
 def model_sharding():
     """Bars per device from the script's own plan of FLUX.1-dev, for three hardware set-ups."""
     plans = []
@@ -205,6 +244,7 @@ def draw_width(font_, line):
 if __name__ == "__main__":
     data_parallelism_workflow()
     model_parallelism_workflow()
+    context_parallelism_workflow()
     terminal(ASSETS / "accelerate-config.txt", ASSETS / "accelerate-config.png")
     data_parallelism_output()
     model_sharding()

@@ -3,7 +3,7 @@
 A command is run as written, with these substitutions only: the tiny pipelines for the real models (and the
 FLUX.1-dev or SD3.5-medium configs for a --plan), a few steps at 64 px, output in a temporary folder, a free port, and
 127.0.0.1 for the example address of machine 0, and a --plan for two 24 GiB GPUs where a command gives GPU
-memory budgets and this machine has no GPU; both scripts run on the CPU on purpose (`--device cpu`),
+memory budgets and this machine has no GPU; the scripts run on the CPU on purpose (`--device cpu`),
 alike on a machine with GPUs. Interactive commands (`accelerate config`, `hf auth login`)
 are run with --help. The two machines of the several-machines example are run together, on loopback.
 """
@@ -24,7 +24,8 @@ from tests.test_readme_programs import launch_commands, readme_programs
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 FLUX_DEV_CONFIGS = ROOT / "tests" / "fixtures" / "flux1-dev"
 SD35_MEDIUM_CONFIGS = ROOT / "tests" / "fixtures" / "sd3.5-medium"
-SCRIPTS = {"data-parallelism-accelerate.py": "sd3", "model-parallelism-flux.py": "flux"}
+SCRIPTS = {"data-parallelism-accelerate.py": "sd3", "model-parallelism-flux.py": "flux",
+           "context-parallelism-flux.py": "flux"}
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
 
 
@@ -60,6 +61,8 @@ def as_test(argv, tiny, tmp_path, port):
         args = [str(tmp_path / "tiny")]
     elif program == "benchmarks/scaling.py":
         args += ["--model", str(tiny["sd3"]), "--prompts", "4", "--size", "64", "--steps", "1"]
+    elif program == "benchmarks/context_parallel.py":  # a small random FLUX: 2 heads of 64
+        args += ["--hidden", "128", "--size", "64", "--steps", "2", "--repeats", "1"]
     script = next((a for a in [program, *args] if a in SCRIPTS), None)
     if "--max-memory" in args and not torch.accelerator.is_available():  # budgets for GPUs this machine lacks
         args += ["--plan", "--num-devices", "2", "--device-memory", "24GiB"]
@@ -76,7 +79,8 @@ def as_test(argv, tiny, tmp_path, port):
 def test_the_readme_has_commands_to_check():
     words = {word for argv in readme_commands() for word in argv[2:]}
     assert {"accelerate", "torchrun", "pytest", "data-parallelism-accelerate.py", "model-parallelism-flux.py",
-            "tests/tiny_pipelines.py", "benchmarks/scaling.py", "--machine_rank", "--plan", "--staged"} <= words
+            "tests/tiny_pipelines.py", "benchmarks/scaling.py", "--machine_rank", "--plan", "--staged",
+            "context-parallelism-flux.py", "benchmarks/context_parallel.py"} <= words
 
 
 def test_the_commands_left_to_test_readme_programs_are_the_one_page_programs_launch_commands():
@@ -133,7 +137,9 @@ def test_the_readme_table_of_sd35_medium_memory_modes_is_what_the_script_plans(m
         assert f"{plan['needs'][plan['mode']] / 2**30:.2f}" == needs
 
 
-SINGLE = [argv for argv in readme_commands() if argv[2] != "pytest" and "--machine_rank" not in argv]
+# The "technique on one page" programs (`# file: NAME.py` blocks) are run by tests/test_readme_programs.py.
+SINGLE = [argv for argv in readme_commands() if argv[2] != "pytest" and "--machine_rank" not in argv
+          and not any(a.endswith("_minimal.py") for a in argv)]
 
 
 @pytest.mark.parametrize("argv", SINGLE, ids=[" ".join(argv[2:5]) for argv in SINGLE])

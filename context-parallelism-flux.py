@@ -1,0 +1,665 @@
+"""Context parallelism: one FLUX.1 image made by several GPUs at once, each GPU working on a share of its tokens.
+
+Every GPU holds the whole pipeline, as in data parallelism, but all of them make the SAME image together: the
+transformer's sequence (the image's 4096 tokens at 1024x1024 and the prompt's 512) is split N ways, each GPU runs
+every block on its 1/N of the tokens, and in each attention the GPUs swap pieces with an all-to-all (Ulysses): each
+then holds every token for 1/N of the heads, attends, and swaps back. diffusers does it all
+(`ContextParallelConfig`, `transformer.enable_parallelism`); the script only launches one process per GPU.
+
+Use it to make one image faster when the pipeline fits on each GPU (FLUX.1-dev: 31.4 GiB in bfloat16, 22.3 GiB
+with --staged). For many images, data-parallelism-accelerate.py is faster still (the GPUs never talk); for a
+model too large for any one GPU, model-parallelism-flux.py spreads one copy over them.
+
+    uv run torchrun --nproc-per-node 2 context-parallelism-flux.py                  # 2 GPUs (Intel or NVIDIA)
+    uv run accelerate launch --num_processes 2 context-parallelism-flux.py          # the same, with accelerate
+    uv run context-parallelism-flux.py                                              # 1 GPU: the baseline
+    uv run context-parallelism-flux.py --plan --num-devices 2 --device-memory 24GiB # will it fit? no download
+    uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --model tiny/flux --height 64 --width 64 --num-inference-steps 2  # CPU
+
+Launcher options go before the script's name. On the CPU `accelerate launch` needs --multi_gpu to start several
+processes. Every process runs the pipeline with the same seed on a CPU generator; only the main process saves the
+image, which is the image one process makes alone (to rounding).
+"""
+
+import argparse
+import contextlib
+import importlib
+import inspect
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import sys
+import time
+import unittest.mock
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import diffusers
+import huggingface_hub
+import psutil
+import torch
+import transformers
+from accelerate import PartialState
+from accelerate.utils import compute_module_sizes, convert_file_size_to_int, gather_object
+from accelerate.utils.memory import clear_device_cache
+from diffusers import AutoencoderKL, ContextParallelConfig, DiffusionPipeline
+from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+from torch.distributed.device_mesh import init_device_mesh
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
+DEFAULT_PROMPT = "A cat holding a sign that says hello world"  # the sharding script's: compare image for image
+LAUNCHER_FLAGS = ("--num-processes", "--num_processes", "--multi-gpu", "--multi_gpu", "--nproc-per-node",
+                  "--nproc_per_node", "--num-machines", "--num_machines", "--machine-rank", "--machine_rank",
+                  "--mixed-precision", "--mixed_precision", "--config-file", "--config_file")
+GiB = 2**30
+RESERVE_AT_1024 = 3 * GiB  # activations at 1024x1024, scaled with the pixels: every process decodes the whole image
+TEXT_ENCODER_RESERVE = GiB // 2  # a text encoder reads a few hundred tokens: small activations at any image size
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# Ring attention merges partial attentions by their log-sum-exp: only these of diffusers' context-parallel backends
+# return it (attention_dispatch.py: the native backend raises on return_lse), and they run on NVIDIA GPUs only.
+RING_BACKENDS = ("_native_cudnn", "_native_flash")
+
+# diffusers imports transformers' image processors (for IP-Adapters, which this sample never uses), and without
+# torchvision transformers warns about them; diffusers 0.42's context parallel hooks call a torch collective that
+# torch now calls deprecated, once per process. Silence those warnings alone; the others still show.
+logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "torchvision" not in record.getMessage())
+warnings.filterwarnings("ignore", message=r".*all_gather_tensor.* is deprecated", category=FutureWarning)
+
+
+def main():
+    args = parse_args()
+    if not args.plan:  # a plan loads nothing and starts no processes: it may be for GPUs this machine lacks
+        check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
+        check_launch(args)  # one process per device, and a torch that can join them into a group
+    # Know before loading, from the configs alone (the model built on the meta device, no weights): that the model
+    # can be split this way, that the processes divide its heads and tokens, and what each GPU must hold.
+    plan = make_plan(args)
+    if args.plan:
+        return print_plan(args, plan)
+    check_plan(args, plan)
+
+    # 1. One process per device. Accelerate reads the rank and world size the launcher set, picks this process's
+    #    device (xpu:<local rank>, cuda:<local rank>) and joins the process group (xccl on Intel GPUs, nccl on
+    #    NVIDIA; with no accelerator `cpu=True` makes the processes a gloo group on the CPU). The processes first
+    #    meet in an all-to-all once every one has loaded (the first run downloads 32 GB): a week, not NCCL's
+    #    10 minutes; a failure still ends the job at once (the launcher stops every process when one fails).
+    distributed_state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available(),
+                                     timeout=timedelta(days=7))
+    check_group_formed(distributed_state)
+    device = distributed_state.device
+    if device.type == "cpu":  # in a CPU process group Accelerate says "cpu:0": moving the weights from "cpu"
+        device = torch.device("cpu")  # to "cpu:0" would copy every one of them, twice the memory for nothing
+    quiet_libraries(main_process=distributed_state.is_main_process, verbose=args.verbose)
+    check_device_memory(args, plan, device)  # each process, its own GPU
+    if distributed_state.num_processes == 1 and distributed_state.is_main_process:
+        print(one_process_note(), file=sys.stderr, flush=True)
+
+    # 2. Every process loads the WHOLE pipeline onto its own device (with --staged: the text encoders first,
+    #    which encode the prompt and are freed, then the transformer and the VAE).
+    inputs = encode_and_free_text_encoders(args, plan, device) if args.staged else dict(prompt=args.prompt)
+    pipeline = load_pipeline(args, plan, without=TEXT_ENCODERS if args.staged else ()).to(device)
+    if args.attention_backend != "native":
+        pipeline.transformer.set_attention_backend(args.attention_backend)
+
+    # 3. Context parallelism: split the transformer's sequence between the processes. Its hooks (the model's own
+    #    plan) hand each process 1/N of the image tokens and 1/N of the prompt tokens as they enter the
+    #    transformer, and gather the N pieces of the output after its last layer. In every attention, Ulysses
+    #    swaps the pieces with an all-to-all, so that each process holds every token for 1/N of the heads,
+    #    attends, and swaps back; ring attention (--ring-degree) instead passes the keys and values around.
+    if distributed_state.num_processes > 1:
+        ring, ulysses = plan["ring_degree"], plan["ulysses_degree"]  # ring x ulysses = N processes
+        config = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, mesh=init_device_mesh(
+            device.type, (ring, ulysses), mesh_dim_names=("ring", "ulysses")))  # on this process's device type
+        # diffusers 0.42 picks the process's device as `rank % torch.accelerator.device_count()`
+        # (diffusers/models/modeling_utils.py, ModelMixin._resolve_parallel_config): a division by zero where
+        # there is no accelerator. There, and only there, count the CPU as one device while it does.
+        with (unittest.mock.patch("torch.accelerator.device_count", return_value=1)
+              if not torch.accelerator.is_available() else contextlib.nullcontext()):
+            pipeline.transformer.enable_parallelism(config=config)
+
+    # 4. Generate: every process runs the same call with the same starting noise (a CPU generator, the same seed),
+    #    timing each step. The output is gathered in every process; the main process saves it.
+    pipeline.set_progress_bar_config(disable=not distributed_state.is_main_process)
+    if device.type != "cpu":
+        torch.accelerator.reset_peak_memory_stats(device)
+    step_times = []
+    t0 = time.perf_counter()
+    image = pipeline(**inputs, height=args.height, width=args.width, generator=torch.Generator("cpu").manual_seed(
+        args.seed), callback_on_step_end=lambda *a: step_times.append(time.perf_counter()) or {},
+                     **call_options(args, pipeline)).images[0]
+    seconds = time.perf_counter() - t0
+
+    # 5. The main process saves the image, whole or not at all, and reports every process's numbers.
+    stats = gather_object([{"rank": distributed_state.process_index, "device": str(device),
+                            "peak_gib": peak_memory_gib(device)}])
+    if distributed_state.is_main_process:
+        save(image, args.output)
+        report(args, plan, stats, image, seconds, step_times, t0)
+    # Leave the process group before exiting: torn down by the interpreter at exit instead, gloo now and then
+    # aborts the process ("terminate called without an active exception") after all the work is done.
+    distributed_state.destroy_process_group()
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="Hub id or local folder of a pipeline whose transformer diffusers can split by context "
+                             "parallelism: FLUX.1, Flux2, QwenImage, Wan... (default: %(default)s)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="what to draw (default: %(default)r)")
+    parser.add_argument("--height", type=int, default=1024, help="image height in pixels (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=1024, help="image width in pixels (default: %(default)s)")
+    parser.add_argument("--num-inference-steps", type=int, default=50, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--guidance-scale", type=float, default=3.5, help="guidance (default: %(default)s)")
+    parser.add_argument("--max-sequence-length", type=int, default=512,
+                        help="T5 prompt tokens, at most 512; the processes split them too (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default: %(default)s)")
+    parser.add_argument("--output", type=Path, default=Path("flux-dev-context-parallel.png"),
+                        help="the image, written by the main process (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                        help="weights' dtype; auto is bfloat16 on GPUs and float32 on the CPU (default: %(default)s)")
+    parser.add_argument("--ulysses-degree", type=int,
+                        help="processes that split the heads in each attention with an all-to-all (default: the "
+                             "number of processes, divided by --ring-degree)")
+    parser.add_argument("--ring-degree", type=int, default=1,
+                        help="processes that pass keys and values round a ring instead; needs --attention-backend "
+                             f"{' or '.join(RING_BACKENDS)} (NVIDIA GPUs) (default: %(default)s)")
+    parser.add_argument("--attention-backend", choices=["native", *RING_BACKENDS], default="native",
+                        help="diffusers' attention backend: native is torch's scaled_dot_product_attention, on any "
+                             "device; the others return the log-sum-exp that ring attention needs (default: "
+                             "%(default)s)")
+    parser.add_argument("--staged", action="store_true",
+                        help="load the text encoders, encode the prompt, free them, then load the transformer and VAE: "
+                             "each GPU holds 9.1 GiB less of FLUX.1-dev at its peak")
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                        help="auto: each process on a GPU of its own where torch can use the GPUs, else the CPU; "
+                             "cpu: on the CPU on purpose, even on a machine with GPUs (default: %(default)s)")
+    parser.add_argument("--verbose", action="store_true", help="also show the main process's loading bars")
+    parser.add_argument("--plan", action="store_true",
+                        help="load no weights, start no processes: print the split and what each GPU must hold")
+    parser.add_argument("--json", action="store_true", help="with --plan: print the plan as one JSON document")
+    parser.add_argument("--num-devices", type=int,
+                        help="with --plan: plan for N processes, one per GPU (default: the GPUs present, or 1)")
+    parser.add_argument("--device-memory", metavar="SIZE",
+                        help="with --plan: free memory of each planned GPU, e.g. 24GiB (default: that present)")
+    args, unknown = parser.parse_known_args()
+    for arg in unknown:
+        if arg.split("=")[0] in LAUNCHER_FLAGS:
+            fail(f"{arg} is an option of the launcher, not of this script: put it before the script's name, "
+                 f"e.g. `torchrun --nproc-per-node 2 {Path(__file__).name}`")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    for name in ("height", "width", "num_inference_steps", "max_sequence_length", "num_devices", "ulysses_degree",
+                 "ring_degree"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be a positive number, not {getattr(args, name)}")
+    if args.max_sequence_length > 512:
+        fail(f"--max-sequence-length {args.max_sequence_length}: FLUX.1's T5 takes at most 512 tokens")
+    if not args.plan and (args.json or args.num_devices is not None or args.device_memory is not None):
+        fail("--json, --num-devices and --device-memory describe a plan: add --plan")
+    if args.device_memory is not None:
+        try:
+            args.device_memory = convert_file_size_to_int(args.device_memory)
+        except ValueError:
+            fail(f"--device-memory {args.device_memory}: write a size like 24GiB or 80GB")
+    if not args.plan:  # find out now, not after loading 32 GB and 50 steps, that the image cannot be saved
+        if args.output.is_dir():
+            fail(f"--output {args.output} is a folder: name the image file, e.g. {args.output / 'flux-dev.png'}")
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"--output {args.output}: cannot create its folder ({e.strerror})")
+        if not os.access(args.output.parent, os.W_OK):
+            fail(f"--output {args.output}: its folder is not writable")
+    return args
+
+
+def fail(message, code=2, every_process=False):
+    """One line on stderr and a non-zero exit, no traceback.
+
+    A bad input fails every process alike, so only the first process of each machine says it; the others wait
+    a moment, so that the launcher, which stops the whole job when one process ends, does not cut that line
+    short. A failure of one process alone (out of memory) is said by that process."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if every_process or local_rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(1)
+    sys.exit(code)
+
+
+def check_group_formed(distributed_state):
+    """Several processes that formed no group would each make the whole image alone: stop instead."""
+    if distributed_state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+        fail(f"the launcher started {os.environ['WORLD_SIZE']} processes but they formed no group, so each would "
+             f"make the whole image alone: on Intel GPUs this torch ({torch.__version__}) lacks the xccl backend "
+             "(install the XPU build of torch 2.8 or newer)")
+
+
+def quiet_libraries(main_process, verbose):
+    """One copy of the libraries' warnings is enough (the main process's); their loading bars show with --verbose."""
+    for library in (diffusers, transformers):
+        if not main_process:
+            library.utils.logging.set_verbosity_error()
+        if not (verbose and main_process):
+            library.utils.logging.disable_progress_bar()
+
+
+def check_torch_can_use_the_gpus(device):
+    """No silent CPU run: where this machine has GPUs that the installed torch cannot use, stop before anything
+    is loaded, with the likely cause and the fix. Without this, PyPI's torch (no XPU support) on an Intel GPU, or
+    its CUDA 13 build under an older NVIDIA driver, runs everything on the CPU, for hours, without a word."""
+    if device == "cpu" or torch.accelerator.is_available():
+        return
+    gpus = gpus_on_the_pci_bus()
+    keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (README: Set-up); or pass --device cpu to run on "
+            "the CPU on purpose")
+    if "NVIDIA" in gpus:  # first: a laptop may have an Intel GPU for the screen and an NVIDIA one to compute
+        cuda = torch.version.cuda  # "13.2"; None in a torch built without CUDA
+        # The oldest driver each CUDA major version runs on (NVIDIA's "minor version compatibility" table).
+        driver = {"11": "450", "12": "525", "13": "580"}.get(str(cuda).split(".")[0])
+        needs = f"NVIDIA driver {driver} or newer" if driver else f"an NVIDIA driver for CUDA {cuda}"
+        cause = "it is not a CUDA build: install one" if cuda is None else (
+            f"it is built for CUDA {cuda}, which needs {needs} (`nvidia-smi` shows yours): update the driver, or "
+            "install a torch built for an older CUDA")
+        fail(f"this machine has an NVIDIA GPU, but this torch ({torch.__version__}) cannot use it: {cause}: "
+             f"`uv pip install --reinstall torch --index-url https://download.pytorch.org/whl/cu128`, {keep}")
+    if "Intel" in gpus:
+        fail(f"this machine has an Intel GPU, but this torch ({torch.__version__}) cannot use it: it is not the XPU "
+             "build (PyPI's torch has no XPU support): `uv pip install --reinstall torch --index-url "
+             f"https://download.pytorch.org/whl/xpu`, {keep}")
+
+
+def gpus_on_the_pci_bus():
+    """The makers of this machine's GPUs, read from the PCI devices Linux lists (what `lspci` reads): a display
+    device (PCI class 0x03....) from NVIDIA (vendor 0x10de) or Intel (0x8086). Intel's bridges and other
+    controllers are no GPU. Empty where there is no such folder (Windows, macOS): there, nothing is checked.
+    Tests point SYSFS_PCI_DEVICES at a fake tree."""
+    makers = {"0x10de": "NVIDIA", "0x8086": "Intel"}
+    found = set()
+    for pci_device in Path(os.environ.get("SYSFS_PCI_DEVICES", "/sys/bus/pci/devices")).glob("*"):
+        try:
+            vendor, pci_class = ((pci_device / name).read_text().strip().lower() for name in ("vendor", "class"))
+        except OSError:  # not a device folder, or unreadable
+            continue
+        if vendor in makers and pci_class.startswith("0x03"):
+            found.add(makers[vendor])
+    return found
+
+
+def check_launch(args):
+    """Launch mistakes, caught before any process joins a group, each said by the first process of each machine."""
+    if args.device == "cpu" or not torch.accelerator.is_available():
+        return  # CPU processes share the CPU: any number of them is fine
+    kind = torch.accelerator.current_accelerator().type  # "xpu" or "cuda"
+    devices = torch.accelerator.device_count()
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this machine's processes (torchrun and accelerate set it)
+    script = Path(sys.argv[0]).name
+    launch = f"uv run torchrun --nproc-per-node {devices} {script}" if devices > 1 else f"uv run {script}"
+    if here > devices:  # two processes on one device: NCCL stops at the first collective ("Duplicate GPU")
+        fail(f"{here} processes on this machine, but it has {devices} {kind} device(s): start one process per "
+             f"device, e.g. `{launch}` (accelerate launch: --num_processes {devices})")
+    backend = torch.distributed.Backend.default_device_backend_map.get(kind)  # xpu: xccl, cuda: nccl
+    if backend and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
+            torch.distributed.is_available() and torch.distributed.is_backend_available(backend)):
+        fix = {"xccl": "install the XPU build of torch 2.8 or newer: `uv pip install --reinstall torch "
+                       "--index-url https://download.pytorch.org/whl/xpu`",
+               "nccl": "torch has NCCL on Linux only: run on Linux (or WSL), or run one process"}.get(
+                   backend, f"install a torch built with {backend}")
+        fail(f"this torch ({torch.__version__}) lacks the {backend} backend that processes on {kind} devices need "
+             f"to work as a group: {fix}")
+
+
+def one_process_note():
+    """A single process makes the image alone, with no parallelism: the baseline. Say how to launch N."""
+    devices = torch.accelerator.device_count() if torch.accelerator.is_available() else 0
+    n = devices if devices > 1 else 2
+    command = " ".join([f"uv run torchrun --nproc-per-node {n} {Path(sys.argv[0]).name}", *map(shlex.quote,
+                                                                                                sys.argv[1:])])
+    where = f"this machine has {devices} {torch.accelerator.current_accelerator().type} devices" if devices > 1 else (
+        "one process")
+    return (f"note: {where}: this process makes the image alone, with no parallelism (the baseline); `{command}` "
+            f"splits it between {n} processes" + (" (on the CPU: `accelerate launch --multi_gpu`, or torchrun)"
+                                                  if not devices else ""))
+
+
+# --- the plan: from the configs alone, before anything is loaded ---
+
+
+def make_plan(args):
+    """What the run needs, from the model's configs on the meta device (no weights): the split (processes, heads,
+    tokens, and whether they divide), the weights of each component, and what each GPU must hold."""
+    index, transformer, vae = read_configs(args.model)
+    if not index.get("transformer"):
+        fail(f"--model {args.model} is a {index.get('_class_name')} with no transformer: context parallelism splits "
+             "a transformer's sequence; data-parallelism-accelerate.py serves any pipeline (many images at once)")
+    transformer_class = getattr(diffusers, index["transformer"][1], None)
+    # The model's context-parallel plan, a class attribute (`_cp_plan`) that enable_parallelism reads: which inputs
+    # to split and which output to gather. Read here, not called, to say before loading that there is none.
+    if getattr(transformer_class, "_cp_plan", None) is None:
+        fail(f"--model {args.model} is a {index.get('_class_name')}: diffusers cannot split its transformer "
+             f"({index['transformer'][1]}) by context parallelism (it has no context-parallel plan): "
+             "data-parallelism-accelerate.py serves it on several GPUs (a whole copy on each, many images at once); "
+             "model-parallelism-flux.py shards FLUX.1 pipelines only")
+    # The VAE shrinks images 8x (2 per block after the first), and Flux packs 2x2 latents into one token: an
+    # image token is a 16x16 patch of pixels, and sizes must be multiples of 16.
+    patch = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1) * 2
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value % patch:
+            fail(f"{flag} {value} does not suit {args.model}: use a multiple of {patch}, "
+                 f"e.g. {max(patch, value // patch * patch)}")
+
+    if not args.plan:  # the processes the launcher started (a plain run is one)
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+    else:  # --num-devices, or one process per GPU present
+        processes = args.num_devices or (torch.accelerator.device_count() if args.device != "cpu" and (
+            torch.accelerator.is_available()) else 1)
+    ulysses = args.ulysses_degree or max(1, processes // args.ring_degree)
+    heads = transformer.get("num_attention_heads")
+    image_tokens = (args.height // patch) * (args.width // patch)
+    text_tokens = args.max_sequence_length
+    dtype = run_dtype(args)
+    components = weigh_components(args.model, index, dtype)
+    text = sum(components.get(name, 0) for name in TEXT_ENCODERS)
+    weights = sum(components.values())
+    reserve = int(RESERVE_AT_1024 * args.height * args.width / 1024**2)
+    needs = {"whole": weights + reserve,  # every component at once, while the VAE decodes
+             # --staged: the text encoders alone (and freed), then the transformer and the VAE
+             "staged": max(text + TEXT_ENCODER_RESERVE, weights - text + reserve)}
+    on_gpu = args.device_memory is not None or (args.device != "cpu" and torch.accelerator.is_available())
+    return {"model": args.model, "pipeline": index.get("_class_name"), "transformer": index["transformer"][1],
+            "processes": processes, "ring_degree": args.ring_degree, "ulysses_degree": ulysses, "heads": heads,
+            "height": args.height, "width": args.width, "patch": patch, "image_tokens": image_tokens,
+            "text_tokens": text_tokens, "tokens_per_process": (image_tokens + text_tokens) // max(1, processes),
+            "dtype": str(dtype).removeprefix("torch."), "components": components, "weights": weights,
+            "text_encoders": text, "reserved_for_activations": reserve, "needs": needs, "staged": args.staged,
+            "device": "GPU" if on_gpu else "cpu", "problems": split_problems(args, processes, ulysses, heads,
+                                                                            image_tokens, text_tokens, patch)}
+
+
+def read_configs(model):
+    """model_index.json and the transformer's and VAE's config.json: a few kilobytes."""
+    path = Path(model).expanduser()
+    if path.exists() and not (path / "model_index.json").exists():
+        fail(f"--model {model} is not a diffusers pipeline folder: it has no model_index.json")
+    if not path.exists() and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model):
+        fail(f"--model {model}: no such folder, and not a Hub id (organisation/name)")
+    diffusers.utils.logging.set_verbosity_error()  # a failed Hub look-up is said once, by us, not three times
+    huggingface_hub.utils.logging.set_verbosity_error()
+    with explained_load_errors(model), warnings.catch_warnings(action="ignore"):
+        index = DiffusionPipeline.load_config(model)
+        transformer = AutoencoderKL.load_config(model, subfolder="transformer") if index.get("transformer") else {}
+        vae = AutoencoderKL.load_config(model, subfolder="vae") if index.get("vae") else {}
+    diffusers.utils.logging.set_verbosity_warning()  # from here on, the libraries' warnings show again
+    huggingface_hub.utils.logging.set_verbosity_warning()
+    return index, transformer, vae
+
+
+def split_problems(args, processes, ulysses, heads, image_tokens, text_tokens, patch):
+    """Why these processes cannot split this model's attention and sequence: one line each, with sizes that work."""
+    problems = []
+    if args.ring_degree * ulysses != processes:
+        problems.append(f"--ring-degree {args.ring_degree} x --ulysses-degree {ulysses} must be the number of "
+                        f"processes, {processes}")
+    if args.ring_degree > 1 and args.device == "cpu" or args.ring_degree > 1 and args.device_memory is None and (
+            not torch.accelerator.is_available()):
+        problems.append("ring attention (--ring-degree) merges partial attentions by their log-sum-exp, which the "
+                        "native attention, the only one on the CPU, does not return: use --ulysses-degree (the "
+                        "default) on the CPU")
+    elif args.ring_degree > 1 and args.attention_backend not in RING_BACKENDS:
+        problems.append(f"ring attention (--ring-degree) needs an attention that returns its log-sum-exp, which the "
+                        f"{args.attention_backend} one does not: add --attention-backend {RING_BACKENDS[0]} (NVIDIA "
+                        "GPUs), or use --ulysses-degree alone")
+    elif args.ring_degree > 1 and torch.accelerator.is_available() and (
+            torch.accelerator.current_accelerator().type != "cuda"):
+        problems.append(f"ring attention's backends ({', '.join(RING_BACKENDS)}) run on NVIDIA GPUs only: use "
+                        "--ulysses-degree alone")
+    if heads and heads % ulysses:  # the process counts that share the heads and both kinds of tokens evenly
+        works = [n for n in range(2, heads + 1) if heads % n == 0 and image_tokens % n == 0 and text_tokens % n == 0]
+        problems.append(f"{heads} attention heads cannot be shared between {ulysses} processes (Ulysses gives each "
+                        f"process heads/{ulysses}): at this size run {', '.join(map(str, works)) or 'one'} process(es)")
+    if image_tokens % processes:
+        height = next(h for h in range(args.height + patch, 100 * args.height, patch)
+                      if (h // patch) * (args.width // patch) % processes == 0)
+        problems.append(f"a {args.height}x{args.width} image is {image_tokens} tokens ({args.height // patch} x "
+                        f"{args.width // patch} patches of {patch}x{patch} pixels), which {processes} processes "
+                        f"cannot share evenly: use e.g. --height {height}")
+    if text_tokens % processes:
+        below = text_tokens // processes * processes
+        problems.append(f"--max-sequence-length {text_tokens}: {processes} processes cannot share {text_tokens} "
+                        f"prompt tokens evenly: use a multiple of {processes}, e.g. {below or processes}")
+    return problems
+
+
+def weigh_components(model, index, dtype):
+    """What each component weighs at `dtype`, from its config.json alone: built on torch's meta device (shapes, no
+    weights), as from_pretrained builds it before it loads the weights."""
+    sizes = {}
+    for name, spec in index.items():
+        library, class_name = spec if isinstance(spec, list) and len(spec) == 2 else (None, None)
+        if library not in ("diffusers", "transformers"):
+            continue
+        cls = getattr(importlib.import_module(library), class_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, (diffusers.ModelMixin, transformers.PreTrainedModel))):
+            continue  # tokenizers and schedulers hold no weights
+        with explained_load_errors(model), warnings.catch_warnings(action="ignore"), torch.device("meta"):
+            module = (cls.from_config(cls.load_config(model, subfolder=name)) if issubclass(cls, diffusers.ModelMixin)
+                      else cls(transformers.AutoConfig.from_pretrained(model, subfolder=name)))
+        # Under float16, transformers keeps the layers a model names in `_keep_in_fp32_modules` in float32 (T5's `wo`).
+        keep = set(getattr(cls, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else set()
+        float32 = {n: torch.float32 for n, _ in module.named_parameters() if set(n.split(".")) & keep}
+        sizes[name] = compute_module_sizes(module, dtype=dtype, special_dtypes=float32)[""]
+    return sizes
+
+
+def run_dtype(args):
+    """The weights' dtype: as asked, or bfloat16 on a GPU and float32 on the CPU (where bfloat16 is slow)."""
+    on_gpu = args.device_memory is not None or (args.device != "cpu" and torch.accelerator.is_available())
+    return getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if on_gpu else torch.float32
+
+
+def fit(plan, device_memory, ram=None, processes_here=1):
+    """Whether each GPU (or, on the CPU, the RAM of this machine's processes) can hold what the run needs, and the
+    one line that says what to do where it cannot."""
+    mode = "staged" if plan["staged"] else "whole"
+    need = plan["needs"][mode]
+    if plan["device"] == "cpu":  # every process holds a copy in RAM
+        need, device_memory = need * processes_here, ram
+    if need <= device_memory:
+        return True, None
+    if plan["device"] == "cpu":
+        return False, (f"{plan['model']} does not fit: {processes_here} process(es) on the CPU need {size(need)} of "
+                       f"RAM, a copy each, and {size(device_memory)} is free: run fewer processes, or free some memory")
+    where = (f"each GPU holds the whole pipeline: it needs {size(need)} "
+             f"({size(plan['weights'] - (plan['text_encoders'] if plan['staged'] else 0))} of weights, "
+             f"{size(plan['reserved_for_activations'])} for activations) and has {size(device_memory)} free")
+    if not plan["staged"] and plan["needs"]["staged"] <= device_memory:
+        return False, (f"{plan['model']} does not fit: {where}: add --staged (the text encoders encode the prompt "
+                       f"and are freed first: {size(plan['text_encoders'])} less per GPU)")
+    return False, (f"{plan['model']} does not fit: {where}" + ("" if plan["staged"] else ", even with --staged "
+                   f"({size(plan['needs']['staged'])})") + ": model-parallelism-flux.py spreads one copy over "
+                   "several GPUs for a model too large for any one of them; or make smaller images")
+
+
+def plan_memory(args):
+    """The memory the plan is for: --device-memory, else the present GPU with the least free, else the RAM."""
+    if args.device_memory is not None:
+        return "a GPU", args.device_memory
+    if args.device != "cpu" and torch.accelerator.is_available():
+        kind = torch.accelerator.current_accelerator().type
+        free = {i: free_memory(torch.device(kind, i)) for i in range(torch.accelerator.device_count())}
+        index = min(free, key=free.get)
+        return f"{kind}:{index}", free[index]
+    return "cpu", psutil.virtual_memory().available
+
+
+def print_plan(args, plan):
+    """--plan: the split, and whether each GPU can hold what it must, without loading anything."""
+    where, memory = plan_memory(args)
+    here = plan["processes"] if plan["device"] == "cpu" else 1
+    fits, why = fit(plan, memory, memory, here)
+    plan = {**plan, "device_memory": memory, "fits": fits and not plan["problems"],
+            "problems": plan["problems"] + ([why] if why else [])}
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return
+    n = plan["processes"]
+    print(f"plan for {args.model} in {plan['dtype']}, {args.height}x{args.width}, {n} process(es), one per "
+          f"{'GPU' if plan['device'] != 'cpu' else 'CPU process'}, on {where} with {size(memory)} free:")
+    print(f"  split: {plan['image_tokens']} image tokens + {plan['text_tokens']} prompt tokens = "
+          f"{plan['image_tokens'] + plan['text_tokens']}, {plan['tokens_per_process']} per process; "
+          f"{plan['heads']} heads, {plan['heads'] // plan['ulysses_degree']} per process in each attention "
+          f"(ring {plan['ring_degree']} x ulysses {plan['ulysses_degree']})")
+    for name, b in sorted(plan["components"].items(), key=lambda item: item[1], reverse=True):
+        print(f"  {name:<16} {size(b):>10}")
+    print(f"  {'weights':<16} {size(plan['weights']):>10}, and {size(plan['reserved_for_activations'])} kept free for "
+          "activations, on every GPU")
+    print(f"  whole pipeline on each GPU:  needs {size(plan['needs']['whole'])}")
+    print(f"  --staged (text encoders freed after encoding): needs {size(plan['needs']['staged'])}, "
+          f"{size(plan['needs']['whole'] - plan['needs']['staged'])} less")
+    for problem in plan["problems"]:
+        print(f"  NO: {problem}")
+    print(f"  fits: {'yes' if plan['fits'] else 'NO'}")
+
+
+def check_plan(args, plan):
+    """Before any process loads anything: a split the processes cannot make is one line, and a non-zero exit."""
+    if plan["problems"]:
+        fail(plan["problems"][0])
+    if args.staged and plan["pipeline"] != "FluxPipeline":  # it calls FLUX.1's encode_prompt
+        fail(f"--staged is for FLUX.1 pipelines; {args.model} is a {plan['pipeline']}")
+    if plan["device"] == "cpu":  # every process of this machine keeps a copy of the weights in RAM
+        fits, why = fit(plan, None, psutil.virtual_memory().available, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if not fits:
+            fail(why, code=1)
+
+
+def check_device_memory(args, plan, device):
+    """Each process, on its own GPU: the whole pipeline (or its busiest stage with --staged), plus activations."""
+    if device.type == "cpu":
+        return
+    fits, why = fit(plan, free_memory(device))
+    if not fits:
+        fail(f"{device}: {why}", code=1, every_process=True)
+
+
+def free_memory(device):
+    """Free memory of this one device (bytes). Asking every device would open a context, and take memory, on each.
+    Where it cannot be read (some Intel GPUs), its total memory, and a note that says so."""
+    get_memory_info = getattr(torch.accelerator, "get_memory_info", None)  # torch 2.10 or newer
+    try:
+        return (get_memory_info or getattr(torch, device.type).mem_get_info)(device)[0]
+    except RuntimeError:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"note: the free memory of {device} cannot be read: counting on the total memory instead",
+                  file=sys.stderr, flush=True)
+        return torch.get_device_module(device).get_device_properties(device).total_memory
+
+
+def size(b):
+    return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.1f} MiB"
+
+
+# --- loading, generating, saving ---
+
+
+@contextlib.contextmanager
+def explained_load_errors(model):
+    """A model that cannot be loaded: one line with what went wrong and what to do, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        reason = None
+        while reason is None and error is not None:  # diffusers wraps the Hub's error: look down the chain
+            if isinstance(error, GatedRepoError):
+                reason = "it is gated, and this account has not been granted access"
+            elif isinstance(error, RepositoryNotFoundError):
+                reason = "no such model on the Hub, or it is private"
+            elif isinstance(error, (OfflineModeIsEnabled, ConnectionError)) or "Name or service not known" in str(error):
+                reason = "it is not in the local cache, and the Hub cannot be reached"
+            elif error.__cause__ is None and error.__context__ is None:
+                reason = str(error).splitlines()[0]
+            error = error.__cause__ or error.__context__
+        fail(f"cannot load --model {model} ({reason}). If it is gated, accept its licence on "
+             f"https://huggingface.co/{model} and run `hf auth login` (black-forest-labs/FLUX.1-schnell is not "
+             f"gated); or pass --model PATH to a local copy")
+
+
+def load_pipeline(args, plan, without=()):
+    """The pipeline at the run's dtype, without the components named (None: not loaded)."""
+    left_out = {name: None for name in without} | (  # the tokenizers go with the text encoders
+        {"tokenizer": None, "tokenizer_2": None} if "text_encoder" in without else {})
+    with explained_load_errors(args.model):
+        return DiffusionPipeline.from_pretrained(args.model, dtype=getattr(torch, plan["dtype"]), **left_out)
+
+
+def encode_and_free_text_encoders(args, plan, device):
+    """--staged: the text encoders alone encode the prompt, and are freed before the transformer is loaded."""
+    text = load_pipeline(args, plan, without=("transformer", "vae")).to(device)
+    with torch.no_grad():
+        prompt_embeds, pooled_prompt_embeds, _ = text.encode_prompt(
+            prompt=args.prompt, prompt_2=None, device=device, max_sequence_length=args.max_sequence_length)
+    del text  # drop every reference to their weights, then give the memory back
+    clear_device_cache(garbage_collection=True)
+    return dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
+
+
+def call_options(args, pipeline):
+    """Guidance and the prompt's length, where the pipeline takes them (FLUX.1 does)."""
+    takes = inspect.signature(pipeline.__call__).parameters
+    return {name: value for name, value in (("num_inference_steps", args.num_inference_steps),
+                                            ("guidance_scale", args.guidance_scale),
+                                            ("max_sequence_length", args.max_sequence_length)) if name in takes}
+
+
+def peak_memory_gib(device):
+    """Peak memory allocated on this process's GPU, or on the CPU this process's peak resident memory (GiB)."""
+    if device.type != "cpu":
+        return torch.accelerator.max_memory_allocated(device) / GiB
+    if sys.platform == "win32":
+        return psutil.Process().memory_info().peak_wset / GiB
+    import resource  # Unix only; ru_maxrss is in KiB on Linux, in bytes on macOS
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / GiB
+
+
+def save(image, path):
+    """Written whole under a temporary name, then renamed: never half an image on disk."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, most often
+        fail(f"cannot write {path} ({e.strerror or e}): make room, or choose another --output", code=1)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def report(args, plan, stats, image, seconds, step_times, t0):
+    n = len(stats)
+    per_step = (step_times[-1] - t0) / len(step_times) if step_times else seconds
+    print(f"split: {plan['image_tokens']} image tokens + {plan['text_tokens']} prompt tokens between {n} "
+          f"process(es): {plan['tokens_per_process'] if n > 1 else plan['image_tokens'] + plan['text_tokens']} "
+          f"tokens per process" + (f", {plan['heads'] // plan['ulysses_degree']} of {plan['heads']} heads each in "
+                                   "every attention" if n > 1 else ""))
+    print(f"made {args.output} ({image.width}x{image.height}) in {seconds:.2f} s, {per_step:.3f} s per step, "
+          f"{time.time() - psutil.Process().create_time():.1f} s since the start; peak memory: "
+          + ", ".join(f"rank {s['rank']} on {s['device']} {s['peak_gib']:.2f} GiB" for s in stats))
+
+
+if __name__ == "__main__":
+    # A launcher stops the other processes with SIGTERM when one fails: exit through Python, so that
+    # nothing is left half-written, instead of dying on the spot.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        main()
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except torch.OutOfMemoryError:  # on the one process that ran out: say which, and what to try
+        state = PartialState()
+        fail(f"rank {state.process_index} ran out of memory on {state.device}: try --staged, a smaller "
+             "--height/--width, or model-parallelism-flux.py for a model too large for one GPU; --plan shows what "
+             "fits", code=1, every_process=True)
