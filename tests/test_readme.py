@@ -138,8 +138,7 @@ def test_the_readme_table_of_sd35_medium_memory_modes_is_what_the_script_plans(m
 
 
 # The "technique on one page" programs (`# file: NAME.py` blocks) are run by tests/test_readme_programs.py.
-SINGLE = [argv for argv in readme_commands() if argv[2] != "pytest" and "--machine_rank" not in argv
-          and not any(a.endswith("_minimal.py") for a in argv)]
+SINGLE = [argv for argv in readme_commands() if argv[2] != "pytest" and "--machine_rank" not in argv]
 
 
 @pytest.mark.parametrize("argv", SINGLE, ids=[" ".join(argv[2:5]) for argv in SINGLE])
