@@ -72,7 +72,6 @@ def main():
     args = parse_args()
     if not args.plan:  # a plan loads nothing and starts no processes: it may be for GPUs this machine lacks
         check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
-        check_launch(args)  # one process per device, and a torch that can join them into a group
     prompts = read_prompts(args)
     check_model(args)  # fail now, not after every process has loaded 16 GB
     # Know before loading: what the pipeline weighs at this dtype, from its configs alone (built on the meta device,
@@ -80,6 +79,7 @@ def main():
     sizes = weigh_pipeline(args)
     if args.plan:
         return print_plan(args, sizes)
+    check_launch(args)  # one process per device, and a torch that can join them into a group
 
     # 1. One process per device. Accelerate reads the rank and world size the launcher set, picks this
     #    process's device (xpu:<local rank>, cuda:<local rank>) and joins the process group (xccl on Intel GPUs,

@@ -305,7 +305,8 @@ def parse_memory(text, devices):
 def device_memory(args):
     """The memory each device may use, in bytes: {0: ..., 1: ...}, plus "cpu" where the user adds it."""
     if args.planned:  # hardware the user does not have: --plan --num-devices 2 --device-memory 24GiB
-        present = free_memory() if torch.accelerator.is_available() else {}
+        # The devices present are measured only to give the planned ones their size: --device-memory gives it.
+        present = free_memory() if args.device_memory is None and torch.accelerator.is_available() else {}
         if args.device_memory is None and not present:
             fail("--num-devices needs --device-memory SIZE here: this machine has no accelerator to measure")
         try:
