@@ -97,9 +97,9 @@ def main():
             # blocks, each on the device accelerate's infer_auto_device_map chose for it in the plan...
             split = {name: AutoModel.from_pretrained(args.model, subfolder=name, device_map=stage["device_maps"][name],
                                                      dtype=dtype) for name in stage["split"]}
-            for name, model in split.items():  # all on one device after all: it still needs the hook that brings
-                if len(set(stage["device_maps"][name].values())) == 1:  # its inputs there, as "balanced" gives
-                    dispatch_model(model, device_map=stage["device_maps"][name], force_hooks=True)
+            for name in split:  # all on one device after all: it still needs the hook that brings its inputs
+                if len(set(stage["device_maps"][name].values())) == 1:  # there, as "balanced" gives
+                    dispatch_model(split[name], device_map=stage["device_maps"][name], force_hooks=True)
             # ...and hands it to the pipeline, which puts every other component whole on a device: "balanced" takes
             # them largest first, each to the next device in turn. Accelerate's hooks then move the activations from
             # device to device as the pipeline runs: the devices take turns on one image, they do not work at once.
@@ -114,8 +114,8 @@ def main():
                 prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
                     prompt=args.prompt, prompt_2=None, max_sequence_length=args.max_sequence_length)
             inputs = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
-            pipeline.remove_all_hooks()  # drop every reference to their weights, then give the memory back
-            del pipeline, split
+            pipeline.remove_all_hooks()  # drop every reference to their weights (no loop variable keeps a split
+            del pipeline, split  # one either), then give the memory back
             clear_device_cache(garbage_collection=True)
 
     # 3. Generate one image, timing each step, then save it and report the peak memory of every device. The

@@ -476,3 +476,45 @@ def test_devices_with_no_room_beyond_the_activations_reserve_are_a_clear_error()
 def test_an_output_that_is_a_folder_is_refused_before_anything_loads(tiny_flux, tmp_path):
     result = run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", tmp_path, *FAST, *CPU), check=False)
     assert_clear_error(result, f"--output {tmp_path} is a folder")
+
+
+# --- --staged frees the text encoders, split ones too (issue 15, item 2) ---
+
+
+def test_a_staged_run_keeps_nothing_of_a_split_t5_into_the_second_stage(script, main, monkeypatch, tiny_flux, tmp_path):
+    """Stage 1 splits T5 between its blocks (here every block "on" the CPU, the one device there is: the load takes
+    the same path, AutoModel.from_pretrained with a device map, then dispatch_model). When stage 2 loads, no T5
+    may be alive: a reference kept to it would hold its blocks on the GPUs through the transformer's stage."""
+    import gc
+    import weakref
+
+    blocks = list(script.make_plan(types.SimpleNamespace(model=str(tiny_flux), height=64, width=64, staged=True),
+                                   diffusers.DiffusionPipeline.load_config(tiny_flux),
+                                   dict.fromkeys(range(8), 12 * 2**20 + 80 * 2**10), torch.float32)
+                  ["stages"][0]["device_maps"]["text_encoder_2"])
+    assert len(blocks) > 1  # a real split: one key per block range
+    make_plan, models, live = script.make_plan, [], []
+
+    def split_t5(*args, **kwargs):
+        plan = make_plan(*args, **kwargs)
+        if plan["staged"]:
+            plan["stages"][0]["split"] = ["text_encoder_2"]
+            plan["stages"][0]["device_maps"]["text_encoder_2"] = dict.fromkeys(blocks, "cpu")
+        return plan
+    monkeypatch.setattr(script, "make_plan", split_t5)
+    load_model, load_pipeline = script.AutoModel.from_pretrained, script.DiffusionPipeline.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        models.append(weakref.ref(model))
+        return model
+
+    def pipeline_from_pretrained(*args, **kwargs):
+        gc.collect()
+        live.append(sum(m() is not None for m in models))
+        return load_pipeline(*args, **kwargs)
+    monkeypatch.setattr(script.AutoModel, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(script.DiffusionPipeline, "from_pretrained", pipeline_from_pretrained)
+    stdout = main("--model", tiny_flux, "--output", tmp_path / "x.png", "--staged", *FAST, *CPU).out
+    assert "text_encoder_2.encoder.final_layer_norm " in stdout.split("pipeline loaded")[0]  # loaded split
+    assert live == [1, 0]  # stage 1: the split T5 handed over; stage 2: gone
