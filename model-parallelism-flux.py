@@ -375,14 +375,24 @@ def balanced(sizes, max_memory):
 def plan_stage(modules, usable, dtype):
     """Where each component of one stage goes, as the load will put it: {name: device map}, and bytes per device."""
     gpus = {d: m for d, m in usable.items() if d != "cpu" and m > 0} or {"cpu": usable["cpu"]}  # no GPU: the CPU
-    # 1. Whole components where "balanced" puts them, sized as diffusers sizes them: every weight at `dtype`, and
-    #    T5's embedding counted twice (diffusers' empty model leaves `shared` and `encoder.embed_tokens` untied).
-    whole = balanced({n: compute_module_sizes(m, dtype=dtype)[""] for n, m in modules.items()}, gpus)
+    # 1. Whole components where "balanced" puts them, sized as diffusers sizes them, every weight at `dtype`: one it
+    #    loads itself from its empty model (which leaves T5's `shared` and `encoder.embed_tokens` untied: its
+    #    embedding counted twice), one handed to it by its real size (a loaded T5 is tied: its embedding once).
+    #    A component "balanced" leaves to the CPU is split, loaded and handed over, so "balanced" then sees it
+    #    smaller and may place the others differently: decide again with it handed over, until nothing more is split.
+    empty = {name: compute_module_sizes(module, dtype=dtype)[""] for name, module in modules.items()}
     for module in modules.values():  # as loaded, one tensor: tied, accelerate keeps the two on one device
         if isinstance(module, transformers.PreTrainedModel):
             module.tie_weights()
+    handed = {name: compute_module_sizes(module, dtype=dtype)[""] for name, module in modules.items()}
+    split = set()
+    while True:
+        whole = balanced({n: handed[n] if n in split else empty[n] for n in modules}, gpus)
+        if {n for n, d in whole.items() if d not in gpus} <= split:
+            break
+        split |= {n for n, d in whole.items() if d not in gpus}
     sizes = {name: compute_module_sizes(module) for name, module in modules.items()}  # bytes, as loaded
-    device_maps = {name: {"": d} for name, d in whole.items() if d in gpus}
+    device_maps = {name: {"": d} for name, d in whole.items() if name not in split}
     held = Counter({d: 0 for d in gpus})
     for name, device_map in device_maps.items():
         held[device_map[""]] += sizes[name][""]
@@ -405,7 +415,7 @@ def plan_stage(modules, usable, dtype):
                                                       no_split_module_classes=module._no_split_modules)
         for key, d in device_maps[name].items():
             held[d] += sizes[name][key]
-    return {"names": tuple(modules), "split": [n for n in modules if whole[n] not in gpus], "max_memory": gpus,
+    return {"names": tuple(modules), "split": [n for n in modules if n in split], "max_memory": gpus,
             "device_maps": device_maps, "room": rooms, "held": held, "components": {n: s[""] for n, s in sizes.items()},
             "bytes": {f"{n}.{k}" if k else n: sizes[n][k] for n, m in device_maps.items() for k in m}}
 

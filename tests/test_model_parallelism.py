@@ -2,6 +2,7 @@
 what diffusers and Accelerate decide themselves, the GPU code paths simulated (meta-device models, faked free
 memory), and tests on real GPUs where there are some."""
 
+import copy
 import importlib
 import json
 import re
@@ -13,6 +14,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+import transformers
 from accelerate import infer_auto_device_map
 from accelerate.utils import compute_module_sizes
 from diffusers.models.model_loading_utils import _determine_device_map
@@ -173,10 +175,12 @@ def test_a_plan_that_fits_only_staged_says_so(main):
 # --- the plan is the libraries' own decision, for the same arguments ---
 
 
-def diffusers_balanced(max_memory, dtype, passed=None):
-    """What DiffusionPipeline.from_pretrained(FLUX.1-dev, device_map="balanced", max_memory=...) decides."""
+def diffusers_balanced(max_memory, dtype, passed=None, names=None):
+    """What DiffusionPipeline.from_pretrained(FLUX.1-dev, device_map="balanced", max_memory=...) decides; with
+    `names`, for a pipeline of those components alone (the others passed as None, which from_pretrained leaves out)."""
     config = diffusers.DiffusionPipeline.load_config(FLUX1_DEV)
-    init_dict = {k: tuple(v) for k, v in diffusers.FluxPipeline.extract_init_dict(config)[0].items() if v[0]}
+    init_dict = {k: tuple(v) for k, v in diffusers.FluxPipeline.extract_init_dict(config)[0].items() if v[0]
+                 and (names is None or k in names or not k.startswith(("text_encoder", "transformer", "vae")))}
     return _get_final_device_map(device_map="balanced", pipeline_class=diffusers.FluxPipeline,
                                  passed_class_obj=passed or {}, init_dict=init_dict,
                                  library=importlib.import_module("diffusers"), max_memory=max_memory,
@@ -206,16 +210,53 @@ def test_whole_components_go_where_diffusers_balanced_puts_them(script, plan, nu
             assert result["placement"][name] == str(decided[name]), (name, decided)
 
 
-@pytest.mark.parametrize("num_devices, memory, max_memory", [(2, "24GiB", "0=23GiB,1=23.6GiB"), (4, "12GiB", None)])
-def test_diffusers_places_the_rest_as_planned_when_a_split_component_is_handed_to_it(
-        script, plan, num_devices, memory, max_memory):
-    result = plan(num_devices, memory, *budget_args(max_memory))
-    split = {n for n in ("transformer", "text_encoder_2") if n not in result["placement"]}
-    assert split  # this budget splits something
-    usable = {int(d): b - result["reserved_per_device"] for d, b in result["budgets"].items()}
-    decided = diffusers_balanced(usable, "bfloat16", passed={n: diffusers_empty_model(n, "bfloat16") for n in split})
-    for name in {"text_encoder", "text_encoder_2", "vae"} - split:
-        assert result["placement"][name] == str(decided[name])
+def handed_over(name, dtype):
+    """A component as the script hands it to the pipeline: loaded, so T5's `shared` and `encoder.embed_tokens` are
+    one tensor (transformers ties them at load), not diffusers' untied empty model."""
+    model = diffusers_empty_model(name, dtype)
+    if isinstance(model, transformers.PreTrainedModel):
+        model.tie_weights()
+    return model
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["resident", "staged"])
+@pytest.mark.parametrize("num_devices", [2, 3, 4])
+def test_diffusers_places_the_rest_as_planned_when_split_components_are_handed_to_it(
+        script, monkeypatch, num_devices, staged):
+    """Over budgets of 6-26 GiB in steps of 0.25 GiB, each device 0.1 GiB more than the one before (3 devices of
+    11.75, 11.85 and 11.95 GiB among them, where T5 fits on a device as loaded but not as diffusers' empty model): where the plan splits a component, diffusers' own "balanced" decision,
+    given the split components as loaded, puts every other component of the stage where the plan put it."""
+    from diffusers.pipelines import pipeline_loading_utils
+    empty_models, load_empty_model = {}, pipeline_loading_utils._load_empty_model
+    def cached(**kwargs):  # diffusers' own empty models, built once for the whole sweep
+        key = (kwargs["name"], kwargs["dtype"])
+        if key not in empty_models:
+            empty_models[key] = load_empty_model(**kwargs)
+        return empty_models[key]
+    monkeypatch.setattr(pipeline_loading_utils, "_load_empty_model", cached)
+    script_models, empty_model = {}, script.empty_model
+    def reused(model, name, *rest):  # built once, but T5, which the plan ties in place: each plan gets it untied
+        if (model, name, *rest) not in script_models:
+            script_models[model, name, *rest] = empty_model(model, name, *rest)
+        cached = script_models[model, name, *rest]
+        return copy.deepcopy(cached) if isinstance(cached, transformers.T5EncoderModel) else cached
+    monkeypatch.setattr(script, "empty_model", reused)
+    components = diffusers.DiffusionPipeline.load_config(FLUX1_DEV)
+    args = types.SimpleNamespace(model=str(FLUX1_DEV), height=1024, width=1024, staged=staged)
+    handed = {}
+    checked = 0
+    for hundredths in range(600, 2601, 25):
+        budgets = {d: (hundredths + 10 * d) * GiB // 100 for d in range(num_devices)}
+        result = script.make_plan(args, components, budgets, torch.bfloat16)
+        for stage in result["stages"]:
+            if not stage["split"]:
+                continue
+            passed = {n: handed.setdefault(n, handed_over(n, "bfloat16")) for n in stage["split"]}
+            decided = diffusers_balanced(stage["max_memory"], "bfloat16", passed=passed, names=stage["names"])
+            for name in set(stage["names"]) - set(stage["split"]):
+                assert stage["device_maps"][name] == {"": decided.get(name, "cpu")}, (budgets, name, decided)
+            checked += 1
+    assert checked >= 20
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
