@@ -41,6 +41,7 @@ import psutil
 import torch
 import transformers
 from accelerate import PartialState
+from accelerate.hooks import remove_hook_from_module
 from accelerate.utils import broadcast_object_list, compute_module_sizes, convert_file_size_to_int, gather_object
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.utils import make_image_grid
@@ -123,6 +124,7 @@ def main():
                 pipeline.enable_model_cpu_offload(device=device)
             else:  # each layer's weights go to the GPU for its forward pass only: slow, and the least memory
                 pipeline.enable_sequential_cpu_offload(device=device)
+            no_fp64_remedy(pipeline, [device], announce=distributed_state.is_main_process)  # FLUX on Arc A-series
             # Step bars from several processes would overwrite each other, and the job bar says more: --verbose.
             pipeline.set_progress_bar_config(disable=not (args.verbose and distributed_state.is_main_process))
             options = pipeline_options(args, pipeline)
@@ -342,6 +344,35 @@ def gpus_on_the_pci_bus():
         if vendor in makers and pci_class.startswith("0x03"):
             found.add(makers[vendor])
     return found
+
+def no_fp64_remedy(pipeline, devices, announce=True):
+    """FLUX builds its rotary position embedding in float64 on the device (diffusers' FluxPosEmbed; diffusers falls
+    back to float32 on mps and npu only), and Intel's Arc A-series GPUs (A310 to A770, and the Arc graphics of Core
+    Ultra "Meteor Lake" laptops) have no FP64: torch stops with "Required aspect fp64 is not supported on the
+    device". Where a device of the run reports no FP64, compute that embedding on the CPU (a few hundred KB once a
+    step: the same float64 numbers) and hand it to the device; elsewhere change nothing. Returns those devices."""
+    lacking = [torch.device(d) for d in devices if torch.device(d).type not in ("cpu", "meta") and not getattr(
+        torch.get_device_module(torch.device(d)).get_device_properties(torch.device(d)), "has_fp64", True)]
+    pos_embed = getattr(getattr(pipeline, "transformer", None), "pos_embed", None)
+    if not lacking or pos_embed is None:
+        return []
+    remove_hook_from_module(pos_embed)  # accelerate's hook would move its input back to the device first
+    pipeline.transformer.pos_embed = OnTheCPU(pos_embed)
+    if announce:
+        print(f"note: {', '.join(map(str, lacking))} has no FP64 (Intel Arc A-series): FLUX's rotary position "
+              "embedding, built in float64, is computed on the CPU", file=sys.stderr, flush=True)
+    return lacking
+
+
+class OnTheCPU(torch.nn.Module):
+    """Runs a module that holds no weights on the CPU, and hands its outputs to the device its input came from."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, ids):
+        return tuple(output.to(ids.device) for output in self.module(ids.cpu()))
 
 
 def check_launch(args):

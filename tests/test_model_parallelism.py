@@ -559,3 +559,81 @@ def test_a_staged_run_keeps_nothing_of_a_split_t5_into_the_second_stage(script, 
     stdout = main("--model", tiny_flux, "--output", tmp_path / "x.png", "--staged", *FAST, *CPU).out
     assert "text_encoder_2.encoder.final_layer_norm " in stdout.split("pipeline loaded")[0]  # loaded split
     assert live == [1, 0]  # stage 1: the split T5 handed over; stage 2: gone
+
+
+# --- FLUX on GPUs without FP64 (Intel Arc A-series), simulated (issue 15, item 1) ---
+
+
+def simulate_device_properties(monkeypatch, **properties):
+    """torch's answer about every XPU device: an Arc A770 (has_fp64=False), or a GPU with FP64."""
+    answer = types.SimpleNamespace(name="Intel(R) Arc(TM) A770 Graphics", total_memory=16 * GiB, **properties)
+    module, real = types.SimpleNamespace(get_device_properties=lambda device=None: answer), torch.get_device_module
+    monkeypatch.setattr(torch, "get_device_module",
+                        lambda device=None: module if torch.device(device).type in ("xpu", "cuda") else real(device))
+
+
+def flux_image(pipeline):
+    return np.asarray(pipeline(prompt="a red fox", height=64, width=64, num_inference_steps=2, guidance_scale=3.5,
+                               max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(7)).images[0],
+                      dtype=np.int16)
+
+
+@pytest.mark.parametrize("script_path", [MODEL_PARALLEL, ROOT / "data-parallelism-accelerate.py"],
+                         ids=lambda p: p.name)
+def test_without_fp64_the_rotary_embedding_is_computed_on_the_cpu_and_the_image_is_the_same(
+        script_path, monkeypatch, capsys, tiny_flux):
+    script = load_script(script_path)
+    pipeline = diffusers.FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
+    reference = flux_image(pipeline)
+    original = pipeline.transformer.pos_embed
+    seen = []  # what the diffusers module computes from: the device and dtype of its input
+    original.register_forward_pre_hook(lambda module, args: seen.append(args[0].device.type))
+    simulate_device_properties(monkeypatch, has_fp64=False)
+    capsys.readouterr()  # the loading bars
+    assert script.no_fp64_remedy(pipeline, ["xpu:0", "xpu:1"]) == [torch.device("xpu", 0), torch.device("xpu", 1)]
+    assert capsys.readouterr().err.splitlines() == [
+        "note: xpu:0, xpu:1 has no FP64 (Intel Arc A-series): FLUX's rotary position embedding, built in float64, is "
+        "computed on the CPU"]
+    assert pipeline.transformer.pos_embed.module is original  # wrapped, not rebuilt: the same embedding
+    ids = torch.randint(0, 64, (10, 3)).float()
+    for got, expected in zip(pipeline.transformer.pos_embed(ids), original(ids)):
+        assert got.device == ids.device and got.dtype == expected.dtype and torch.equal(got, expected)
+    assert np.array_equal(flux_image(pipeline), reference)
+    assert seen and set(seen) == {"cpu"}
+
+
+@pytest.mark.parametrize("properties", [{"has_fp64": True}, {}], ids=["xpu-with-fp64", "cuda-no-such-field"])
+def test_devices_with_fp64_and_the_cpu_keep_the_embedding_where_diffusers_puts_it(
+        script, monkeypatch, capsys, tiny_flux, properties):
+    pipeline = diffusers.FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
+    original = pipeline.transformer.pos_embed
+    simulate_device_properties(monkeypatch, **properties)
+    capsys.readouterr()  # the loading bars
+    assert script.no_fp64_remedy(pipeline, ["xpu:0", "cuda:1", "cpu"]) == []
+    assert pipeline.transformer.pos_embed is original and capsys.readouterr().err == ""
+
+
+def test_the_script_checks_fp64_on_the_devices_of_the_pipeline_it_runs(main, script, monkeypatch, tiny_flux,
+                                                                        tmp_path):
+    calls, remedy = [], script.no_fp64_remedy
+    monkeypatch.setattr(script, "no_fp64_remedy", lambda pipeline, devices, **kw: calls.append(
+        (set(pipeline.components), devices)) or remedy(pipeline, devices, **kw))
+    main("--model", tiny_flux, "--output", tmp_path / "x.png", "--staged", *FAST, *CPU)
+    assert [devices for _, devices in calls] == [["cpu"], ["cpu"]]  # each stage, after it is placed
+    assert calls[-1][0] >= {"transformer", "vae"}
+
+
+@accelerator
+def test_gpus_without_fp64_as_simulated_the_image_is_the_one_with_fp64(main, script, monkeypatch, tiny_flux,
+                                                                       tmp_path):
+    """On a real GPU: the remedy forced (the GPU said to lack FP64) makes the image the GPU makes without it."""
+    flags = ["--model", tiny_flux, "--dtype", "float32", *FAST]
+    main(*flags, "--output", tmp_path / "fp64.png")
+    real = torch.get_device_module
+    answer = types.SimpleNamespace(has_fp64=False)
+    monkeypatch.setattr(torch, "get_device_module", lambda device=None: types.SimpleNamespace(
+        get_device_properties=lambda d=None: answer) if device is not None and torch.device(device).type != "cpu"
+        else real(device))
+    captured = main(*flags, "--output", tmp_path / "cpu-rope.png")
+    assert "has no FP64" in captured.err
+    assert np.abs(pixels(tmp_path / "fp64.png") - pixels(tmp_path / "cpu-rope.png")).max() <= 2
