@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -311,9 +312,14 @@ def check_torch_can_use_the_gpus(device):
     if device == "cpu" or torch.accelerator.is_available():
         return
     gpus = gpus_on_the_pci_bus()
+    hidden = {maker: why for maker in gpus if (why := why_hidden(maker, gpus[maker]))}
+    if hidden and not set(gpus) - set(hidden):  # hidden on purpose, or not in this container: nothing to fix
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"note: {'; '.join(hidden.values())}: running on the CPU", file=sys.stderr, flush=True)
+        return
     keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (README: Set-up); or pass --device cpu to run on "
             "the CPU on purpose")
-    if "NVIDIA" in gpus:  # first: a laptop may have an Intel GPU for the screen and an NVIDIA one to compute
+    if "NVIDIA" in gpus and "NVIDIA" not in hidden:  # first: a laptop may have an Intel GPU for the screen
         cuda = torch.version.cuda  # "13.2"; None in a torch built without CUDA
         # The oldest driver each CUDA major version runs on (NVIDIA's "minor version compatibility" table).
         driver = {"11": "450", "12": "525", "13": "580"}.get(str(cuda).split(".")[0])
@@ -323,27 +329,48 @@ def check_torch_can_use_the_gpus(device):
             "install a torch built for an older CUDA")
         fail(f"this machine has an NVIDIA GPU, but this torch ({torch.__version__}) cannot use it: {cause}: "
              f"`uv pip install --reinstall torch --index-url https://download.pytorch.org/whl/cu128`, {keep}")
-    if "Intel" in gpus:
+    if "Intel" in gpus and "Intel" not in hidden:
         fail(f"this machine has an Intel GPU, but this torch ({torch.__version__}) cannot use it: it is not the XPU "
              "build (PyPI's torch has no XPU support): `uv pip install --reinstall torch --index-url "
              f"https://download.pytorch.org/whl/xpu`, {keep}")
 
 
 def gpus_on_the_pci_bus():
-    """The makers of this machine's GPUs, read from the PCI devices Linux lists (what `lspci` reads): a display
-    device (PCI class 0x03....) from NVIDIA (vendor 0x10de) or Intel (0x8086). Intel's bridges and other
-    controllers are no GPU. Empty where there is no such folder (Windows, macOS): there, nothing is checked.
-    Tests point SYSFS_PCI_DEVICES at a fake tree."""
+    """The makers of this machine's GPUs and how many each, read from the PCI devices Linux lists (what `lspci`
+    reads): a display device (PCI class 0x03....) from NVIDIA (vendor 0x10de) or Intel (0x8086). Intel's bridges
+    and other controllers are no GPU. Empty where there is no such folder (Windows, macOS): there, nothing is
+    checked. A container sees its host's PCI bus, GPUs it was not given included. Tests point SYSFS_PCI_DEVICES
+    at a fake tree."""
     makers = {"0x10de": "NVIDIA", "0x8086": "Intel"}
-    found = set()
+    found = Counter()
     for pci_device in Path(os.environ.get("SYSFS_PCI_DEVICES", "/sys/bus/pci/devices")).glob("*"):
         try:
             vendor, pci_class = ((pci_device / name).read_text().strip().lower() for name in ("vendor", "class"))
         except OSError:  # not a device folder, or unreadable
             continue
         if vendor in makers and pci_class.startswith("0x03"):
-            found.add(makers[vendor])
+            found[makers[vendor]] += 1
     return found
+
+
+def why_hidden(maker, count):
+    """Why torch cannot see this maker's GPUs where that is meant, not a torch to fix (None where it is not): the
+    user hid them all (CUDA_VISIBLE_DEVICES="" or -1; ZE_AFFINITY_MASK naming none of the `count` GPUs), or this
+    process has none of their device nodes (/dev/nvidia0..., /dev/dri/renderD...): a container given no GPU, or
+    no driver loaded. Tests point DEVICE_NODES at a fake /dev."""
+    variable, nodes = {"NVIDIA": ("CUDA_VISIBLE_DEVICES", "nvidia[0-9]*"),
+                       "Intel": ("ZE_AFFINITY_MASK", "dri/renderD*")}[maker]
+    mask = os.environ.get(variable)
+    if mask is not None and (mask.strip() or maker == "NVIDIA"):  # an empty ZE_AFFINITY_MASK hides nothing
+        # CUDA stops reading its list at the first entry that names no GPU; Level Zero skips such entries.
+        entries = [e.strip().split(".")[0] for e in mask.split(",")][:1 if maker == "NVIDIA" else None]
+        if not any(e.startswith(("GPU-", "MIG-")) or e.isdigit() and int(e) < count for e in entries):
+            return f"{variable}={mask} hides every {maker} GPU"
+    dev = Path(os.environ.get("DEVICE_NODES", "/dev"))
+    if not any(dev.glob(nodes)):
+        return (f"this machine has {maker} GPUs but no {dev / nodes} device node to reach them (a container given "
+                "none, or no driver loaded)")
+    return None
 
 def no_fp64_remedy(pipeline, devices, announce=True):
     """FLUX builds its rotary position embedding in float64 on the device (diffusers' FluxPosEmbed; diffusers falls

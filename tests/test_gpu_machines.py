@@ -27,7 +27,9 @@ OTHERS = [("0x1af4", "0x020000"), ("0x1a03", "0x030000")]  # a virtio network ca
 
 
 def fake_sysfs(tmp_path, *devices):
-    """A /sys/bus/pci/devices tree: one folder per device, with its `vendor` and `class` files."""
+    """A /sys/bus/pci/devices tree: one folder per device, with its `vendor` and `class` files; beside it a /dev
+    with the device nodes of NVIDIA and Intel GPUs (fake_dev), as on a machine whose drivers are loaded."""
+    fake_dev(tmp_path, "nvidia0", "nvidiactl", "dri/card0", "dri/renderD128")
     root = tmp_path / "pci-devices"
     root.mkdir()
     for slot, (vendor, pci_class) in enumerate(devices):
@@ -36,6 +38,24 @@ def fake_sysfs(tmp_path, *devices):
         (device / "vendor").write_text(vendor + "\n")
         (device / "class").write_text(pci_class + "\n")
     return root
+
+
+def fake_dev(tmp_path, *nodes):
+    """A /dev folder with these device nodes (empty files: only their names are read)."""
+    dev = tmp_path / "dev"
+    dev.mkdir(exist_ok=True)
+    for node in nodes:
+        (dev / node).parent.mkdir(parents=True, exist_ok=True)
+        (dev / node).touch()
+    return dev
+
+
+@pytest.fixture(autouse=True)
+def nothing_hidden(monkeypatch, tmp_path):
+    """Every test starts on a machine whose GPUs nobody hid: no masks, and the fake /dev of fake_sysfs."""
+    for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("DEVICE_NODES", str(tmp_path / "dev"))
 
 
 @pytest.fixture(scope="module", params=SCRIPTS, ids=lambda path: path.name)
@@ -53,19 +73,24 @@ def gpus_found(script, monkeypatch, root):
 
 
 def test_an_nvidia_display_device_is_an_nvidia_gpu(script, monkeypatch, tmp_path):
-    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, *INTEL_BRIDGES, NVIDIA_GPU, *OTHERS)) == {"NVIDIA"}
+    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, *INTEL_BRIDGES, NVIDIA_GPU, *OTHERS)) == {"NVIDIA": 1}
 
 
 def test_an_intel_display_device_is_an_intel_gpu(script, monkeypatch, tmp_path):
-    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, *INTEL_BRIDGES, INTEL_GPU, *OTHERS)) == {"Intel"}
+    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, *INTEL_BRIDGES, INTEL_GPU, *OTHERS)) == {"Intel": 1}
+
+
+def test_each_gpu_is_counted(script, monkeypatch, tmp_path):
+    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, NVIDIA_GPU, INTEL_GPU, NVIDIA_GPU)) == {
+        "NVIDIA": 2, "Intel": 1}
 
 
 def test_intel_bridges_and_controllers_alone_are_no_gpu(script, monkeypatch, tmp_path):
-    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, *INTEL_BRIDGES, *OTHERS)) == set()
+    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, *INTEL_BRIDGES, *OTHERS)) == {}
 
 
 def test_no_pci_folder_finds_no_gpu(script, monkeypatch, tmp_path):
-    assert gpus_found(script, monkeypatch, tmp_path / "no-sysfs-here") == set()
+    assert gpus_found(script, monkeypatch, tmp_path / "no-sysfs-here") == {}
 
 
 # --- the messages, by simulation: this torch sees no GPU on a machine that has one ---
@@ -133,6 +158,67 @@ def test_a_gpu_that_torch_can_use_is_no_problem(script, monkeypatch, capsys, tmp
     assert refusal(script, monkeypatch, capsys, tmp_path, [INTEL_GPU], torch_sees_a_gpu=True) == ("", None)
 
 
+# --- GPUs hidden on purpose, or not in this container: run on the CPU, and say so (issue 15, item 5) ---
+
+
+@pytest.mark.parametrize("gpu, variable, mask", [
+    (NVIDIA_GPU, "CUDA_VISIBLE_DEVICES", ""), (NVIDIA_GPU, "CUDA_VISIBLE_DEVICES", "-1"),
+    (NVIDIA_GPU, "CUDA_VISIBLE_DEVICES", "1"),  # the machine has one GPU: number 1 is none
+    (INTEL_GPU, "ZE_AFFINITY_MASK", "3"), (INTEL_GPU, "ZE_AFFINITY_MASK", "1.0,2"),
+], ids=["cuda-empty", "cuda-minus-1", "cuda-no-such-gpu", "ze-no-such-gpu", "ze-no-such-gpus"])
+def test_gpus_the_user_hid_are_no_reason_to_refuse(script, monkeypatch, capsys, tmp_path, gpu, variable, mask):
+    monkeypatch.setenv(variable, mask)
+    err, code = refusal(script, monkeypatch, capsys, tmp_path, [gpu])
+    assert code is None
+    assert err.splitlines() == [f"note: {variable}={mask} hides every {'NVIDIA' if gpu == NVIDIA_GPU else 'Intel'} "
+                                "GPU: running on the CPU"]
+
+
+@pytest.mark.parametrize("gpu, nodes", [(NVIDIA_GPU, "nvidia0"), (INTEL_GPU, "dri/renderD128")],
+                         ids=["nvidia", "intel"])
+def test_a_container_given_no_gpu_runs_on_the_cpu_on_a_gpu_server(script, monkeypatch, capsys, tmp_path, gpu, nodes):
+    """A container sees its host's PCI bus, but has no device node of a GPU it was not given."""
+    monkeypatch.setenv("SYSFS_PCI_DEVICES", str(fake_sysfs(tmp_path, gpu)))
+    for node in (tmp_path / "dev").rglob("*"):
+        if node.is_file():
+            node.unlink()
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    script.check_torch_can_use_the_gpus("auto")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: ") and lines[0].endswith(": running on the CPU")
+    assert str(tmp_path / "dev" / ("nvidia[0-9]*" if gpu == NVIDIA_GPU else "dri/renderD*")) in lines[0]
+
+
+@pytest.mark.parametrize("gpu, variable, mask", [
+    (NVIDIA_GPU, "CUDA_VISIBLE_DEVICES", "0"), (NVIDIA_GPU, "CUDA_VISIBLE_DEVICES", "GPU-8f6b"),
+    (INTEL_GPU, "ZE_AFFINITY_MASK", "0"), (INTEL_GPU, "ZE_AFFINITY_MASK", ""), (INTEL_GPU, "ZE_AFFINITY_MASK", "5,0.1"),
+], ids=["cuda-0", "cuda-uuid", "ze-0", "ze-empty", "ze-one-real"])
+def test_a_mask_that_leaves_a_gpu_visible_still_gets_the_fix(script, monkeypatch, capsys, tmp_path, gpu, variable,
+                                                              mask):
+    monkeypatch.setenv(variable, mask)
+    err, code = refusal(script, monkeypatch, capsys, tmp_path, [gpu])
+    assert_one_error_line(err, code, "but this torch", "cannot use it")
+
+
+def test_a_hidden_nvidia_gpu_beside_an_intel_one_gets_the_intel_message(script, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    err, code = refusal(script, monkeypatch, capsys, tmp_path, [INTEL_GPU, NVIDIA_GPU])
+    assert_one_error_line(err, code, "Intel GPU", "not the XPU build")
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
+@pytest.mark.parametrize("script_path", SCRIPTS, ids=lambda path: path.name)
+def test_a_cpu_only_container_on_a_gpu_server_makes_the_images(script_path, request, tmp_path):
+    args = model_and_output(script_path, request, tmp_path)
+    pci = fake_sysfs(tmp_path, *INTEL_BRIDGES, NVIDIA_GPU, NVIDIA_GPU)
+    result = run_on(pci, python(script_path, *args, *FAST), DEVICE_NODES=str(tmp_path / "no-dev"))
+    assert result.returncode == 0, result.stderr
+    assert args[-1].exists()
+    assert [line for line in result.stderr.splitlines() if line.startswith(("note:", "error:"))] == [
+        f"note: this machine has NVIDIA GPUs but no {tmp_path / 'no-dev' / 'nvidia[0-9]*'} device node to reach them "
+        "(a container given none, or no driver loaded): running on the CPU"]
+
+
 # --- the real command: it stops before loading anything, or runs as before ---
 
 
@@ -142,9 +228,14 @@ def model_and_output(script_path, request, tmp_path):
     return ["--model", request.getfixturevalue("tiny_sd3"), "--output-dir", tmp_path / "out"]
 
 
-def run_on(pci_devices, command):
-    return subprocess.run([str(a) for a in command], cwd=ROOT, env=offline_env(SYSFS_PCI_DEVICES=str(pci_devices)),
-                          capture_output=True, text=True, timeout=300)
+def run_on(pci_devices, command, **env):
+    """Run a command on a machine with these PCI devices, their drivers loaded (the fake /dev beside them), and no
+    GPU hidden unless `env` hides some."""
+    environment = offline_env(SYSFS_PCI_DEVICES=str(pci_devices), DEVICE_NODES=str(pci_devices.parent / "dev"))
+    for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"):
+        environment.pop(variable, None)
+    return subprocess.run([str(a) for a in command], cwd=ROOT, env={**environment, **env}, capture_output=True,
+                          text=True, timeout=300)
 
 
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
