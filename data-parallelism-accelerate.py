@@ -413,7 +413,11 @@ def check_launch(args):
     # --multi_gpu: without it, an accelerate config that says "no distributed training" would start one process.
     launch = f"uv run accelerate launch --multi_gpu --num_processes {devices} {script}" if devices > 1 else (
         f"uv run {script}")
-    if here > devices:  # two processes on one device: NCCL stops at the first collective ("Duplicate GPU")
+    # A launcher (or the user) may give each process GPUs of its own with CUDA_VISIBLE_DEVICES or ZE_AFFINITY_MASK:
+    # then each sees fewer devices than there are processes here, and Accelerate picks one it sees. A mask is the
+    # user's choice: one that gives two processes the same GPU is NCCL's "Duplicate GPU" error at the first collective.
+    masked = any(os.environ.get(variable) for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"))
+    if here > devices and not masked:  # two processes on one device: NCCL stops at its first collective
         fail(f"{here} processes on this machine, but it has {devices} {kind} device(s): start one process per "
              f"device, e.g. `{launch}` (torchrun: --nproc-per-node {devices})")
     backend = torch.distributed.Backend.default_device_backend_map.get(kind)  # xpu: xccl, cuda: nccl

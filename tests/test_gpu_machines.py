@@ -293,8 +293,13 @@ def data_parallel():
 
 
 def launch(data_parallel, monkeypatch, capsys, kind="cuda", devices=1, processes=1, machines=1, local_rank=0,
-           backends=("nccl", "xccl", "gloo"), device="auto"):
-    """Run the script's launch check on `devices` GPUs with `processes` per machine: (stderr, exit code or None)."""
+           backends=("nccl", "xccl", "gloo"), device="auto", **masks):
+    """Run the script's launch check on `devices` GPUs with `processes` per machine, and the GPU masks given
+    (CUDA_VISIBLE_DEVICES=..., none by default): (stderr, exit code or None)."""
+    for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, mask in masks.items():
+        monkeypatch.setenv(variable, mask)
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: devices)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device(kind))
@@ -325,6 +330,15 @@ def test_more_processes_than_gpus_names_the_launch_that_fits(data_parallel, monk
     err, code = launch(data_parallel, monkeypatch, capsys, kind="xpu", devices=2, processes=4, machines=2)
     assert_one_error_line(err, code, "4 processes on this machine", "2 xpu device",
                           "uv run accelerate launch --multi_gpu --num_processes 2 data-parallelism-accelerate.py")
+
+
+@pytest.mark.parametrize("kind, variable", [("cuda", "CUDA_VISIBLE_DEVICES"), ("xpu", "ZE_AFFINITY_MASK")])
+@pytest.mark.parametrize("local_rank", [0, 1, 3])
+def test_each_process_with_a_gpu_of_its_own_is_accepted(data_parallel, monkeypatch, capsys, kind, variable,
+                                                        local_rank):
+    """4 processes, each given its own GPU by the launcher (a mask per process): each sees 1 device."""
+    assert launch(data_parallel, monkeypatch, capsys, kind=kind, devices=1, processes=4, local_rank=local_rank,
+                  **{variable: str(local_rank)}) == ("", None)
 
 
 def test_a_launch_mistake_is_said_by_the_first_process_of_each_machine_only(data_parallel, monkeypatch, capsys):
