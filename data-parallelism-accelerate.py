@@ -183,7 +183,8 @@ def parse_args():
     parser.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
     parser.add_argument("--seed", type=int, default=0, help="prompt i is seeded with SEED + i (default: %(default)s)")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                        help="weights' dtype; auto is bfloat16 on a GPU and float32 on the CPU (default: %(default)s)")
+                        help="weights' dtype; auto is bfloat16 on a GPU (float16 on NVIDIA GPUs before Ampere) and "
+                             "float32 on the CPU (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="prompts per pipeline call in each process (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
@@ -498,15 +499,32 @@ def peak_memory(device):
     return stats
 
 
-def run_dtype(args, on_gpu=None):
-    """The weights' dtype: as asked, or bfloat16 on a GPU and float32 on the CPU (where bfloat16 is slow)."""
+def run_dtype(args, on_gpu=None, announce=False):
+    """The weights' dtype: as asked, or the GPU's (default_dtype), or float32 on the CPU."""
     if on_gpu is None:
         on_gpu = args.device != "cpu" and torch.accelerator.is_available()
-    return getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, args.dtype) if args.dtype != "auto" else default_dtype(on_gpu, announce)
+
+
+def default_dtype(on_gpu, announce=False):
+    """--dtype auto: float32 on the CPU (bfloat16 is slow there). On GPUs bfloat16 where they compute it natively
+    (NVIDIA Ampere and newer, Intel's GPUs), else float16: NVIDIA GPUs before Ampere (Turing, Volta, Pascal)
+    emulate bfloat16 slowly or not at all. A plan for GPUs this machine does not have takes bfloat16."""
+    if not on_gpu:
+        return torch.float32
+    if not torch.accelerator.is_available():
+        return torch.bfloat16
+    gpus = torch.get_device_module(torch.accelerator.current_accelerator())
+    if gpus.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    if announce and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"note: {gpus.get_device_name()} has no fast bfloat16: using float16 (--dtype bfloat16 to override)",
+              file=sys.stderr, flush=True)
+    return torch.float16
 
 
 def load_pipeline(args):
-    dtype = run_dtype(args)
+    dtype = run_dtype(args, announce=True)
     # diffusers documents SD3 without T5: text_encoder_3=None, tokenizer_3=None (its prompt embeddings are zeros).
     without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if args.no_t5 else {}
     try:

@@ -70,7 +70,7 @@ def main():
         check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
     components = check_model(args)
     on_gpu = args.planned or (args.device != "cpu" and torch.accelerator.is_available())
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if on_gpu else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else default_dtype(on_gpu, announce=True)
 
     # 1. Plan: how much each device may hold, and where each component (or each block of one too big for any
     #    device) goes, computed by the calls the load makes, on the model built on the meta device.
@@ -160,7 +160,8 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=Path("flux-dev.png"), help="the image (default: %(default)s)")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                        help="weights' dtype; auto is bfloat16 on GPUs and float32 on the CPU (default: %(default)s)")
+                        help="weights' dtype; auto is bfloat16 on GPUs (float16 on NVIDIA GPUs before Ampere) and "
+                             "float32 on the CPU (default: %(default)s)")
     parser.add_argument("--max-memory", metavar="SIZE|DEV=SIZE,...",
                         help="memory to use: one size for every device (16GiB), or per device (0=10GiB,1=16GiB; the "
                              "devices not named keep their free memory); cpu=SIZE adds the CPU for what the devices "
@@ -201,6 +202,23 @@ def fail(message, code=2):
     """One line on stderr and a non-zero exit, no traceback."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def default_dtype(on_gpu, announce=False):
+    """--dtype auto: float32 on the CPU (bfloat16 is slow there). On GPUs bfloat16 where they compute it natively
+    (NVIDIA Ampere and newer, Intel's GPUs), else float16: NVIDIA GPUs before Ampere (Turing, Volta, Pascal)
+    emulate bfloat16 slowly or not at all. A plan for GPUs this machine does not have takes bfloat16."""
+    if not on_gpu:
+        return torch.float32
+    if not torch.accelerator.is_available():
+        return torch.bfloat16
+    gpus = torch.get_device_module(torch.accelerator.current_accelerator())
+    if gpus.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    if announce and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"note: {gpus.get_device_name()} has no fast bfloat16: using float16 (--dtype bfloat16 to override)",
+              file=sys.stderr, flush=True)
+    return torch.float16
 
 
 def check_torch_can_use_the_gpus(device):

@@ -6,6 +6,7 @@ real commands on the GPUs of the machine, and are skipped (reported as skipped) 
 """
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -464,3 +465,46 @@ def test_a_plan_for_other_gpus_runs_on_a_machine_whose_gpu_torch_cannot_use(scri
     result = run_on(fake_sysfs(tmp_path, INTEL_GPU), python(script_path, "--plan", *plan))
     assert result.returncode == 0, result.stderr
     assert "fits: yes" in result.stdout
+
+
+# --- bfloat16 only where the GPU computes it natively (issue 15, item 10) ---
+
+
+def simulate_nvidia(monkeypatch, name, native_bfloat16):
+    """A machine with NVIDIA GPUs, as torch sees them: a V100 (Volta: bfloat16 by emulation only) or an A100."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or (
+        native_bfloat16))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+@pytest.mark.parametrize("name, native, dtype", [("Tesla V100-SXM2-16GB", False, torch.float16),
+                                                 ("NVIDIA A100-SXM4-80GB", True, torch.bfloat16)])
+def test_auto_dtype_is_float16_on_gpus_without_native_bfloat16(script, monkeypatch, capsys, name, native, dtype):
+    simulate_nvidia(monkeypatch, name, native)
+    assert script.default_dtype(on_gpu=True, announce=True) == dtype
+    said = capsys.readouterr().err.splitlines()
+    assert said == ([] if native else [f"note: {name} has no fast bfloat16: using float16 (--dtype bfloat16 to "
+                                       "override)"])
+    assert script.default_dtype(on_gpu=False) == torch.float32
+
+
+def test_a_plan_for_gpus_this_machine_lacks_is_in_bfloat16(script, monkeypatch):
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert script.default_dtype(on_gpu=True) == torch.bfloat16
+
+
+@pytest.mark.parametrize("script_path, plan", [
+    (DATA_PARALLEL, ["--model", ROOT / "tests" / "fixtures" / "sd3.5-medium", "--device-memory", "16GiB"]),
+    (ROOT / "model-parallelism-flux.py", ["--model", ROOT / "tests" / "fixtures" / "flux1-dev", "--num-devices", "2",
+                                          "--device-memory", "24GiB"]),
+], ids=["data-parallelism", "model-parallelism"])
+@pytest.mark.parametrize("asked, dtype", [([], "float16"), (["--dtype", "bfloat16"], "bfloat16")])
+def test_the_run_on_a_v100_is_in_float16_unless_asked(script_path, plan, asked, dtype, monkeypatch, capsys):
+    script = load_script(script_path)
+    simulate_nvidia(monkeypatch, "Tesla V100-SXM2-16GB", native_bfloat16=False)
+    monkeypatch.setattr(sys, "argv", [script_path.name, "--plan", "--json", *map(str, plan), *asked])
+    script.main()
+    assert json.loads(capsys.readouterr().out)["dtype"] == dtype
