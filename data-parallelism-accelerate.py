@@ -486,7 +486,7 @@ def write_manifest(path, records):
 
 
 def peak_memory(device):
-    """Peak resident memory of this process and, on a GPU, peak memory allocated on its device (GiB)."""
+    """Peak resident memory of this process and, on a GPU, the peak memory it allocated and reserved there (GiB)."""
     if sys.platform == "win32":
         peak_rss = psutil.Process().memory_info().peak_wset
     else:
@@ -495,8 +495,19 @@ def peak_memory(device):
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     stats = {"peak_rss_gib": round(peak_rss / 2**30, 2)}
     if device.type != "cpu":
-        stats["peak_device_gib"] = round(torch.accelerator.max_memory_allocated(device) / 2**30, 2)
+        allocated, reserved = gpu_memory(device, peak=True)
+        stats |= {"peak_device_allocated_gib": round(allocated / 2**30, 2),
+                  "peak_device_reserved_gib": round(reserved / 2**30, 2)}
     return stats
+
+
+def gpu_memory(device, peak=False):
+    """The memory of one GPU that this process holds (or its peak), in bytes: (allocated, reserved). Allocated is
+    what torch's tensors hold; reserved is what torch's caching allocator holds from the GPU, allocated or not:
+    what nvidia-smi and xpu-smi show for the process, less its context (a few hundred MB)."""
+    if peak:
+        return torch.accelerator.max_memory_allocated(device), torch.accelerator.max_memory_reserved(device)
+    return torch.accelerator.memory_allocated(device), torch.accelerator.memory_reserved(device)
 
 
 def run_dtype(args, on_gpu=None, announce=False):
@@ -866,7 +877,8 @@ def report(args, stats, made, total, wall_seconds, sheet):
           f"{made / generate_seconds if generate_seconds else 0:.2f} images/s while generating")
     for s in stats:
         memory = f"peak RSS {s['peak_rss_gib']:.2f} GiB" + (
-            f", peak device memory {s['peak_device_gib']:.2f} GiB" if "peak_device_gib" in s else "")
+            f", peak device memory {s['peak_device_allocated_gib']:.2f} GiB allocated, "
+            f"{s['peak_device_reserved_gib']:.2f} GiB reserved" if "peak_device_reserved_gib" in s else "")
         print(f"  rank {s['rank']} on {s['device']}: {s['images']} images in {s['generate_seconds']:.1f} s, {memory}")
     print(f"images and manifest.jsonl in {args.output_dir}/" + (f"; all at a glance in {sheet}" if sheet else ""))
     write_atomically(args.output_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(

@@ -143,7 +143,7 @@ def main():
     per_step = (step_times[-1] - t0) / len(step_times) if step_times else seconds
     peak = memory_in_use(devices, peak=True)
     print(f"made {args.output} ({image.width}x{image.height}) in {seconds:.1f} s, {per_step:.2f} s per step; "
-          "peak memory: " + ", ".join(f"{device_name(d)} {peak[d] / GiB:.2f} GiB" for d in devices))
+          "peak memory: " + "; ".join(memory_text(d, peak[d]) for d in devices))
 
 
 def parse_args():
@@ -593,22 +593,39 @@ def print_placement(pipeline, split):
               + (" (streamed to the device at every step: slow)" if d == "cpu" and offload else ""))
     devices = sorted({d for _, d in rows}, key=str)
     used = memory_in_use(devices)
-    print("  memory in use: " + ", ".join(f"{device_name(d)} {used[d] / GiB:.2f} GiB" for d in devices))
+    print("  memory in use: " + "; ".join(memory_text(d, used[d]) for d in devices))
     return devices
 
 
 def memory_in_use(devices, peak=False):
-    """Memory in use (or its peak) on each device, in bytes; for the CPU, this process's resident memory."""
+    """Memory in use (or its peak) on each device, in bytes: (allocated, reserved) on a GPU (gpu_memory); for the
+    CPU, this process's resident memory."""
     used = {}
     for d in devices:
         if d != "cpu":
-            used[d] = torch.accelerator.max_memory_allocated(d) if peak else torch.accelerator.memory_allocated(d)
+            used[d] = gpu_memory(d, peak)
         elif peak and sys.platform != "win32":
             import resource  # ru_maxrss is in KiB on Linux, in bytes on macOS
             used[d] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         else:
             used[d] = psutil.Process().memory_info().rss
     return used
+
+
+def memory_text(d, used):
+    """`xpu:0 10.21 GiB allocated, 11.02 GiB reserved`, `cpu 0.79 GiB`: each figure named."""
+    if isinstance(used, tuple):
+        return f"{device_name(d)} {used[0] / GiB:.2f} GiB allocated, {used[1] / GiB:.2f} GiB reserved"
+    return f"{device_name(d)} {used / GiB:.2f} GiB"
+
+
+def gpu_memory(device, peak=False):
+    """The memory of one GPU that this process holds (or its peak), in bytes: (allocated, reserved). Allocated is
+    what torch's tensors hold; reserved is what torch's caching allocator holds from the GPU, allocated or not:
+    what nvidia-smi and xpu-smi show for the process, less its context (a few hundred MB)."""
+    if peak:
+        return torch.accelerator.max_memory_allocated(device), torch.accelerator.max_memory_reserved(device)
+    return torch.accelerator.memory_allocated(device), torch.accelerator.memory_reserved(device)
 
 
 def device_name(d):

@@ -508,3 +508,36 @@ def test_the_run_on_a_v100_is_in_float16_unless_asked(script_path, plan, asked, 
     monkeypatch.setattr(sys, "argv", [script_path.name, "--plan", "--json", *map(str, plan), *asked])
     script.main()
     assert json.loads(capsys.readouterr().out)["dtype"] == dtype
+
+
+# --- peak memory as nvidia-smi and xpu-smi see it: reserved, not only allocated (issue 15, item 11) ---
+
+
+@pytest.fixture
+def gpu_memory_of(monkeypatch):
+    """A GPU on which torch's tensors held at most 3 GiB and its caching allocator 5 GiB (now 1 and 2 GiB)."""
+    GiB = 2**30
+    monkeypatch.setattr(torch.accelerator, "max_memory_allocated", lambda device=None: 3 * GiB)
+    monkeypatch.setattr(torch.accelerator, "max_memory_reserved", lambda device=None: 5 * GiB)
+    monkeypatch.setattr(torch.accelerator, "memory_allocated", lambda device=None: 1 * GiB)
+    monkeypatch.setattr(torch.accelerator, "memory_reserved", lambda device=None: 2 * GiB)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("xpu"))
+
+
+def test_the_data_parallel_report_names_allocated_and_reserved_peaks(data_parallel, gpu_memory_of, capsys, tmp_path):
+    stats = [{"rank": 1, "device": "xpu:1", "images": 2, "generate_seconds": 4.0,
+              **data_parallel.peak_memory(torch.device("xpu", 1))}]
+    assert stats[0]["peak_device_allocated_gib"] == 3.0 and stats[0]["peak_device_reserved_gib"] == 5.0
+    data_parallel.report(argparse.Namespace(output_dir=tmp_path), stats, 2, 2, 10.0, None)
+    line = next(line for line in capsys.readouterr().out.splitlines() if "rank 1" in line)
+    assert line.endswith("peak device memory 3.00 GiB allocated, 5.00 GiB reserved")
+    assert json.loads((tmp_path / "summary.json").read_text())["ranks"][0]["peak_device_reserved_gib"] == 5.0
+
+
+def test_the_sharding_script_names_allocated_and_reserved_memory(gpu_memory_of):
+    script = load_script(ROOT / "model-parallelism-flux.py")
+    peak, now = script.memory_in_use([0, 1, "cpu"], peak=True), script.memory_in_use([0], peak=False)
+    assert script.memory_text(1, peak[1]) == "xpu:1 3.00 GiB allocated, 5.00 GiB reserved"
+    assert script.memory_text(0, now[0]) == "xpu:0 1.00 GiB allocated, 2.00 GiB reserved"
+    assert script.memory_text("cpu", peak["cpu"]).startswith("cpu ") and "allocated" not in script.memory_text(
+        "cpu", peak["cpu"])
