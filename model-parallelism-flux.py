@@ -548,10 +548,24 @@ def print_plan(args, plan):
                  len(plan["budgets"]) == 1 else ""))
     if plan["unplaced"]:
         print(f"  {size(plan['unplaced'])} of weights find no room on any device")
-    if "cpu" in plan["devices"] and len(plan["budgets"]) > 1:
-        print(f"  NOTE: {size(plan['devices']['cpu'])} of weights on the CPU, streamed to the devices at every step: "
-              "slow")
+    on_cpu = cpu_only(plan["placement"])
+    streamed = sum(b for key, b in plan["bytes"].items() if plan["placement"][key] == "cpu" and
+                   key.split(".")[0] not in on_cpu)
+    if streamed and len(plan["budgets"]) > 1:
+        print(f"  NOTE: {size(streamed)} of weights on the CPU, streamed to the devices at every step: slow")
+    if on_cpu and len(plan["budgets"]) > 1:
+        print(f"  NOTE: {', '.join(on_cpu)} wholly on the CPU: Accelerate runs it there, on the CPU's cores, which "
+              "is many times slower than a GPU; only its inputs and outputs move to and from the devices")
     print(f"  fits: {'yes' if plan['fits'] else 'NO'}" + plan["hint"])
+
+
+def cpu_only(placement):
+    """The components every part of which is on the CPU ({"text_encoder_2.encoder.block.0": "cpu", ...}): Accelerate
+    runs such a component on the CPU itself, where a component with some blocks on a GPU has the others streamed."""
+    devices = {}
+    for key, d in placement.items():
+        devices.setdefault(key.split(".")[0], set()).add(str(d))
+    return [name for name, on in devices.items() if on == {"cpu"}]
 
 
 def block_ranges(device_map):
@@ -588,9 +602,11 @@ def print_placement(pipeline, split):
     """Print where everything is and the memory in use on each device; return the devices."""
     rows = placement(pipeline, split)
     offload = any(d != "cpu" for _, d in rows)  # a CPU beside accelerators only holds what they could not
+    on_cpu = cpu_only({name: d for name, d in rows})
     for name, d in rows:
-        print(f"  {name:<52} -> {device_name(d)}"
-              + (" (streamed to the device at every step: slow)" if d == "cpu" and offload else ""))
+        print(f"  {name:<52} -> {device_name(d)}" + ("" if d != "cpu" or not offload else " (runs on the CPU: slow)"
+                                                     if name.split(".")[0] in on_cpu else
+                                                     " (streamed to the device at every step: slow)"))
     devices = sorted({d for _, d in rows}, key=str)
     used = memory_in_use(devices)
     print("  memory in use: " + "; ".join(memory_text(d, used[d]) for d in devices))

@@ -637,3 +637,38 @@ def test_gpus_without_fp64_as_simulated_the_image_is_the_one_with_fp64(main, scr
     captured = main(*flags, "--output", tmp_path / "cpu-rope.png")
     assert "has no FP64" in captured.err
     assert np.abs(pixels(tmp_path / "fp64.png") - pixels(tmp_path / "cpu-rope.png")).max() <= 2
+
+
+# --- a split component that ends up wholly on the CPU runs there: said as such (issue 15, item 7) ---
+
+
+def test_a_split_component_wholly_on_the_cpu_is_said_to_run_there(script, monkeypatch, capsys):
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.accelerator, "memory_reserved", lambda device=None: 0)
+    class Component(torch.nn.Linear):  # a model's `device` attribute, as diffusers' and transformers' models have
+        device = torch.device("cpu")
+    layer = Component(1, 1)
+    pipeline = types.SimpleNamespace(hf_device_map={"text_encoder": 0, "vae": 1}, components={
+        "text_encoder": layer, "vae": layer, "transformer": layer, "text_encoder_2": layer, "tokenizer": None})
+    split = {"text_encoder_2": types.SimpleNamespace(hf_device_map={"shared": "cpu", "encoder.block.0": "cpu",
+                                                                     "encoder.block.1": "cpu"}),
+             "transformer": types.SimpleNamespace(hf_device_map={"x_embedder": 0, "transformer_blocks.0": 1,
+                                                                  "single_transformer_blocks.0": "cpu"})}
+    script.print_placement(pipeline, split)
+    rows = dict(re.findall(r"^  (\S+) +-> (.+)$", capsys.readouterr().out, flags=re.M))
+    assert rows["text_encoder_2.shared"] == rows["text_encoder_2.encoder.block.0-1"] == "cpu (runs on the CPU: slow)"
+    assert rows["transformer.single_transformer_blocks.0"] == "cpu (streamed to the device at every step: slow)"
+    assert rows["text_encoder"] == "cuda:0"
+
+
+def test_the_plan_says_a_component_wholly_on_the_cpu_runs_there(script, capsys):
+    plan = {"stages": [], "devices": {"0": 9 * GiB, "cpu": 9 * GiB}, "budgets": {"0": 12 * GiB, "cpu": 32 * GiB},
+            "reserved_per_device": 3 * GiB, "unplaced": 0, "fits": True, "hint": "", "staged": False,
+            "dtype": "bfloat16", "components": {},
+            "placement": {"transformer": "0", "text_encoder_2.shared": "cpu", "text_encoder_2.encoder.block": "cpu"},
+            "bytes": {"transformer": 9 * GiB, "text_encoder_2.shared": GiB, "text_encoder_2.encoder.block": 8 * GiB}}
+    script.print_plan(types.SimpleNamespace(planned=True, model="m", height=1024, width=1024), plan)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "NOTE" in line]
+    assert len(notes) == 1 and notes[0].startswith("  NOTE: text_encoder_2 wholly on the CPU: Accelerate runs it there")
+    assert "streamed" not in notes[0]
