@@ -403,10 +403,21 @@ def device_memory(args):
 
 
 def free_memory():
-    """Free memory of each accelerator, as Accelerate measures it; its total memory where that cannot be read."""
+    """Free memory of each accelerator, as Accelerate measures it. Accelerate leaves out, without a word, a device
+    it cannot query: one that cannot be used (a GPU busy in exclusive-process mode) stays out, and the note says
+    so; one that works but cannot tell its free memory (some Intel GPUs) counts with its total memory."""
     free = {d: m for d, m in get_max_memory().items() if isinstance(d, int)}
-    unread = [i for i in range(torch.accelerator.device_count()) if i not in free]
-    if unread:  # e.g. Intel GPUs whose torch.xpu.mem_get_info raises: Accelerate leaves them out without a word
+    kind, unread, unusable = torch.accelerator.current_accelerator().type, [], {}
+    for i in range(torch.accelerator.device_count()):
+        if i not in free:
+            try:
+                torch.zeros(1, device=torch.device(kind, i))  # usable at all? (as Accelerate tries it)
+                unread.append(i)
+            except RuntimeError as e:  # torch.AcceleratorError is one
+                unusable[i] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    for i, why in unusable.items():
+        print(f"note: {device_name(i)} cannot be used ({why}): leaving it out", file=sys.stderr)
+    if unread:  # e.g. Intel GPUs whose torch.xpu.mem_get_info raises
         properties = torch.get_device_module(torch.accelerator.current_accelerator()).get_device_properties
         free |= {i: properties(i).total_memory for i in unread}
         print(f"note: the free memory of {', '.join(map(device_name, unread))} cannot be read: counting on "

@@ -345,6 +345,7 @@ def two_gpus(monkeypatch, script):
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a: torch.device("xpu"))
     monkeypatch.setattr(script, "get_max_memory", lambda: {0: 22 * GiB, 1: 23 * GiB, "cpu": 64 * GiB})
+    monkeypatch.setattr(torch.xpu, "is_bf16_supported", lambda including_emulation=True: True)
 
 
 def test_free_memory_of_the_devices_present_is_the_budget(two_gpus, main):
@@ -374,10 +375,12 @@ def test_a_failing_free_memory_query_falls_back_to_total_memory_in_one_line(monk
     monkeypatch.setattr(accelerate.utils.modeling, "is_xpu_available", lambda *a, **k: True)
     monkeypatch.setattr(torch.xpu, "device_count", lambda: 2)
     monkeypatch.setattr(torch.xpu, "mem_get_info", mem_get_info)
-    monkeypatch.setattr(torch.xpu, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=24 * GiB))
+    monkeypatch.setattr(torch.xpu, "get_device_properties", lambda i=None: types.SimpleNamespace(
+        total_memory=24 * GiB, has_bfloat16_conversions=True))
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a: torch.device("xpu"))
+    simulate_usable_devices(monkeypatch, "xpu", usable={0, 1})
     assert not [d for d in accelerate.utils.get_max_memory() if d != "cpu"]  # the library finds no device
     captured = main("--plan", "--json", "--model", FLUX1_DEV)
     assert json.loads(captured.out)["budgets"] == {"0": 24 * GiB, "1": 24 * GiB}
@@ -672,3 +675,38 @@ def test_the_plan_says_a_component_wholly_on_the_cpu_runs_there(script, capsys):
     notes = [line for line in capsys.readouterr().out.splitlines() if "NOTE" in line]
     assert len(notes) == 1 and notes[0].startswith("  NOTE: text_encoder_2 wholly on the CPU: Accelerate runs it there")
     assert "streamed" not in notes[0]
+
+
+# --- a GPU Accelerate cannot query: left out when it cannot be used at all (issue 15, item 8) ---
+
+
+def simulate_usable_devices(monkeypatch, kind, usable):
+    """torch.zeros(..., device=<kind>:i) works on the devices in `usable` and raises as CUDA does on a GPU that is
+    busy in exclusive-process mode on the others; on the CPU and the meta device, torch's own."""
+    zeros = torch.zeros
+
+    def fake_zeros(*args, device=None, **kwargs):
+        device = torch.device(device) if device is not None else None
+        if device is None or device.type not in (kind,):
+            return zeros(*args, device=device, **kwargs)
+        if device.index not in usable:
+            raise torch.AcceleratorError("CUDA error: CUDA-capable device(s) is/are busy or unavailable")
+        return zeros(*args, **kwargs)
+    monkeypatch.setattr(torch, "zeros", fake_zeros)
+
+
+def test_a_gpu_that_cannot_be_used_is_left_out_not_counted_as_free(monkeypatch, script, main):
+    """Two NVIDIA GPUs; the second busy in exclusive-process mode: Accelerate measures only the first."""
+    import accelerate.utils.modeling
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a: torch.device("cuda"))
+    monkeypatch.setattr(script, "get_max_memory", lambda: {0: 20 * GiB, "cpu": 64 * GiB})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=24 * GiB))
+    simulate_usable_devices(monkeypatch, "cuda", usable={0})
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    captured = main("--plan", "--json", "--model", FLUX1_DEV)
+    assert json.loads(captured.out)["budgets"] == {"0": 20 * GiB}
+    assert captured.err.strip().splitlines() == [
+        "note: cuda:1 cannot be used (CUDA error: CUDA-capable device(s) is/are busy or unavailable): leaving it out"]

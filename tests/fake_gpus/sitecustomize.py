@@ -16,3 +16,4 @@ if os.environ.get("FAKE_GPUS"):
     torch.accelerator.current_accelerator = lambda check_available=False: torch.device("cuda")
     torch.cuda.is_available = lambda: True
     torch.cuda.device_count = lambda: _count
+    torch.cuda.is_bf16_supported = lambda including_emulation=True: True  # GPUs of today
