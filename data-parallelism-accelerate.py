@@ -86,9 +86,10 @@ def main():
     # 1. One process per device. Accelerate reads the rank and world size the launcher set, picks this
     #    process's device (xpu:<local rank>, cuda:<local rank>) and joins the process group (xccl on Intel GPUs,
     #    nccl on NVIDIA). With no accelerator, `cpu=True` makes the processes a gloo group on the CPU: without it
-    #    every CPU process would think it is alone and make every image. A process that is done waits for the
-    #    others in gather_object below as long as they take: a week, not NCCL's 10 minutes (a failure still ends
-    #    the job at once: the launcher stops every process on its machine when one fails).
+    #    every CPU process would think it is alone and make every image. The group's timeout is a week, not
+    #    NCCL's 10 minutes: a process that is done waits for the others as long as they make images (below,
+    #    wait_for_the_others), and a failure still ends the job at once (the launcher stops every process on its
+    #    machine when one fails).
     distributed_state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available(),
                                      timeout=timedelta(days=7))
     check_group_formed(distributed_state)
@@ -113,6 +114,7 @@ def main():
     #    are more processes than prompts, simply makes fewer images; it never makes a copy to be thrown away.
     made, generate_seconds = 0, 0.0
     with distributed_state.split_between_processes(todo) as my_share:
+        shares = gather_object([[i for i, _ in my_share]])  # every process's share, to name one that stops
         if my_share:  # an empty share loads nothing and never calls the pipeline (an empty batch crashes it)
             # Every process loads the whole pipeline onto its own device: whole when it fits with room for the
             # activations (the fastest), else with diffusers' CPU offload to THIS process's device (xpu:1 for rank 1,
@@ -149,7 +151,9 @@ def main():
                 made += len(batch)
             generate_seconds = time.perf_counter() - generate_started
 
-    # 5. Gather every process's numbers on the main process (this also waits for the last one) and report.
+    # 5. Wait for the others while they make images, but not for one that has stopped: no image saved anywhere for
+    #    --stall-timeout (and 10x the slowest image) ends the job, naming it. Then gather every process's numbers.
+    wait_for_the_others(args, distributed_state, shares, names)
     stats = gather_object([{"rank": distributed_state.process_index, "device": str(device), "images": made,
                             "generate_seconds": generate_seconds, **peak_memory(device)}])
     if distributed_state.is_main_process:
@@ -162,9 +166,7 @@ def main():
             report(args, stats, len(todo), len(prompts), time.time() - psutil.Process().create_time(), sheet)
         except OSError as e:
             cannot_write(args.output_dir, e)
-    # Leave the process group before exiting: torn down by the interpreter at exit instead, gloo now and then
-    # aborts the process ("terminate called without an active exception") after all the work is done.
-    distributed_state.destroy_process_group()
+    end_process_group()  # and on every other way out: see the end of this file
 
 
 def parse_args():
@@ -203,6 +205,10 @@ def parse_args():
     parser.add_argument("--json", action="store_true", help="with --plan: print the plan as one JSON document")
     parser.add_argument("--device-memory", metavar="SIZE",
                         help="with --plan: plan for a GPU with SIZE free, e.g. 12GiB (default: the GPUs present)")
+    parser.add_argument("--stall-timeout", type=float, default=600, metavar="SECONDS",
+                        help="a process that is done stops waiting for the others when no image has been saved for "
+                             "this long and 10 times the slowest image: the job ends, naming the processes that "
+                             "stopped (default: %(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
                         help="auto: each process on a GPU of its own where torch can use the GPUs, else the CPU; "
                              "cpu: on the CPU on purpose, even on a machine with GPUs (default: %(default)s)")
@@ -213,7 +219,7 @@ def parse_args():
                  f"e.g. `accelerate launch --num_processes=2 {Path(__file__).name}`")
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    for name in ("num_inference_steps", "height", "width", "batch_size"):
+    for name in ("num_inference_steps", "height", "width", "batch_size", "stall_timeout"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be a positive number, not {getattr(args, name)}")
     if not args.plan and (args.json or args.device_memory):
@@ -241,6 +247,41 @@ def fail(message, code=2, every_process=False):
     else:
         time.sleep(1)
     sys.exit(code)
+
+
+def end_process_group():
+    """Leave the process group, if this process is in one, on every way out (a failure's too): left to the
+    interpreter's exit, gloo now and then aborts the process ("terminate called without an active exception") and
+    NCCL adds its own warning to the script's one line."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def wait_for_the_others(args, distributed_state, shares, names):
+    """Wait until every process has saved its share (the images in --output-dir, which all processes share),
+    before the collective that gathers their numbers, which would wait a week. Give up when no image has been saved
+    anywhere for --stall-timeout seconds and 10 times the slowest image: the first process still waiting names the
+    silent ones in one line, and every waiting process exits, so that the launcher stops the rest."""
+    owner = {i: rank for rank, share in enumerate(shares) for i in share}
+    last, since = None, time.monotonic()
+    while distributed_state.num_processes > 1:
+        records = read_manifest(args.output_dir / "manifest.jsonl")
+        made = {i for i in owner if i in records or (args.output_dir / names[i]).exists()}
+        if len(made) == len(owner):
+            return
+        if len(made) != last:
+            last, since = len(made), time.monotonic()
+        slowest = max((records[i].get("seconds") or 0 for i in made if i in records), default=0)
+        if time.monotonic() - since > max(args.stall_timeout, 10 * slowest):
+            silent = sorted({owner[i] for i in owner if i not in made})
+            if distributed_state.process_index == min(set(range(distributed_state.num_processes)) - set(silent)):
+                fail(f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} saved no image for "
+                     f"{time.monotonic() - since:.0f} s ({len(made)} of {len(owner)} images made; the slowest "
+                     f"took {slowest:.1f} s): stopping the job; run the same command again to make the rest "
+                     "(--stall-timeout SECONDS waits longer)", code=1, every_process=True)
+            time.sleep(1)  # the line above first
+            sys.exit(1)
+        time.sleep(0.25)
 
 
 def check_group_formed(distributed_state):
@@ -899,3 +940,5 @@ if __name__ == "__main__":
         fail(f"rank {state.process_index} ran out of memory on {state.device}: try a smaller --batch-size or "
              "--height/--width, --offload model (or sequential), or --no-t5 for SD3; --plan shows what fits",
              code=1, every_process=True)
+    finally:  # every way out, fail() and SIGTERM included, leaves the process group first
+        end_process_group()

@@ -1,6 +1,6 @@
 """Tests of the tests: `uv run pytest` must pass on a machine with 1 GPU or several, not only on this CPU-only one.
 
-The tests below run other tests in a fresh pytest, on a simulated machine: tests/fake_gpus/sitecustomize.py makes
+The tests below run other tests in a fresh pytest, on a simulated machine: tests/simulate/sitecustomize.py makes
 torch (in pytest and in every script it starts) see FAKE_GPUS NVIDIA GPUs. Those GPUs cannot compute, so the tests
 that really use a GPU (marked `gpu`) are left out; what is run is the rest, which must hold on any machine: the
 README's commands with GPU memory budgets, and bad input answered with exactly one line.
@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-FAKE_GPUS = ROOT / "tests" / "fake_gpus"
+SIMULATE = ROOT / "tests" / "simulate"
 # The tests that read the machine's GPUs: each once failed on a GPU machine only (issue 15, item 4).
 ON_ANY_MACHINE = [
     "tests/test_readme.py::test_every_readme_command_runs[model-parallelism-flux.py --max-memory 0=10GiB,1=16GiB]",
@@ -29,14 +29,14 @@ ON_ANY_MACHINE = [
 
 def pytest_on(gpus, *args):
     env = {**os.environ, "FAKE_GPUS": str(gpus), "PYTHONPATH": os.pathsep.join(
-        [str(FAKE_GPUS), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        [str(SIMULATE), *filter(None, [os.environ.get("PYTHONPATH")])])}
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
 def test_the_simulation_makes_torch_see_the_gpus():
     probe = "import torch; print(torch.accelerator.is_available(), torch.accelerator.device_count())"
-    env = {**os.environ, "FAKE_GPUS": "3", "PYTHONPATH": str(FAKE_GPUS)}
+    env = {**os.environ, "FAKE_GPUS": "3", "PYTHONPATH": str(SIMULATE)}
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["True", "3"], result.stderr
 
