@@ -153,7 +153,7 @@ def main():
 
     # 5. Wait for the others while they make images, but not for one that has stopped: no image saved anywhere for
     #    --stall-timeout (and 10x the slowest image) ends the job, naming it. Then gather every process's numbers.
-    wait_for_the_others(args, distributed_state, shares, names)
+    wait_for_the_others(args, distributed_state, shares)
     stats = gather_object([{"rank": distributed_state.process_index, "device": str(device), "images": made,
                             "generate_seconds": generate_seconds, **peak_memory(device)}])
     if distributed_state.is_main_process:
@@ -205,7 +205,7 @@ def parse_args():
     parser.add_argument("--json", action="store_true", help="with --plan: print the plan as one JSON document")
     parser.add_argument("--device-memory", metavar="SIZE",
                         help="with --plan: plan for a GPU with SIZE free, e.g. 12GiB (default: the GPUs present)")
-    parser.add_argument("--stall-timeout", type=float, default=600, metavar="SECONDS",
+    parser.add_argument("--stall-timeout", type=int, default=600, metavar="SECONDS",
                         help="a process that is done stops waiting for the others when no image has been saved for "
                              "this long and 10 times the slowest image: the job ends, naming the processes that "
                              "stopped (default: %(default)s)")
@@ -257,16 +257,17 @@ def end_process_group():
         torch.distributed.destroy_process_group()
 
 
-def wait_for_the_others(args, distributed_state, shares, names):
-    """Wait until every process has saved its share (the images in --output-dir, which all processes share),
-    before the collective that gathers their numbers, which would wait a week. Give up when no image has been saved
-    anywhere for --stall-timeout seconds and 10 times the slowest image: the first process still waiting names the
-    silent ones in one line, and every waiting process exits, so that the launcher stops the rest."""
+def wait_for_the_others(args, distributed_state, shares):
+    """Wait until every process has saved its share (the manifest in --output-dir, which all processes share, has
+    a line for each image saved), before the collective that gathers their numbers, which would wait a week. Give
+    up when no image has been saved anywhere for --stall-timeout seconds and 10 times the slowest image: the first
+    process still waiting names the silent ones in one line, and every waiting process exits, so that the launcher
+    stops the rest."""
     owner = {i: rank for rank, share in enumerate(shares) for i in share}
     last, since = None, time.monotonic()
     while distributed_state.num_processes > 1:
         records = read_manifest(args.output_dir / "manifest.jsonl")
-        made = {i for i in owner if i in records or (args.output_dir / names[i]).exists()}
+        made = {i for i in owner if i in records}  # images_to_make() dropped the lines of those to make again
         if len(made) == len(owner):
             return
         if len(made) != last:
@@ -413,6 +414,7 @@ def why_hidden(maker, count):
         return (f"this machine has {maker} GPUs but no {dev / nodes} device node to reach them (a container given "
                 "none, or no driver loaded)")
     return None
+
 
 def no_fp64_remedy(pipeline, devices, announce=True):
     """FLUX builds its rotary position embedding in float64 on the device (diffusers' FluxPosEmbed; diffusers falls

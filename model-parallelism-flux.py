@@ -288,6 +288,7 @@ def why_hidden(maker, count):
                 "none, or no driver loaded)")
     return None
 
+
 def no_fp64_remedy(pipeline, devices, announce=True):
     """FLUX builds its rotary position embedding in float64 on the device (diffusers' FluxPosEmbed; diffusers falls
     back to float32 on mps and npu only), and Intel's Arc A-series GPUs (A310 to A770, and the Arc graphics of Core
