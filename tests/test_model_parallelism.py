@@ -496,7 +496,7 @@ def test_gpus_tiny_flux_on_one_device_and_the_cpu_matches_the_cpu_image(main, re
     flags = ["--model", tiny_flux, "--dtype", "float32", *(["--staged"] if staged else [])]
     max_memory = tiny_budget(tiny_flux, [0], 0.5) + ",cpu=1GiB"
     stdout = main(*flags, "--max-memory", max_memory, "--output", tmp_path / "x.png", *FAST).out
-    assert "NOTE:" in stdout and "streamed to the device at every step" in stdout
+    assert "NOTE:" in stdout and ("streamed to the device at every step" in stdout or "runs on the CPU" in stdout)
     assert_printout_names_where_the_weights_are(stdout, recorded[-1])
     devices = {d for rows in printed_placement(stdout) for _, d in rows}
     assert devices == {f"{torch.accelerator.current_accelerator().type}:0", "cpu"}
