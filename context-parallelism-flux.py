@@ -35,6 +35,7 @@ import sys
 import time
 import unittest.mock
 import warnings
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -44,6 +45,7 @@ import psutil
 import torch
 import transformers
 from accelerate import PartialState
+from accelerate.hooks import remove_hook_from_module
 from accelerate.utils import compute_module_sizes, convert_file_size_to_int, gather_object
 from accelerate.utils.memory import clear_device_cache
 from diffusers import AutoencoderKL, ContextParallelConfig, DiffusionPipeline
@@ -96,12 +98,13 @@ def main():
     quiet_libraries(main_process=distributed_state.is_main_process, verbose=args.verbose)
     check_device_memory(args, plan, device)  # each process, its own GPU
     if distributed_state.num_processes == 1 and distributed_state.is_main_process:
-        print(one_process_note(), file=sys.stderr, flush=True)
+        print(one_process_note(device), file=sys.stderr, flush=True)
 
     # 2. Every process loads the WHOLE pipeline onto its own device (with --staged: the text encoders first,
     #    which encode the prompt and are freed, then the transformer and the VAE).
     inputs = encode_and_free_text_encoders(args, plan, device) if args.staged else dict(prompt=args.prompt)
     pipeline = load_pipeline(args, plan, without=TEXT_ENCODERS if args.staged else ()).to(device)
+    no_fp64_remedy(pipeline, [device], announce=distributed_state.is_main_process)  # FLUX on Intel Arc A-series
     if args.attention_backend != "native":
         pipeline.transformer.set_attention_backend(args.attention_backend)
 
@@ -135,13 +138,11 @@ def main():
 
     # 5. The main process saves the image, whole or not at all, and reports every process's numbers.
     stats = gather_object([{"rank": distributed_state.process_index, "device": str(device),
-                            "peak_gib": peak_memory_gib(device)}])
+                            "peak": peak_memory(device)}])
     if distributed_state.is_main_process:
         save(image, args.output)
         report(args, plan, stats, image, seconds, step_times, t0)
-    # Leave the process group before exiting: torn down by the interpreter at exit instead, gloo now and then
-    # aborts the process ("terminate called without an active exception") after all the work is done.
-    distributed_state.destroy_process_group()
+    end_process_group()  # and on every other way out: see the end of this file
 
 
 def parse_args():
@@ -231,6 +232,14 @@ def fail(message, code=2, every_process=False):
     sys.exit(code)
 
 
+def end_process_group():
+    """Leave the process group, if this process is in one, on every way out (a failure's too): left to the
+    interpreter's exit, gloo now and then aborts the process ("terminate called without an active exception") and
+    NCCL adds its own warning to the script's one line."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def check_group_formed(distributed_state):
     """Several processes that formed no group would each make the whole image alone: stop instead."""
     if distributed_state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
@@ -255,9 +264,14 @@ def check_torch_can_use_the_gpus(device):
     if device == "cpu" or torch.accelerator.is_available():
         return
     gpus = gpus_on_the_pci_bus()
+    hidden = {maker: why for maker in gpus if (why := why_hidden(maker, gpus[maker]))}
+    if hidden and not set(gpus) - set(hidden):  # hidden on purpose, or not in this container: nothing to fix
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"note: {'; '.join(hidden.values())}: running on the CPU", file=sys.stderr, flush=True)
+        return
     keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (README: Set-up); or pass --device cpu to run on "
             "the CPU on purpose")
-    if "NVIDIA" in gpus:  # first: a laptop may have an Intel GPU for the screen and an NVIDIA one to compute
+    if "NVIDIA" in gpus and "NVIDIA" not in hidden:  # first: a laptop may have an Intel GPU for the screen
         cuda = torch.version.cuda  # "13.2"; None in a torch built without CUDA
         # The oldest driver each CUDA major version runs on (NVIDIA's "minor version compatibility" table).
         driver = {"11": "450", "12": "525", "13": "580"}.get(str(cuda).split(".")[0])
@@ -267,27 +281,78 @@ def check_torch_can_use_the_gpus(device):
             "install a torch built for an older CUDA")
         fail(f"this machine has an NVIDIA GPU, but this torch ({torch.__version__}) cannot use it: {cause}: "
              f"`uv pip install --reinstall torch --index-url https://download.pytorch.org/whl/cu128`, {keep}")
-    if "Intel" in gpus:
+    if "Intel" in gpus and "Intel" not in hidden:
         fail(f"this machine has an Intel GPU, but this torch ({torch.__version__}) cannot use it: it is not the XPU "
              "build (PyPI's torch has no XPU support): `uv pip install --reinstall torch --index-url "
              f"https://download.pytorch.org/whl/xpu`, {keep}")
 
 
 def gpus_on_the_pci_bus():
-    """The makers of this machine's GPUs, read from the PCI devices Linux lists (what `lspci` reads): a display
-    device (PCI class 0x03....) from NVIDIA (vendor 0x10de) or Intel (0x8086). Intel's bridges and other
-    controllers are no GPU. Empty where there is no such folder (Windows, macOS): there, nothing is checked.
-    Tests point SYSFS_PCI_DEVICES at a fake tree."""
+    """The makers of this machine's GPUs and how many each, read from the PCI devices Linux lists (what `lspci`
+    reads): a display device (PCI class 0x03....) from NVIDIA (vendor 0x10de) or Intel (0x8086). Intel's bridges
+    and other controllers are no GPU. Empty where there is no such folder (Windows, macOS): there, nothing is
+    checked. A container sees its host's PCI bus, GPUs it was not given included. Tests point SYSFS_PCI_DEVICES
+    at a fake tree."""
     makers = {"0x10de": "NVIDIA", "0x8086": "Intel"}
-    found = set()
+    found = Counter()
     for pci_device in Path(os.environ.get("SYSFS_PCI_DEVICES", "/sys/bus/pci/devices")).glob("*"):
         try:
             vendor, pci_class = ((pci_device / name).read_text().strip().lower() for name in ("vendor", "class"))
         except OSError:  # not a device folder, or unreadable
             continue
         if vendor in makers and pci_class.startswith("0x03"):
-            found.add(makers[vendor])
+            found[makers[vendor]] += 1
     return found
+
+
+def why_hidden(maker, count):
+    """Why torch cannot see this maker's GPUs where that is meant, not a torch to fix (None where it is not): the
+    user hid them all (CUDA_VISIBLE_DEVICES="" or -1; ZE_AFFINITY_MASK naming none of the `count` GPUs), or this
+    process has none of their device nodes (/dev/nvidia0..., /dev/dri/renderD...): a container given no GPU, or
+    no driver loaded. Tests point DEVICE_NODES at a fake /dev."""
+    variable, nodes = {"NVIDIA": ("CUDA_VISIBLE_DEVICES", "nvidia[0-9]*"),
+                       "Intel": ("ZE_AFFINITY_MASK", "dri/renderD*")}[maker]
+    mask = os.environ.get(variable)
+    if mask is not None and (mask.strip() or maker == "NVIDIA"):  # an empty ZE_AFFINITY_MASK hides nothing
+        # CUDA stops reading its list at the first entry that names no GPU; Level Zero skips such entries.
+        entries = [e.strip().split(".")[0] for e in mask.split(",")][:1 if maker == "NVIDIA" else None]
+        if not any(e.startswith(("GPU-", "MIG-")) or e.isdigit() and int(e) < count for e in entries):
+            return f"{variable}={mask} hides every {maker} GPU"
+    dev = Path(os.environ.get("DEVICE_NODES", "/dev"))
+    if not any(dev.glob(nodes)):
+        return (f"this machine has {maker} GPUs but no {dev / nodes} device node to reach them (a container given "
+                "none, or no driver loaded)")
+    return None
+
+
+def no_fp64_remedy(pipeline, devices, announce=True):
+    """FLUX builds its rotary position embedding in float64 on the device (diffusers' FluxPosEmbed; diffusers falls
+    back to float32 on mps and npu only), and Intel's Arc A-series GPUs (A310 to A770, and the Arc graphics of Core
+    Ultra "Meteor Lake" laptops) have no FP64: torch stops with "Required aspect fp64 is not supported on the
+    device". Where a device of the run reports no FP64, compute that embedding on the CPU (a few hundred KB once a
+    step: the same float64 numbers) and hand it to the device; elsewhere change nothing. Returns those devices."""
+    lacking = [torch.device(d) for d in devices if torch.device(d).type not in ("cpu", "meta") and not getattr(
+        torch.get_device_module(torch.device(d)).get_device_properties(torch.device(d)), "has_fp64", True)]
+    pos_embed = getattr(getattr(pipeline, "transformer", None), "pos_embed", None)
+    if not lacking or pos_embed is None:
+        return []
+    remove_hook_from_module(pos_embed)  # accelerate's hook would move its input back to the device first
+    pipeline.transformer.pos_embed = OnTheCPU(pos_embed)
+    if announce:
+        print(f"note: {', '.join(map(str, lacking))} has no FP64 (Intel Arc A-series): FLUX's rotary position "
+              "embedding, built in float64, is computed on the CPU", file=sys.stderr, flush=True)
+    return lacking
+
+
+class OnTheCPU(torch.nn.Module):
+    """Runs a module that holds no weights on the CPU, and hands its outputs to the device its input came from."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, ids):
+        return tuple(output.to(ids.device) for output in self.module(ids.cpu()))
 
 
 def check_launch(args):
@@ -299,7 +364,11 @@ def check_launch(args):
     here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this machine's processes (torchrun and accelerate set it)
     script = Path(sys.argv[0]).name
     launch = f"uv run torchrun --nproc-per-node {devices} {script}" if devices > 1 else f"uv run {script}"
-    if here > devices:  # two processes on one device: NCCL stops at the first collective ("Duplicate GPU")
+    # A launcher (or the user) may give each process GPUs of its own with CUDA_VISIBLE_DEVICES or ZE_AFFINITY_MASK:
+    # then each sees fewer devices than there are processes here, and Accelerate picks one it sees. A mask is the
+    # user's choice: one that gives two processes the same GPU is NCCL's "Duplicate GPU" error at the first collective.
+    masked = any(os.environ.get(variable) for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"))
+    if here > devices and not masked:  # two processes on one device: NCCL stops at its first collective
         fail(f"{here} processes on this machine, but it has {devices} {kind} device(s): start one process per "
              f"device, e.g. `{launch}` (accelerate launch: --num_processes {devices})")
     backend = torch.distributed.Backend.default_device_backend_map.get(kind)  # xpu: xccl, cuda: nccl
@@ -313,9 +382,9 @@ def check_launch(args):
              f"to work as a group: {fix}")
 
 
-def one_process_note():
+def one_process_note(device):
     """A single process makes the image alone, with no parallelism: the baseline. Say how to launch N."""
-    devices = torch.accelerator.device_count() if torch.accelerator.is_available() else 0
+    devices = torch.accelerator.device_count() if device.type != "cpu" else 0
     n = devices if devices > 1 else 2
     command = " ".join([f"uv run torchrun --nproc-per-node {n} {Path(sys.argv[0]).name}", *map(shlex.quote,
                                                                                                 sys.argv[1:])])
@@ -456,9 +525,26 @@ def weigh_components(model, index, dtype):
 
 
 def run_dtype(args):
-    """The weights' dtype: as asked, or bfloat16 on a GPU and float32 on the CPU (where bfloat16 is slow)."""
+    """The weights' dtype: as asked, or the GPU's (default_dtype), or float32 on the CPU."""
     on_gpu = args.device_memory is not None or (args.device != "cpu" and torch.accelerator.is_available())
-    return getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, args.dtype) if args.dtype != "auto" else default_dtype(on_gpu, announce=not args.plan)
+
+
+def default_dtype(on_gpu, announce=False):
+    """--dtype auto: float32 on the CPU (bfloat16 is slow there). On GPUs bfloat16 where they compute it natively
+    (NVIDIA Ampere and newer, Intel's GPUs), else float16: NVIDIA GPUs before Ampere (Turing, Volta, Pascal)
+    emulate bfloat16 slowly or not at all. A plan for GPUs this machine does not have takes bfloat16."""
+    if not on_gpu:
+        return torch.float32
+    if not torch.accelerator.is_available():
+        return torch.bfloat16
+    gpus = torch.get_device_module(torch.accelerator.current_accelerator())
+    if gpus.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    if announce and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"note: {gpus.get_device_name()} has no fast bfloat16: using float16 (--dtype bfloat16 to override)",
+              file=sys.stderr, flush=True)
+    return torch.float16
 
 
 def fit(plan, device_memory, ram=None, processes_here=1):
@@ -615,15 +701,27 @@ def call_options(args, pipeline):
                                             ("max_sequence_length", args.max_sequence_length)) if name in takes}
 
 
-def peak_memory_gib(device):
-    """Peak memory allocated on this process's GPU, or on the CPU this process's peak resident memory (GiB)."""
+def peak_memory(device):
+    """This process's peak memory, as words: on a GPU what it allocated and reserved there (nvidia-smi and xpu-smi
+    show the reserved, and a few hundred MB of context), on the CPU its peak resident memory."""
     if device.type != "cpu":
-        return torch.accelerator.max_memory_allocated(device) / GiB
+        allocated, reserved = gpu_memory(device, peak=True)
+        return f"{allocated / GiB:.2f} GiB allocated, {reserved / GiB:.2f} GiB reserved"
     if sys.platform == "win32":
-        return psutil.Process().memory_info().peak_wset / GiB
+        return f"{psutil.Process().memory_info().peak_wset / GiB:.2f} GiB resident"
     import resource  # Unix only; ru_maxrss is in KiB on Linux, in bytes on macOS
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / GiB
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return f"{rss / GiB:.2f} GiB resident"
+
+
+def gpu_memory(device, peak=False):
+    """The memory of one GPU that this process holds (or its peak), in bytes: (allocated, reserved). Allocated is
+    what torch's tensors hold; reserved is what torch's caching allocator holds from the GPU, allocated or not:
+    what nvidia-smi and xpu-smi show for the process, less its context (a few hundred MB)."""
+    if peak:
+        return torch.accelerator.max_memory_allocated(device), torch.accelerator.max_memory_reserved(device)
+    return torch.accelerator.memory_allocated(device), torch.accelerator.memory_reserved(device)
 
 
 def save(image, path):
@@ -647,7 +745,7 @@ def report(args, plan, stats, image, seconds, step_times, t0):
                                    "every attention" if n > 1 else ""))
     print(f"made {args.output} ({image.width}x{image.height}) in {seconds:.2f} s, {per_step:.3f} s per step, "
           f"{time.time() - psutil.Process().create_time():.1f} s since the start; peak memory: "
-          + ", ".join(f"rank {s['rank']} on {s['device']} {s['peak_gib']:.2f} GiB" for s in stats))
+          + "; ".join(f"rank {s['rank']} on {s['device']} {s['peak']}" for s in stats))
 
 
 if __name__ == "__main__":
@@ -663,3 +761,5 @@ if __name__ == "__main__":
         fail(f"rank {state.process_index} ran out of memory on {state.device}: try --staged, a smaller "
              "--height/--width, or model-parallelism-flux.py for a model too large for one GPU; --plan shows what "
              "fits", code=1, every_process=True)
+    finally:  # every way out, fail() and SIGTERM included, leaves the process group first
+        end_process_group()

@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -41,6 +42,7 @@ import psutil
 import torch
 import transformers
 from accelerate import PartialState
+from accelerate.hooks import remove_hook_from_module
 from accelerate.utils import broadcast_object_list, compute_module_sizes, convert_file_size_to_int, gather_object
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.utils import make_image_grid
@@ -72,7 +74,6 @@ def main():
     args = parse_args()
     if not args.plan:  # a plan loads nothing and starts no processes: it may be for GPUs this machine lacks
         check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
-        check_launch(args)  # one process per device, and a torch that can join them into a group
     prompts = read_prompts(args)
     check_model(args)  # fail now, not after every process has loaded 16 GB
     # Know before loading: what the pipeline weighs at this dtype, from its configs alone (built on the meta device,
@@ -80,13 +81,15 @@ def main():
     sizes = weigh_pipeline(args)
     if args.plan:
         return print_plan(args, sizes)
+    check_launch(args)  # one process per device, and a torch that can join them into a group
 
     # 1. One process per device. Accelerate reads the rank and world size the launcher set, picks this
     #    process's device (xpu:<local rank>, cuda:<local rank>) and joins the process group (xccl on Intel GPUs,
     #    nccl on NVIDIA). With no accelerator, `cpu=True` makes the processes a gloo group on the CPU: without it
-    #    every CPU process would think it is alone and make every image. A process that is done waits for the
-    #    others in gather_object below as long as they take: a week, not NCCL's 10 minutes (a failure still ends
-    #    the job at once: the launcher stops every process on its machine when one fails).
+    #    every CPU process would think it is alone and make every image. The group's timeout is a week, not
+    #    NCCL's 10 minutes: a process that is done waits for the others as long as they make images (below,
+    #    wait_for_the_others), and a failure still ends the job at once (the launcher stops every process on its
+    #    machine when one fails).
     distributed_state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available(),
                                      timeout=timedelta(days=7))
     check_group_formed(distributed_state)
@@ -111,6 +114,7 @@ def main():
     #    are more processes than prompts, simply makes fewer images; it never makes a copy to be thrown away.
     made, generate_seconds = 0, 0.0
     with distributed_state.split_between_processes(todo) as my_share:
+        shares = gather_object([[i for i, _ in my_share]])  # every process's share, to name one that stops
         if my_share:  # an empty share loads nothing and never calls the pipeline (an empty batch crashes it)
             # Every process loads the whole pipeline onto its own device: whole when it fits with room for the
             # activations (the fastest), else with diffusers' CPU offload to THIS process's device (xpu:1 for rank 1,
@@ -123,6 +127,7 @@ def main():
                 pipeline.enable_model_cpu_offload(device=device)
             else:  # each layer's weights go to the GPU for its forward pass only: slow, and the least memory
                 pipeline.enable_sequential_cpu_offload(device=device)
+            no_fp64_remedy(pipeline, [device], announce=distributed_state.is_main_process)  # FLUX on Arc A-series
             # Step bars from several processes would overwrite each other, and the job bar says more: --verbose.
             pipeline.set_progress_bar_config(disable=not (args.verbose and distributed_state.is_main_process))
             options = pipeline_options(args, pipeline)
@@ -146,7 +151,9 @@ def main():
                 made += len(batch)
             generate_seconds = time.perf_counter() - generate_started
 
-    # 5. Gather every process's numbers on the main process (this also waits for the last one) and report.
+    # 5. Wait for the others while they make images, but not for one that has stopped: no image saved anywhere for
+    #    --stall-timeout (and 10x the slowest image) ends the job, naming it. Then gather every process's numbers.
+    wait_for_the_others(args, distributed_state, shares)
     stats = gather_object([{"rank": distributed_state.process_index, "device": str(device), "images": made,
                             "generate_seconds": generate_seconds, **peak_memory(device)}])
     if distributed_state.is_main_process:
@@ -159,9 +166,7 @@ def main():
             report(args, stats, len(todo), len(prompts), time.time() - psutil.Process().create_time(), sheet)
         except OSError as e:
             cannot_write(args.output_dir, e)
-    # Leave the process group before exiting: torn down by the interpreter at exit instead, gloo now and then
-    # aborts the process ("terminate called without an active exception") after all the work is done.
-    distributed_state.destroy_process_group()
+    end_process_group()  # and on every other way out: see the end of this file
 
 
 def parse_args():
@@ -180,7 +185,8 @@ def parse_args():
     parser.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
     parser.add_argument("--seed", type=int, default=0, help="prompt i is seeded with SEED + i (default: %(default)s)")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                        help="weights' dtype; auto is bfloat16 on a GPU and float32 on the CPU (default: %(default)s)")
+                        help="weights' dtype; auto is bfloat16 on a GPU (float16 on NVIDIA GPUs before Ampere) and "
+                             "float32 on the CPU (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="prompts per pipeline call in each process (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
@@ -199,6 +205,10 @@ def parse_args():
     parser.add_argument("--json", action="store_true", help="with --plan: print the plan as one JSON document")
     parser.add_argument("--device-memory", metavar="SIZE",
                         help="with --plan: plan for a GPU with SIZE free, e.g. 12GiB (default: the GPUs present)")
+    parser.add_argument("--stall-timeout", type=int, default=600, metavar="SECONDS",
+                        help="a process that is done stops waiting for the others when no image has been saved for "
+                             "this long and 10 times the slowest image: the job ends, naming the processes that "
+                             "stopped (default: %(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
                         help="auto: each process on a GPU of its own where torch can use the GPUs, else the CPU; "
                              "cpu: on the CPU on purpose, even on a machine with GPUs (default: %(default)s)")
@@ -209,7 +219,7 @@ def parse_args():
                  f"e.g. `accelerate launch --num_processes=2 {Path(__file__).name}`")
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    for name in ("num_inference_steps", "height", "width", "batch_size"):
+    for name in ("num_inference_steps", "height", "width", "batch_size", "stall_timeout"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be a positive number, not {getattr(args, name)}")
     if not args.plan and (args.json or args.device_memory):
@@ -237,6 +247,42 @@ def fail(message, code=2, every_process=False):
     else:
         time.sleep(1)
     sys.exit(code)
+
+
+def end_process_group():
+    """Leave the process group, if this process is in one, on every way out (a failure's too): left to the
+    interpreter's exit, gloo now and then aborts the process ("terminate called without an active exception") and
+    NCCL adds its own warning to the script's one line."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def wait_for_the_others(args, distributed_state, shares):
+    """Wait until every process has saved its share (the manifest in --output-dir, which all processes share, has
+    a line for each image saved), before the collective that gathers their numbers, which would wait a week. Give
+    up when no image has been saved anywhere for --stall-timeout seconds and 10 times the slowest image: the first
+    process still waiting names the silent ones in one line, and every waiting process exits, so that the launcher
+    stops the rest."""
+    owner = {i: rank for rank, share in enumerate(shares) for i in share}
+    last, since = None, time.monotonic()
+    while distributed_state.num_processes > 1:
+        records = read_manifest(args.output_dir / "manifest.jsonl")
+        made = {i for i in owner if i in records}  # images_to_make() dropped the lines of those to make again
+        if len(made) == len(owner):
+            return
+        if len(made) != last:
+            last, since = len(made), time.monotonic()
+        slowest = max((records[i].get("seconds") or 0 for i in made if i in records), default=0)
+        if time.monotonic() - since > max(args.stall_timeout, 10 * slowest):
+            silent = sorted({owner[i] for i in owner if i not in made})
+            if distributed_state.process_index == min(set(range(distributed_state.num_processes)) - set(silent)):
+                fail(f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} saved no image for "
+                     f"{time.monotonic() - since:.0f} s ({len(made)} of {len(owner)} images made; the slowest "
+                     f"took {slowest:.1f} s): stopping the job; run the same command again to make the rest "
+                     "(--stall-timeout SECONDS waits longer)", code=1, every_process=True)
+            time.sleep(1)  # the line above first
+            sys.exit(1)
+        time.sleep(0.25)
 
 
 def check_group_formed(distributed_state):
@@ -309,9 +355,14 @@ def check_torch_can_use_the_gpus(device):
     if device == "cpu" or torch.accelerator.is_available():
         return
     gpus = gpus_on_the_pci_bus()
+    hidden = {maker: why for maker in gpus if (why := why_hidden(maker, gpus[maker]))}
+    if hidden and not set(gpus) - set(hidden):  # hidden on purpose, or not in this container: nothing to fix
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"note: {'; '.join(hidden.values())}: running on the CPU", file=sys.stderr, flush=True)
+        return
     keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (README: Set-up); or pass --device cpu to run on "
             "the CPU on purpose")
-    if "NVIDIA" in gpus:  # first: a laptop may have an Intel GPU for the screen and an NVIDIA one to compute
+    if "NVIDIA" in gpus and "NVIDIA" not in hidden:  # first: a laptop may have an Intel GPU for the screen
         cuda = torch.version.cuda  # "13.2"; None in a torch built without CUDA
         # The oldest driver each CUDA major version runs on (NVIDIA's "minor version compatibility" table).
         driver = {"11": "450", "12": "525", "13": "580"}.get(str(cuda).split(".")[0])
@@ -321,27 +372,78 @@ def check_torch_can_use_the_gpus(device):
             "install a torch built for an older CUDA")
         fail(f"this machine has an NVIDIA GPU, but this torch ({torch.__version__}) cannot use it: {cause}: "
              f"`uv pip install --reinstall torch --index-url https://download.pytorch.org/whl/cu128`, {keep}")
-    if "Intel" in gpus:
+    if "Intel" in gpus and "Intel" not in hidden:
         fail(f"this machine has an Intel GPU, but this torch ({torch.__version__}) cannot use it: it is not the XPU "
              "build (PyPI's torch has no XPU support): `uv pip install --reinstall torch --index-url "
              f"https://download.pytorch.org/whl/xpu`, {keep}")
 
 
 def gpus_on_the_pci_bus():
-    """The makers of this machine's GPUs, read from the PCI devices Linux lists (what `lspci` reads): a display
-    device (PCI class 0x03....) from NVIDIA (vendor 0x10de) or Intel (0x8086). Intel's bridges and other
-    controllers are no GPU. Empty where there is no such folder (Windows, macOS): there, nothing is checked.
-    Tests point SYSFS_PCI_DEVICES at a fake tree."""
+    """The makers of this machine's GPUs and how many each, read from the PCI devices Linux lists (what `lspci`
+    reads): a display device (PCI class 0x03....) from NVIDIA (vendor 0x10de) or Intel (0x8086). Intel's bridges
+    and other controllers are no GPU. Empty where there is no such folder (Windows, macOS): there, nothing is
+    checked. A container sees its host's PCI bus, GPUs it was not given included. Tests point SYSFS_PCI_DEVICES
+    at a fake tree."""
     makers = {"0x10de": "NVIDIA", "0x8086": "Intel"}
-    found = set()
+    found = Counter()
     for pci_device in Path(os.environ.get("SYSFS_PCI_DEVICES", "/sys/bus/pci/devices")).glob("*"):
         try:
             vendor, pci_class = ((pci_device / name).read_text().strip().lower() for name in ("vendor", "class"))
         except OSError:  # not a device folder, or unreadable
             continue
         if vendor in makers and pci_class.startswith("0x03"):
-            found.add(makers[vendor])
+            found[makers[vendor]] += 1
     return found
+
+
+def why_hidden(maker, count):
+    """Why torch cannot see this maker's GPUs where that is meant, not a torch to fix (None where it is not): the
+    user hid them all (CUDA_VISIBLE_DEVICES="" or -1; ZE_AFFINITY_MASK naming none of the `count` GPUs), or this
+    process has none of their device nodes (/dev/nvidia0..., /dev/dri/renderD...): a container given no GPU, or
+    no driver loaded. Tests point DEVICE_NODES at a fake /dev."""
+    variable, nodes = {"NVIDIA": ("CUDA_VISIBLE_DEVICES", "nvidia[0-9]*"),
+                       "Intel": ("ZE_AFFINITY_MASK", "dri/renderD*")}[maker]
+    mask = os.environ.get(variable)
+    if mask is not None and (mask.strip() or maker == "NVIDIA"):  # an empty ZE_AFFINITY_MASK hides nothing
+        # CUDA stops reading its list at the first entry that names no GPU; Level Zero skips such entries.
+        entries = [e.strip().split(".")[0] for e in mask.split(",")][:1 if maker == "NVIDIA" else None]
+        if not any(e.startswith(("GPU-", "MIG-")) or e.isdigit() and int(e) < count for e in entries):
+            return f"{variable}={mask} hides every {maker} GPU"
+    dev = Path(os.environ.get("DEVICE_NODES", "/dev"))
+    if not any(dev.glob(nodes)):
+        return (f"this machine has {maker} GPUs but no {dev / nodes} device node to reach them (a container given "
+                "none, or no driver loaded)")
+    return None
+
+
+def no_fp64_remedy(pipeline, devices, announce=True):
+    """FLUX builds its rotary position embedding in float64 on the device (diffusers' FluxPosEmbed; diffusers falls
+    back to float32 on mps and npu only), and Intel's Arc A-series GPUs (A310 to A770, and the Arc graphics of Core
+    Ultra "Meteor Lake" laptops) have no FP64: torch stops with "Required aspect fp64 is not supported on the
+    device". Where a device of the run reports no FP64, compute that embedding on the CPU (a few hundred KB once a
+    step: the same float64 numbers) and hand it to the device; elsewhere change nothing. Returns those devices."""
+    lacking = [torch.device(d) for d in devices if torch.device(d).type not in ("cpu", "meta") and not getattr(
+        torch.get_device_module(torch.device(d)).get_device_properties(torch.device(d)), "has_fp64", True)]
+    pos_embed = getattr(getattr(pipeline, "transformer", None), "pos_embed", None)
+    if not lacking or pos_embed is None:
+        return []
+    remove_hook_from_module(pos_embed)  # accelerate's hook would move its input back to the device first
+    pipeline.transformer.pos_embed = OnTheCPU(pos_embed)
+    if announce:
+        print(f"note: {', '.join(map(str, lacking))} has no FP64 (Intel Arc A-series): FLUX's rotary position "
+              "embedding, built in float64, is computed on the CPU", file=sys.stderr, flush=True)
+    return lacking
+
+
+class OnTheCPU(torch.nn.Module):
+    """Runs a module that holds no weights on the CPU, and hands its outputs to the device its input came from."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, ids):
+        return tuple(output.to(ids.device) for output in self.module(ids.cpu()))
 
 
 def check_launch(args):
@@ -355,7 +457,11 @@ def check_launch(args):
     # --multi_gpu: without it, an accelerate config that says "no distributed training" would start one process.
     launch = f"uv run accelerate launch --multi_gpu --num_processes {devices} {script}" if devices > 1 else (
         f"uv run {script}")
-    if here > devices:  # two processes on one device: NCCL stops at the first collective ("Duplicate GPU")
+    # A launcher (or the user) may give each process GPUs of its own with CUDA_VISIBLE_DEVICES or ZE_AFFINITY_MASK:
+    # then each sees fewer devices than there are processes here, and Accelerate picks one it sees. A mask is the
+    # user's choice: one that gives two processes the same GPU is NCCL's "Duplicate GPU" error at the first collective.
+    masked = any(os.environ.get(variable) for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"))
+    if here > devices and not masked:  # two processes on one device: NCCL stops at its first collective
         fail(f"{here} processes on this machine, but it has {devices} {kind} device(s): start one process per "
              f"device, e.g. `{launch}` (torchrun: --nproc-per-node {devices})")
     backend = torch.distributed.Backend.default_device_backend_map.get(kind)  # xpu: xccl, cuda: nccl
@@ -423,7 +529,7 @@ def write_manifest(path, records):
 
 
 def peak_memory(device):
-    """Peak resident memory of this process and, on a GPU, peak memory allocated on its device (GiB)."""
+    """Peak resident memory of this process and, on a GPU, the peak memory it allocated and reserved there (GiB)."""
     if sys.platform == "win32":
         peak_rss = psutil.Process().memory_info().peak_wset
     else:
@@ -432,19 +538,47 @@ def peak_memory(device):
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     stats = {"peak_rss_gib": round(peak_rss / 2**30, 2)}
     if device.type != "cpu":
-        stats["peak_device_gib"] = round(torch.accelerator.max_memory_allocated(device) / 2**30, 2)
+        allocated, reserved = gpu_memory(device, peak=True)
+        stats |= {"peak_device_allocated_gib": round(allocated / 2**30, 2),
+                  "peak_device_reserved_gib": round(reserved / 2**30, 2)}
     return stats
 
 
-def run_dtype(args, on_gpu=None):
-    """The weights' dtype: as asked, or bfloat16 on a GPU and float32 on the CPU (where bfloat16 is slow)."""
+def gpu_memory(device, peak=False):
+    """The memory of one GPU that this process holds (or its peak), in bytes: (allocated, reserved). Allocated is
+    what torch's tensors hold; reserved is what torch's caching allocator holds from the GPU, allocated or not:
+    what nvidia-smi and xpu-smi show for the process, less its context (a few hundred MB)."""
+    if peak:
+        return torch.accelerator.max_memory_allocated(device), torch.accelerator.max_memory_reserved(device)
+    return torch.accelerator.memory_allocated(device), torch.accelerator.memory_reserved(device)
+
+
+def run_dtype(args, on_gpu=None, announce=False):
+    """The weights' dtype: as asked, or the GPU's (default_dtype), or float32 on the CPU."""
     if on_gpu is None:
         on_gpu = args.device != "cpu" and torch.accelerator.is_available()
-    return getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, args.dtype) if args.dtype != "auto" else default_dtype(on_gpu, announce)
+
+
+def default_dtype(on_gpu, announce=False):
+    """--dtype auto: float32 on the CPU (bfloat16 is slow there). On GPUs bfloat16 where they compute it natively
+    (NVIDIA Ampere and newer, Intel's GPUs), else float16: NVIDIA GPUs before Ampere (Turing, Volta, Pascal)
+    emulate bfloat16 slowly or not at all. A plan for GPUs this machine does not have takes bfloat16."""
+    if not on_gpu:
+        return torch.float32
+    if not torch.accelerator.is_available():
+        return torch.bfloat16
+    gpus = torch.get_device_module(torch.accelerator.current_accelerator())
+    if gpus.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    if announce and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"note: {gpus.get_device_name()} has no fast bfloat16: using float16 (--dtype bfloat16 to override)",
+              file=sys.stderr, flush=True)
+    return torch.float16
 
 
 def load_pipeline(args):
-    dtype = run_dtype(args)
+    dtype = run_dtype(args, announce=True)
     # diffusers documents SD3 without T5: text_encoder_3=None, tokenizer_3=None (its prompt embeddings are zeros).
     without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if args.no_t5 else {}
     try:
@@ -786,7 +920,8 @@ def report(args, stats, made, total, wall_seconds, sheet):
           f"{made / generate_seconds if generate_seconds else 0:.2f} images/s while generating")
     for s in stats:
         memory = f"peak RSS {s['peak_rss_gib']:.2f} GiB" + (
-            f", peak device memory {s['peak_device_gib']:.2f} GiB" if "peak_device_gib" in s else "")
+            f", peak device memory {s['peak_device_allocated_gib']:.2f} GiB allocated, "
+            f"{s['peak_device_reserved_gib']:.2f} GiB reserved" if "peak_device_reserved_gib" in s else "")
         print(f"  rank {s['rank']} on {s['device']}: {s['images']} images in {s['generate_seconds']:.1f} s, {memory}")
     print(f"images and manifest.jsonl in {args.output_dir}/" + (f"; all at a glance in {sheet}" if sheet else ""))
     write_atomically(args.output_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(
@@ -807,3 +942,5 @@ if __name__ == "__main__":
         fail(f"rank {state.process_index} ran out of memory on {state.device}: try a smaller --batch-size or "
              "--height/--width, --offload model (or sequential), or --no-t5 for SD3; --plan shows what fits",
              code=1, every_process=True)
+    finally:  # every way out, fail() and SIGTERM included, leaves the process group first
+        end_process_group()

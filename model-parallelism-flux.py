@@ -44,6 +44,7 @@ import psutil
 import torch
 import transformers
 from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+from accelerate.hooks import remove_hook_from_module
 from accelerate.utils import compute_module_sizes, convert_file_size_to_int, get_max_memory
 from accelerate.utils.memory import clear_device_cache
 from diffusers import AutoencoderKL, AutoModel, DiffusionPipeline
@@ -69,7 +70,7 @@ def main():
         check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
     components = check_model(args)
     on_gpu = args.planned or (args.device != "cpu" and torch.accelerator.is_available())
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if on_gpu else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else default_dtype(on_gpu, announce=True)
 
     # 1. Plan: how much each device may hold, and where each component (or each block of one too big for any
     #    device) goes, computed by the calls the load makes, on the model built on the meta device.
@@ -97,9 +98,9 @@ def main():
             # blocks, each on the device accelerate's infer_auto_device_map chose for it in the plan...
             split = {name: AutoModel.from_pretrained(args.model, subfolder=name, device_map=stage["device_maps"][name],
                                                      dtype=dtype) for name in stage["split"]}
-            for name, model in split.items():  # all on one device after all: it still needs the hook that brings
-                if len(set(stage["device_maps"][name].values())) == 1:  # its inputs there, as "balanced" gives
-                    dispatch_model(model, device_map=stage["device_maps"][name], force_hooks=True)
+            for name in split:  # all on one device after all: it still needs the hook that brings its inputs
+                if len(set(stage["device_maps"][name].values())) == 1:  # there, as "balanced" gives
+                    dispatch_model(split[name], device_map=stage["device_maps"][name], force_hooks=True)
             # ...and hands it to the pipeline, which puts every other component whole on a device: "balanced" takes
             # them largest first, each to the next device in turn. Accelerate's hooks then move the activations from
             # device to device as the pipeline runs: the devices take turns on one image, they do not work at once.
@@ -109,13 +110,14 @@ def main():
         print(f"{'text encoders' if stage['names'] == TEXT_STAGE else 'pipeline'} loaded "
               f"({time.perf_counter() - started:.1f} s from the start):")
         devices = print_placement(pipeline, split)
+        no_fp64_remedy(pipeline, [device_name(d) for d in devices])  # FLUX on Intel Arc A-series GPUs
         if stage["names"] == TEXT_STAGE:  # --staged: the text encoders make the prompt embeddings, and are freed
             with torch.no_grad():
                 prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
                     prompt=args.prompt, prompt_2=None, max_sequence_length=args.max_sequence_length)
             inputs = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
-            pipeline.remove_all_hooks()  # drop every reference to their weights, then give the memory back
-            del pipeline, split
+            pipeline.remove_all_hooks()  # drop every reference to their weights (no loop variable keeps a split
+            del pipeline, split  # one either), then give the memory back
             clear_device_cache(garbage_collection=True)
 
     # 3. Generate one image, timing each step, then save it and report the peak memory of every device. The
@@ -141,7 +143,7 @@ def main():
     per_step = (step_times[-1] - t0) / len(step_times) if step_times else seconds
     peak = memory_in_use(devices, peak=True)
     print(f"made {args.output} ({image.width}x{image.height}) in {seconds:.1f} s, {per_step:.2f} s per step; "
-          "peak memory: " + ", ".join(f"{device_name(d)} {peak[d] / GiB:.2f} GiB" for d in devices))
+          "peak memory: " + "; ".join(memory_text(d, peak[d]) for d in devices))
 
 
 def parse_args():
@@ -158,7 +160,8 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=Path("flux-dev.png"), help="the image (default: %(default)s)")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                        help="weights' dtype; auto is bfloat16 on GPUs and float32 on the CPU (default: %(default)s)")
+                        help="weights' dtype; auto is bfloat16 on GPUs (float16 on NVIDIA GPUs before Ampere) and "
+                             "float32 on the CPU (default: %(default)s)")
     parser.add_argument("--max-memory", metavar="SIZE|DEV=SIZE,...",
                         help="memory to use: one size for every device (16GiB), or per device (0=10GiB,1=16GiB; the "
                              "devices not named keep their free memory); cpu=SIZE adds the CPU for what the devices "
@@ -201,6 +204,23 @@ def fail(message, code=2):
     sys.exit(code)
 
 
+def default_dtype(on_gpu, announce=False):
+    """--dtype auto: float32 on the CPU (bfloat16 is slow there). On GPUs bfloat16 where they compute it natively
+    (NVIDIA Ampere and newer, Intel's GPUs), else float16: NVIDIA GPUs before Ampere (Turing, Volta, Pascal)
+    emulate bfloat16 slowly or not at all. A plan for GPUs this machine does not have takes bfloat16."""
+    if not on_gpu:
+        return torch.float32
+    if not torch.accelerator.is_available():
+        return torch.bfloat16
+    gpus = torch.get_device_module(torch.accelerator.current_accelerator())
+    if gpus.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    if announce and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"note: {gpus.get_device_name()} has no fast bfloat16: using float16 (--dtype bfloat16 to override)",
+              file=sys.stderr, flush=True)
+    return torch.float16
+
+
 def check_torch_can_use_the_gpus(device):
     """No silent CPU run: where this machine has GPUs that the installed torch cannot use, stop before anything
     is loaded, with the likely cause and the fix. Without this, PyPI's torch (no XPU support) on an Intel GPU, or
@@ -208,9 +228,14 @@ def check_torch_can_use_the_gpus(device):
     if device == "cpu" or torch.accelerator.is_available():
         return
     gpus = gpus_on_the_pci_bus()
+    hidden = {maker: why for maker in gpus if (why := why_hidden(maker, gpus[maker]))}
+    if hidden and not set(gpus) - set(hidden):  # hidden on purpose, or not in this container: nothing to fix
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"note: {'; '.join(hidden.values())}: running on the CPU", file=sys.stderr, flush=True)
+        return
     keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (README: Set-up); or pass --device cpu to run on "
             "the CPU on purpose")
-    if "NVIDIA" in gpus:  # first: a laptop may have an Intel GPU for the screen and an NVIDIA one to compute
+    if "NVIDIA" in gpus and "NVIDIA" not in hidden:  # first: a laptop may have an Intel GPU for the screen
         cuda = torch.version.cuda  # "13.2"; None in a torch built without CUDA
         # The oldest driver each CUDA major version runs on (NVIDIA's "minor version compatibility" table).
         driver = {"11": "450", "12": "525", "13": "580"}.get(str(cuda).split(".")[0])
@@ -220,27 +245,78 @@ def check_torch_can_use_the_gpus(device):
             "install a torch built for an older CUDA")
         fail(f"this machine has an NVIDIA GPU, but this torch ({torch.__version__}) cannot use it: {cause}: "
              f"`uv pip install --reinstall torch --index-url https://download.pytorch.org/whl/cu128`, {keep}")
-    if "Intel" in gpus:
+    if "Intel" in gpus and "Intel" not in hidden:
         fail(f"this machine has an Intel GPU, but this torch ({torch.__version__}) cannot use it: it is not the XPU "
              "build (PyPI's torch has no XPU support): `uv pip install --reinstall torch --index-url "
              f"https://download.pytorch.org/whl/xpu`, {keep}")
 
 
 def gpus_on_the_pci_bus():
-    """The makers of this machine's GPUs, read from the PCI devices Linux lists (what `lspci` reads): a display
-    device (PCI class 0x03....) from NVIDIA (vendor 0x10de) or Intel (0x8086). Intel's bridges and other
-    controllers are no GPU. Empty where there is no such folder (Windows, macOS): there, nothing is checked.
-    Tests point SYSFS_PCI_DEVICES at a fake tree."""
+    """The makers of this machine's GPUs and how many each, read from the PCI devices Linux lists (what `lspci`
+    reads): a display device (PCI class 0x03....) from NVIDIA (vendor 0x10de) or Intel (0x8086). Intel's bridges
+    and other controllers are no GPU. Empty where there is no such folder (Windows, macOS): there, nothing is
+    checked. A container sees its host's PCI bus, GPUs it was not given included. Tests point SYSFS_PCI_DEVICES
+    at a fake tree."""
     makers = {"0x10de": "NVIDIA", "0x8086": "Intel"}
-    found = set()
+    found = Counter()
     for pci_device in Path(os.environ.get("SYSFS_PCI_DEVICES", "/sys/bus/pci/devices")).glob("*"):
         try:
             vendor, pci_class = ((pci_device / name).read_text().strip().lower() for name in ("vendor", "class"))
         except OSError:  # not a device folder, or unreadable
             continue
         if vendor in makers and pci_class.startswith("0x03"):
-            found.add(makers[vendor])
+            found[makers[vendor]] += 1
     return found
+
+
+def why_hidden(maker, count):
+    """Why torch cannot see this maker's GPUs where that is meant, not a torch to fix (None where it is not): the
+    user hid them all (CUDA_VISIBLE_DEVICES="" or -1; ZE_AFFINITY_MASK naming none of the `count` GPUs), or this
+    process has none of their device nodes (/dev/nvidia0..., /dev/dri/renderD...): a container given no GPU, or
+    no driver loaded. Tests point DEVICE_NODES at a fake /dev."""
+    variable, nodes = {"NVIDIA": ("CUDA_VISIBLE_DEVICES", "nvidia[0-9]*"),
+                       "Intel": ("ZE_AFFINITY_MASK", "dri/renderD*")}[maker]
+    mask = os.environ.get(variable)
+    if mask is not None and (mask.strip() or maker == "NVIDIA"):  # an empty ZE_AFFINITY_MASK hides nothing
+        # CUDA stops reading its list at the first entry that names no GPU; Level Zero skips such entries.
+        entries = [e.strip().split(".")[0] for e in mask.split(",")][:1 if maker == "NVIDIA" else None]
+        if not any(e.startswith(("GPU-", "MIG-")) or e.isdigit() and int(e) < count for e in entries):
+            return f"{variable}={mask} hides every {maker} GPU"
+    dev = Path(os.environ.get("DEVICE_NODES", "/dev"))
+    if not any(dev.glob(nodes)):
+        return (f"this machine has {maker} GPUs but no {dev / nodes} device node to reach them (a container given "
+                "none, or no driver loaded)")
+    return None
+
+
+def no_fp64_remedy(pipeline, devices, announce=True):
+    """FLUX builds its rotary position embedding in float64 on the device (diffusers' FluxPosEmbed; diffusers falls
+    back to float32 on mps and npu only), and Intel's Arc A-series GPUs (A310 to A770, and the Arc graphics of Core
+    Ultra "Meteor Lake" laptops) have no FP64: torch stops with "Required aspect fp64 is not supported on the
+    device". Where a device of the run reports no FP64, compute that embedding on the CPU (a few hundred KB once a
+    step: the same float64 numbers) and hand it to the device; elsewhere change nothing. Returns those devices."""
+    lacking = [torch.device(d) for d in devices if torch.device(d).type not in ("cpu", "meta") and not getattr(
+        torch.get_device_module(torch.device(d)).get_device_properties(torch.device(d)), "has_fp64", True)]
+    pos_embed = getattr(getattr(pipeline, "transformer", None), "pos_embed", None)
+    if not lacking or pos_embed is None:
+        return []
+    remove_hook_from_module(pos_embed)  # accelerate's hook would move its input back to the device first
+    pipeline.transformer.pos_embed = OnTheCPU(pos_embed)
+    if announce:
+        print(f"note: {', '.join(map(str, lacking))} has no FP64 (Intel Arc A-series): FLUX's rotary position "
+              "embedding, built in float64, is computed on the CPU", file=sys.stderr, flush=True)
+    return lacking
+
+
+class OnTheCPU(torch.nn.Module):
+    """Runs a module that holds no weights on the CPU, and hands its outputs to the device its input came from."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, ids):
+        return tuple(output.to(ids.device) for output in self.module(ids.cpu()))
 
 
 def check_model(args):
@@ -305,7 +381,8 @@ def parse_memory(text, devices):
 def device_memory(args):
     """The memory each device may use, in bytes: {0: ..., 1: ...}, plus "cpu" where the user adds it."""
     if args.planned:  # hardware the user does not have: --plan --num-devices 2 --device-memory 24GiB
-        present = free_memory() if torch.accelerator.is_available() else {}
+        # The devices present are measured only to give the planned ones their size: --device-memory gives it.
+        present = free_memory() if args.device_memory is None and torch.accelerator.is_available() else {}
         if args.device_memory is None and not present:
             fail("--num-devices needs --device-memory SIZE here: this machine has no accelerator to measure")
         try:
@@ -327,10 +404,21 @@ def device_memory(args):
 
 
 def free_memory():
-    """Free memory of each accelerator, as Accelerate measures it; its total memory where that cannot be read."""
+    """Free memory of each accelerator, as Accelerate measures it. Accelerate leaves out, without a word, a device
+    it cannot query: one that cannot be used (a GPU busy in exclusive-process mode) stays out, and the note says
+    so; one that works but cannot tell its free memory (some Intel GPUs) counts with its total memory."""
     free = {d: m for d, m in get_max_memory().items() if isinstance(d, int)}
-    unread = [i for i in range(torch.accelerator.device_count()) if i not in free]
-    if unread:  # e.g. Intel GPUs whose torch.xpu.mem_get_info raises: Accelerate leaves them out without a word
+    kind, unread, unusable = torch.accelerator.current_accelerator().type, [], {}
+    for i in range(torch.accelerator.device_count()):
+        if i not in free:
+            try:
+                torch.zeros(1, device=torch.device(kind, i))  # usable at all? (as Accelerate tries it)
+                unread.append(i)
+            except RuntimeError as e:  # torch.AcceleratorError is one
+                unusable[i] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    for i, why in unusable.items():
+        print(f"note: {device_name(i)} cannot be used ({why}): leaving it out", file=sys.stderr)
+    if unread:  # e.g. Intel GPUs whose torch.xpu.mem_get_info raises
         properties = torch.get_device_module(torch.accelerator.current_accelerator()).get_device_properties
         free |= {i: properties(i).total_memory for i in unread}
         print(f"note: the free memory of {', '.join(map(device_name, unread))} cannot be read: counting on "
@@ -374,14 +462,24 @@ def balanced(sizes, max_memory):
 def plan_stage(modules, usable, dtype):
     """Where each component of one stage goes, as the load will put it: {name: device map}, and bytes per device."""
     gpus = {d: m for d, m in usable.items() if d != "cpu" and m > 0} or {"cpu": usable["cpu"]}  # no GPU: the CPU
-    # 1. Whole components where "balanced" puts them, sized as diffusers sizes them: every weight at `dtype`, and
-    #    T5's embedding counted twice (diffusers' empty model leaves `shared` and `encoder.embed_tokens` untied).
-    whole = balanced({n: compute_module_sizes(m, dtype=dtype)[""] for n, m in modules.items()}, gpus)
+    # 1. Whole components where "balanced" puts them, sized as diffusers sizes them, every weight at `dtype`: one it
+    #    loads itself from its empty model (which leaves T5's `shared` and `encoder.embed_tokens` untied: its
+    #    embedding counted twice), one handed to it by its real size (a loaded T5 is tied: its embedding once).
+    #    A component "balanced" leaves to the CPU is split, loaded and handed over, so "balanced" then sees it
+    #    smaller and may place the others differently: decide again with it handed over, until nothing more is split.
+    empty = {name: compute_module_sizes(module, dtype=dtype)[""] for name, module in modules.items()}
     for module in modules.values():  # as loaded, one tensor: tied, accelerate keeps the two on one device
         if isinstance(module, transformers.PreTrainedModel):
             module.tie_weights()
+    handed = {name: compute_module_sizes(module, dtype=dtype)[""] for name, module in modules.items()}
+    split = set()
+    while True:
+        whole = balanced({n: handed[n] if n in split else empty[n] for n in modules}, gpus)
+        if {n for n, d in whole.items() if d not in gpus} <= split:
+            break
+        split |= {n for n, d in whole.items() if d not in gpus}
     sizes = {name: compute_module_sizes(module) for name, module in modules.items()}  # bytes, as loaded
-    device_maps = {name: {"": d} for name, d in whole.items() if d in gpus}
+    device_maps = {name: {"": d} for name, d in whole.items() if name not in split}
     held = Counter({d: 0 for d in gpus})
     for name, device_map in device_maps.items():
         held[device_map[""]] += sizes[name][""]
@@ -404,7 +502,7 @@ def plan_stage(modules, usable, dtype):
                                                       no_split_module_classes=module._no_split_modules)
         for key, d in device_maps[name].items():
             held[d] += sizes[name][key]
-    return {"names": tuple(modules), "split": [n for n in modules if whole[n] not in gpus], "max_memory": gpus,
+    return {"names": tuple(modules), "split": [n for n in modules if n in split], "max_memory": gpus,
             "device_maps": device_maps, "room": rooms, "held": held, "components": {n: s[""] for n, s in sizes.items()},
             "bytes": {f"{n}.{k}" if k else n: sizes[n][k] for n, m in device_maps.items() for k in m}}
 
@@ -462,10 +560,24 @@ def print_plan(args, plan):
                  len(plan["budgets"]) == 1 else ""))
     if plan["unplaced"]:
         print(f"  {size(plan['unplaced'])} of weights find no room on any device")
-    if "cpu" in plan["devices"] and len(plan["budgets"]) > 1:
-        print(f"  NOTE: {size(plan['devices']['cpu'])} of weights on the CPU, streamed to the devices at every step: "
-              "slow")
+    on_cpu = cpu_only(plan["placement"])
+    streamed = sum(b for key, b in plan["bytes"].items() if plan["placement"][key] == "cpu" and
+                   key.split(".")[0] not in on_cpu)
+    if streamed and len(plan["budgets"]) > 1:
+        print(f"  NOTE: {size(streamed)} of weights on the CPU, streamed to the devices at every step: slow")
+    if on_cpu and len(plan["budgets"]) > 1:
+        print(f"  NOTE: {', '.join(on_cpu)} wholly on the CPU: Accelerate runs it there, on the CPU's cores, which "
+              "is many times slower than a GPU; only its inputs and outputs move to and from the devices")
     print(f"  fits: {'yes' if plan['fits'] else 'NO'}" + plan["hint"])
+
+
+def cpu_only(placement):
+    """The components every part of which is on the CPU ({"text_encoder_2.encoder.block.0": "cpu", ...}): Accelerate
+    runs such a component on the CPU itself, where a component with some blocks on a GPU has the others streamed."""
+    devices = {}
+    for key, d in placement.items():
+        devices.setdefault(key.split(".")[0], set()).add(str(d))
+    return [name for name, on in devices.items() if on == {"cpu"}]
 
 
 def block_ranges(device_map):
@@ -502,27 +614,46 @@ def print_placement(pipeline, split):
     """Print where everything is and the memory in use on each device; return the devices."""
     rows = placement(pipeline, split)
     offload = any(d != "cpu" for _, d in rows)  # a CPU beside accelerators only holds what they could not
+    on_cpu = cpu_only({name: d for name, d in rows})
     for name, d in rows:
-        print(f"  {name:<52} -> {device_name(d)}"
-              + (" (streamed to the device at every step: slow)" if d == "cpu" and offload else ""))
+        print(f"  {name:<52} -> {device_name(d)}" + ("" if d != "cpu" or not offload else " (runs on the CPU: slow)"
+                                                     if name.split(".")[0] in on_cpu else
+                                                     " (streamed to the device at every step: slow)"))
     devices = sorted({d for _, d in rows}, key=str)
     used = memory_in_use(devices)
-    print("  memory in use: " + ", ".join(f"{device_name(d)} {used[d] / GiB:.2f} GiB" for d in devices))
+    print("  memory in use: " + "; ".join(memory_text(d, used[d]) for d in devices))
     return devices
 
 
 def memory_in_use(devices, peak=False):
-    """Memory in use (or its peak) on each device, in bytes; for the CPU, this process's resident memory."""
+    """Memory in use (or its peak) on each device, in bytes: (allocated, reserved) on a GPU (gpu_memory); for the
+    CPU, this process's resident memory."""
     used = {}
     for d in devices:
         if d != "cpu":
-            used[d] = torch.accelerator.max_memory_allocated(d) if peak else torch.accelerator.memory_allocated(d)
+            used[d] = gpu_memory(d, peak)
         elif peak and sys.platform != "win32":
             import resource  # ru_maxrss is in KiB on Linux, in bytes on macOS
             used[d] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         else:
             used[d] = psutil.Process().memory_info().rss
     return used
+
+
+def memory_text(d, used):
+    """`xpu:0 10.21 GiB allocated, 11.02 GiB reserved`, `cpu 0.79 GiB`: each figure named."""
+    if isinstance(used, tuple):
+        return f"{device_name(d)} {used[0] / GiB:.2f} GiB allocated, {used[1] / GiB:.2f} GiB reserved"
+    return f"{device_name(d)} {used / GiB:.2f} GiB"
+
+
+def gpu_memory(device, peak=False):
+    """The memory of one GPU that this process holds (or its peak), in bytes: (allocated, reserved). Allocated is
+    what torch's tensors hold; reserved is what torch's caching allocator holds from the GPU, allocated or not:
+    what nvidia-smi and xpu-smi show for the process, less its context (a few hundred MB)."""
+    if peak:
+        return torch.accelerator.max_memory_allocated(device), torch.accelerator.max_memory_reserved(device)
+    return torch.accelerator.memory_allocated(device), torch.accelerator.memory_reserved(device)
 
 
 def device_name(d):

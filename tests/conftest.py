@@ -27,8 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the project's virtual environment: accelerate and torchrun live here
 DATA_PARALLEL = ROOT / "data-parallelism-accelerate.py"
 IMAGES = "[0-9]*-*.png"  # the data parallel script's images, 000-<prompt>.png ..., not its contact sheet
-# Tests that need a GPU (Intel XPU or NVIDIA CUDA): skipped, and reported as skipped, where there is none.
-accelerator = pytest.mark.skipif(not torch.accelerator.is_available(), reason="needs a GPU (torch.accelerator)")
+
+
+def accelerator(test):
+    """A test that needs a GPU (Intel XPU or NVIDIA CUDA): marked `gpu` (`uv run pytest -m gpu` runs these alone),
+    and skipped, reported as skipped, where there is none."""
+    skip = pytest.mark.skipif(not torch.accelerator.is_available(), reason="needs a GPU (torch.accelerator)")
+    return pytest.mark.gpu(skip(test))
 
 
 def offline_env(**extra):

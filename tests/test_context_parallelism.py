@@ -4,7 +4,7 @@ each process really held, seen by a probe inside the processes; every bad input;
 real configs; the CPU workaround for diffusers 0.42, shown to be still needed; and GPU runs where there are GPUs.
 """
 
-import inspect
+import ast
 import json
 import os
 import re
@@ -312,12 +312,18 @@ def test_the_readme_table_of_flux1_dev_plans_is_what_the_script_plans(plan):
 # --- the guards: the same code as in the other scripts ---
 
 
-@pytest.mark.parametrize("helper", ["fail", "check_torch_can_use_the_gpus", "gpus_on_the_pci_bus", "free_memory"])
-def test_the_gpu_machine_guards_are_the_data_parallel_scripts_own(script, helper):
+@pytest.mark.parametrize("helper", ["fail", "end_process_group", "check_torch_can_use_the_gpus", "gpus_on_the_pci_bus",
+                                    "why_hidden", "no_fp64_remedy", "OnTheCPU", "default_dtype", "gpu_memory",
+                                    "free_memory"])
+def test_the_gpu_machine_guards_are_the_data_parallel_scripts_own(helper):
     """Copied, not rewritten: a fix to one script's guard (tests/test_gpu_machines.py tests them there) must reach
     this one too. When this fails, port the change."""
-    data_parallel = load_script(ROOT / "data-parallelism-accelerate.py")
-    assert inspect.getsource(getattr(script, helper)) == inspect.getsource(getattr(data_parallel, helper))
+    def source(path):  # the text of the top-level function or class, as written
+        text = path.read_text(encoding="utf-8")
+        node = next(n for n in ast.parse(text).body if getattr(n, "name", None) == helper)
+        return ast.get_source_segment(text, node)
+
+    assert source(CONTEXT_PARALLEL) == source(ROOT / "data-parallelism-accelerate.py")
 
 
 def test_more_processes_than_gpus_is_refused_with_the_launch_that_fits(script, monkeypatch, capsys):
@@ -326,6 +332,8 @@ def test_more_processes_than_gpus_is_refused_with_the_launch_that_fits(script, m
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("xpu"))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for mask in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"):  # a GPU of its own for each process is accepted
+        monkeypatch.delenv(mask, raising=False)
     monkeypatch.setattr("sys.argv", ["context-parallelism-flux.py"])
     with pytest.raises(SystemExit):
         script.check_launch(SimpleNamespace(device="auto"))

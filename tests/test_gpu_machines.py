@@ -6,6 +6,7 @@ real commands on the GPUs of the machine, and are skipped (reported as skipped) 
 """
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -27,7 +28,9 @@ OTHERS = [("0x1af4", "0x020000"), ("0x1a03", "0x030000")]  # a virtio network ca
 
 
 def fake_sysfs(tmp_path, *devices):
-    """A /sys/bus/pci/devices tree: one folder per device, with its `vendor` and `class` files."""
+    """A /sys/bus/pci/devices tree: one folder per device, with its `vendor` and `class` files; beside it a /dev
+    with the device nodes of NVIDIA and Intel GPUs (fake_dev), as on a machine whose drivers are loaded."""
+    fake_dev(tmp_path, "nvidia0", "nvidiactl", "dri/card0", "dri/renderD128")
     root = tmp_path / "pci-devices"
     root.mkdir()
     for slot, (vendor, pci_class) in enumerate(devices):
@@ -36,6 +39,24 @@ def fake_sysfs(tmp_path, *devices):
         (device / "vendor").write_text(vendor + "\n")
         (device / "class").write_text(pci_class + "\n")
     return root
+
+
+def fake_dev(tmp_path, *nodes):
+    """A /dev folder with these device nodes (empty files: only their names are read)."""
+    dev = tmp_path / "dev"
+    dev.mkdir(exist_ok=True)
+    for node in nodes:
+        (dev / node).parent.mkdir(parents=True, exist_ok=True)
+        (dev / node).touch()
+    return dev
+
+
+@pytest.fixture(autouse=True)
+def nothing_hidden(monkeypatch, tmp_path):
+    """Every test starts on a machine whose GPUs nobody hid: no masks, and the fake /dev of fake_sysfs."""
+    for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("DEVICE_NODES", str(tmp_path / "dev"))
 
 
 @pytest.fixture(scope="module", params=SCRIPTS, ids=lambda path: path.name)
@@ -53,19 +74,24 @@ def gpus_found(script, monkeypatch, root):
 
 
 def test_an_nvidia_display_device_is_an_nvidia_gpu(script, monkeypatch, tmp_path):
-    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, *INTEL_BRIDGES, NVIDIA_GPU, *OTHERS)) == {"NVIDIA"}
+    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, *INTEL_BRIDGES, NVIDIA_GPU, *OTHERS)) == {"NVIDIA": 1}
 
 
 def test_an_intel_display_device_is_an_intel_gpu(script, monkeypatch, tmp_path):
-    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, *INTEL_BRIDGES, INTEL_GPU, *OTHERS)) == {"Intel"}
+    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, *INTEL_BRIDGES, INTEL_GPU, *OTHERS)) == {"Intel": 1}
+
+
+def test_each_gpu_is_counted(script, monkeypatch, tmp_path):
+    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, NVIDIA_GPU, INTEL_GPU, NVIDIA_GPU)) == {
+        "NVIDIA": 2, "Intel": 1}
 
 
 def test_intel_bridges_and_controllers_alone_are_no_gpu(script, monkeypatch, tmp_path):
-    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, *INTEL_BRIDGES, *OTHERS)) == set()
+    assert gpus_found(script, monkeypatch, fake_sysfs(tmp_path, *INTEL_BRIDGES, *OTHERS)) == {}
 
 
 def test_no_pci_folder_finds_no_gpu(script, monkeypatch, tmp_path):
-    assert gpus_found(script, monkeypatch, tmp_path / "no-sysfs-here") == set()
+    assert gpus_found(script, monkeypatch, tmp_path / "no-sysfs-here") == {}
 
 
 # --- the messages, by simulation: this torch sees no GPU on a machine that has one ---
@@ -133,6 +159,67 @@ def test_a_gpu_that_torch_can_use_is_no_problem(script, monkeypatch, capsys, tmp
     assert refusal(script, monkeypatch, capsys, tmp_path, [INTEL_GPU], torch_sees_a_gpu=True) == ("", None)
 
 
+# --- GPUs hidden on purpose, or not in this container: run on the CPU, and say so (issue 15, item 5) ---
+
+
+@pytest.mark.parametrize("gpu, variable, mask", [
+    (NVIDIA_GPU, "CUDA_VISIBLE_DEVICES", ""), (NVIDIA_GPU, "CUDA_VISIBLE_DEVICES", "-1"),
+    (NVIDIA_GPU, "CUDA_VISIBLE_DEVICES", "1"),  # the machine has one GPU: number 1 is none
+    (INTEL_GPU, "ZE_AFFINITY_MASK", "3"), (INTEL_GPU, "ZE_AFFINITY_MASK", "1.0,2"),
+], ids=["cuda-empty", "cuda-minus-1", "cuda-no-such-gpu", "ze-no-such-gpu", "ze-no-such-gpus"])
+def test_gpus_the_user_hid_are_no_reason_to_refuse(script, monkeypatch, capsys, tmp_path, gpu, variable, mask):
+    monkeypatch.setenv(variable, mask)
+    err, code = refusal(script, monkeypatch, capsys, tmp_path, [gpu])
+    assert code is None
+    assert err.splitlines() == [f"note: {variable}={mask} hides every {'NVIDIA' if gpu == NVIDIA_GPU else 'Intel'} "
+                                "GPU: running on the CPU"]
+
+
+@pytest.mark.parametrize("gpu, nodes", [(NVIDIA_GPU, "nvidia0"), (INTEL_GPU, "dri/renderD128")],
+                         ids=["nvidia", "intel"])
+def test_a_container_given_no_gpu_runs_on_the_cpu_on_a_gpu_server(script, monkeypatch, capsys, tmp_path, gpu, nodes):
+    """A container sees its host's PCI bus, but has no device node of a GPU it was not given."""
+    monkeypatch.setenv("SYSFS_PCI_DEVICES", str(fake_sysfs(tmp_path, gpu)))
+    for node in (tmp_path / "dev").rglob("*"):
+        if node.is_file():
+            node.unlink()
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    script.check_torch_can_use_the_gpus("auto")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: ") and lines[0].endswith(": running on the CPU")
+    assert str(tmp_path / "dev" / ("nvidia[0-9]*" if gpu == NVIDIA_GPU else "dri/renderD*")) in lines[0]
+
+
+@pytest.mark.parametrize("gpu, variable, mask", [
+    (NVIDIA_GPU, "CUDA_VISIBLE_DEVICES", "0"), (NVIDIA_GPU, "CUDA_VISIBLE_DEVICES", "GPU-8f6b"),
+    (INTEL_GPU, "ZE_AFFINITY_MASK", "0"), (INTEL_GPU, "ZE_AFFINITY_MASK", ""), (INTEL_GPU, "ZE_AFFINITY_MASK", "5,0.1"),
+], ids=["cuda-0", "cuda-uuid", "ze-0", "ze-empty", "ze-one-real"])
+def test_a_mask_that_leaves_a_gpu_visible_still_gets_the_fix(script, monkeypatch, capsys, tmp_path, gpu, variable,
+                                                              mask):
+    monkeypatch.setenv(variable, mask)
+    err, code = refusal(script, monkeypatch, capsys, tmp_path, [gpu])
+    assert_one_error_line(err, code, "but this torch", "cannot use it")
+
+
+def test_a_hidden_nvidia_gpu_beside_an_intel_one_gets_the_intel_message(script, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    err, code = refusal(script, monkeypatch, capsys, tmp_path, [INTEL_GPU, NVIDIA_GPU])
+    assert_one_error_line(err, code, "Intel GPU", "not the XPU build")
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
+@pytest.mark.parametrize("script_path", SCRIPTS, ids=lambda path: path.name)
+def test_a_cpu_only_container_on_a_gpu_server_makes_the_images(script_path, request, tmp_path):
+    args = model_and_output(script_path, request, tmp_path)
+    pci = fake_sysfs(tmp_path, *INTEL_BRIDGES, NVIDIA_GPU, NVIDIA_GPU)
+    result = run_on(pci, python(script_path, *args, *FAST), DEVICE_NODES=str(tmp_path / "no-dev"))
+    assert result.returncode == 0, result.stderr
+    assert args[-1].exists()
+    assert [line for line in result.stderr.splitlines() if line.startswith(("note:", "error:"))] == [
+        f"note: this machine has NVIDIA GPUs but no {tmp_path / 'no-dev' / 'nvidia[0-9]*'} device node to reach them "
+        "(a container given none, or no driver loaded): running on the CPU"]
+
+
 # --- the real command: it stops before loading anything, or runs as before ---
 
 
@@ -142,9 +229,14 @@ def model_and_output(script_path, request, tmp_path):
     return ["--model", request.getfixturevalue("tiny_sd3"), "--output-dir", tmp_path / "out"]
 
 
-def run_on(pci_devices, command):
-    return subprocess.run([str(a) for a in command], cwd=ROOT, env=offline_env(SYSFS_PCI_DEVICES=str(pci_devices)),
-                          capture_output=True, text=True, timeout=300)
+def run_on(pci_devices, command, **env):
+    """Run a command on a machine with these PCI devices, their drivers loaded (the fake /dev beside them), and no
+    GPU hidden unless `env` hides some."""
+    environment = offline_env(SYSFS_PCI_DEVICES=str(pci_devices), DEVICE_NODES=str(pci_devices.parent / "dev"))
+    for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"):
+        environment.pop(variable, None)
+    return subprocess.run([str(a) for a in command], cwd=ROOT, env={**environment, **env}, capture_output=True,
+                          text=True, timeout=300)
 
 
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
@@ -202,8 +294,13 @@ def data_parallel():
 
 
 def launch(data_parallel, monkeypatch, capsys, kind="cuda", devices=1, processes=1, machines=1, local_rank=0,
-           backends=("nccl", "xccl", "gloo"), device="auto"):
-    """Run the script's launch check on `devices` GPUs with `processes` per machine: (stderr, exit code or None)."""
+           backends=("nccl", "xccl", "gloo"), device="auto", **masks):
+    """Run the script's launch check on `devices` GPUs with `processes` per machine, and the GPU masks given
+    (CUDA_VISIBLE_DEVICES=..., none by default): (stderr, exit code or None)."""
+    for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, mask in masks.items():
+        monkeypatch.setenv(variable, mask)
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: devices)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device(kind))
@@ -234,6 +331,15 @@ def test_more_processes_than_gpus_names_the_launch_that_fits(data_parallel, monk
     err, code = launch(data_parallel, monkeypatch, capsys, kind="xpu", devices=2, processes=4, machines=2)
     assert_one_error_line(err, code, "4 processes on this machine", "2 xpu device",
                           "uv run accelerate launch --multi_gpu --num_processes 2 data-parallelism-accelerate.py")
+
+
+@pytest.mark.parametrize("kind, variable", [("cuda", "CUDA_VISIBLE_DEVICES"), ("xpu", "ZE_AFFINITY_MASK")])
+@pytest.mark.parametrize("local_rank", [0, 1, 3])
+def test_each_process_with_a_gpu_of_its_own_is_accepted(data_parallel, monkeypatch, capsys, kind, variable,
+                                                        local_rank):
+    """4 processes, each given its own GPU by the launcher (a mask per process): each sees 1 device."""
+    assert launch(data_parallel, monkeypatch, capsys, kind=kind, devices=1, processes=4, local_rank=local_rank,
+                  **{variable: str(local_rank)}) == ("", None)
 
 
 def test_a_launch_mistake_is_said_by_the_first_process_of_each_machine_only(data_parallel, monkeypatch, capsys):
@@ -359,3 +465,79 @@ def test_a_plan_for_other_gpus_runs_on_a_machine_whose_gpu_torch_cannot_use(scri
     result = run_on(fake_sysfs(tmp_path, INTEL_GPU), python(script_path, "--plan", *plan))
     assert result.returncode == 0, result.stderr
     assert "fits: yes" in result.stdout
+
+
+# --- bfloat16 only where the GPU computes it natively (issue 15, item 10) ---
+
+
+def simulate_nvidia(monkeypatch, name, native_bfloat16):
+    """A machine with NVIDIA GPUs, as torch sees them: a V100 (Volta: bfloat16 by emulation only) or an A100."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or (
+        native_bfloat16))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+@pytest.mark.parametrize("name, native, dtype", [("Tesla V100-SXM2-16GB", False, torch.float16),
+                                                 ("NVIDIA A100-SXM4-80GB", True, torch.bfloat16)])
+def test_auto_dtype_is_float16_on_gpus_without_native_bfloat16(script, monkeypatch, capsys, name, native, dtype):
+    simulate_nvidia(monkeypatch, name, native)
+    assert script.default_dtype(on_gpu=True, announce=True) == dtype
+    said = capsys.readouterr().err.splitlines()
+    assert said == ([] if native else [f"note: {name} has no fast bfloat16: using float16 (--dtype bfloat16 to "
+                                       "override)"])
+    assert script.default_dtype(on_gpu=False) == torch.float32
+
+
+def test_a_plan_for_gpus_this_machine_lacks_is_in_bfloat16(script, monkeypatch):
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert script.default_dtype(on_gpu=True) == torch.bfloat16
+
+
+@pytest.mark.parametrize("script_path, plan", [
+    (DATA_PARALLEL, ["--model", ROOT / "tests" / "fixtures" / "sd3.5-medium", "--device-memory", "16GiB"]),
+    (ROOT / "model-parallelism-flux.py", ["--model", ROOT / "tests" / "fixtures" / "flux1-dev", "--num-devices", "2",
+                                          "--device-memory", "24GiB"]),
+], ids=["data-parallelism", "model-parallelism"])
+@pytest.mark.parametrize("asked, dtype", [([], "float16"), (["--dtype", "bfloat16"], "bfloat16")])
+def test_the_run_on_a_v100_is_in_float16_unless_asked(script_path, plan, asked, dtype, monkeypatch, capsys):
+    script = load_script(script_path)
+    simulate_nvidia(monkeypatch, "Tesla V100-SXM2-16GB", native_bfloat16=False)
+    monkeypatch.setattr(sys, "argv", [script_path.name, "--plan", "--json", *map(str, plan), *asked])
+    script.main()
+    assert json.loads(capsys.readouterr().out)["dtype"] == dtype
+
+
+# --- peak memory as nvidia-smi and xpu-smi see it: reserved, not only allocated (issue 15, item 11) ---
+
+
+@pytest.fixture
+def gpu_memory_of(monkeypatch):
+    """A GPU on which torch's tensors held at most 3 GiB and its caching allocator 5 GiB (now 1 and 2 GiB)."""
+    GiB = 2**30
+    monkeypatch.setattr(torch.accelerator, "max_memory_allocated", lambda device=None: 3 * GiB)
+    monkeypatch.setattr(torch.accelerator, "max_memory_reserved", lambda device=None: 5 * GiB)
+    monkeypatch.setattr(torch.accelerator, "memory_allocated", lambda device=None: 1 * GiB)
+    monkeypatch.setattr(torch.accelerator, "memory_reserved", lambda device=None: 2 * GiB)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("xpu"))
+
+
+def test_the_data_parallel_report_names_allocated_and_reserved_peaks(data_parallel, gpu_memory_of, capsys, tmp_path):
+    stats = [{"rank": 1, "device": "xpu:1", "images": 2, "generate_seconds": 4.0,
+              **data_parallel.peak_memory(torch.device("xpu", 1))}]
+    assert stats[0]["peak_device_allocated_gib"] == 3.0 and stats[0]["peak_device_reserved_gib"] == 5.0
+    data_parallel.report(argparse.Namespace(output_dir=tmp_path), stats, 2, 2, 10.0, None)
+    line = next(line for line in capsys.readouterr().out.splitlines() if "rank 1" in line)
+    assert line.endswith("peak device memory 3.00 GiB allocated, 5.00 GiB reserved")
+    assert json.loads((tmp_path / "summary.json").read_text())["ranks"][0]["peak_device_reserved_gib"] == 5.0
+
+
+def test_the_sharding_script_names_allocated_and_reserved_memory(gpu_memory_of):
+    script = load_script(ROOT / "model-parallelism-flux.py")
+    peak, now = script.memory_in_use([0, 1, "cpu"], peak=True), script.memory_in_use([0], peak=False)
+    assert script.memory_text(1, peak[1]) == "xpu:1 3.00 GiB allocated, 5.00 GiB reserved"
+    assert script.memory_text(0, now[0]) == "xpu:0 1.00 GiB allocated, 2.00 GiB reserved"
+    assert script.memory_text("cpu", peak["cpu"]).startswith("cpu ") and "allocated" not in script.memory_text(
+        "cpu", peak["cpu"])

@@ -211,3 +211,48 @@ def test_a_full_disk_is_one_line_and_the_same_command_with_room_makes_the_rest(t
     rerun = run(python(DATA_PARALLEL, *script_args(tiny_sd3, out, FILL)))
     assert f"{saved} of {len(FILL)} images are already in" in rerun.stdout
     assert [r["prompt"] for r in read_manifest(out)] == FILL
+
+
+# --- a process that hangs: the others do not wait a week, and every process leaves its group (issue 15, item 9) ---
+
+SIMULATE = ROOT / "tests" / "simulate"  # sitecustomize.py: HANG_RANK, PROBE_GROUP_AT_EXIT
+
+
+def run_simulated(command, timeout=240, **env):
+    environment = offline_env(PYTHONPATH=str(SIMULATE), PROBE_GROUP_AT_EXIT="1", **env)
+    return subprocess.run([str(a) for a in command], cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("hung", [1, 0], ids=["rank-1-hangs", "main-process-hangs"])
+def test_a_hung_process_is_named_and_the_job_ends_instead_of_waiting_a_week(hung, tiny_sd3, tmp_path):
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = run_simulated(torchrun(2, DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:6]), "--stall-timeout", "3"),
+                           HANG_RANK=str(hung))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: rank {hung} saved no image for "), result.stderr
+    assert "of 6 images made" in errors[0] and "--stall-timeout" in errors[0]
+    assert time.monotonic() - started < 180  # seconds after the last image, not the group's week
+    made = {r["rank"] for r in read_manifest(out)}
+    assert made == {1 - hung}  # the other process made its share, and it is kept
+    assert "still in its process group" not in result.stderr
+
+
+def test_a_failure_after_the_group_formed_leaves_the_group(tiny_sd3, tmp_path):
+    """The main process fails after the group has formed (its --output-dir is a file): one line, and no process
+    exits still in the group."""
+    (tmp_path / "out").write_text("a file")
+    result = run_simulated(torchrun(2, DATA_PARALLEL, *script_args(tiny_sd3, tmp_path / "out", MANY[:2])))
+    assert result.returncode != 0
+    assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [
+        f"error: --output-dir {tmp_path / 'out'} is a file, not a folder"]
+    assert "still in its process group" not in result.stderr
+
+
+def test_a_normal_run_leaves_the_group_in_every_process(tiny_sd3, tmp_path):
+    result = run_simulated(torchrun(2, DATA_PARALLEL, *script_args(tiny_sd3, tmp_path / "out", MANY[:2]),
+                                    "--stall-timeout", "3"))
+    assert result.returncode == 0, result.stderr
+    assert "still in its process group" not in result.stderr and len(read_manifest(tmp_path / "out")) == 2

@@ -2,6 +2,7 @@
 what diffusers and Accelerate decide themselves, the GPU code paths simulated (meta-device models, faked free
 memory), and tests on real GPUs where there are some."""
 
+import copy
 import importlib
 import json
 import re
@@ -13,6 +14,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+import transformers
 from accelerate import infer_auto_device_map
 from accelerate.utils import compute_module_sizes
 from diffusers.models.model_loading_utils import _determine_device_map
@@ -173,10 +175,12 @@ def test_a_plan_that_fits_only_staged_says_so(main):
 # --- the plan is the libraries' own decision, for the same arguments ---
 
 
-def diffusers_balanced(max_memory, dtype, passed=None):
-    """What DiffusionPipeline.from_pretrained(FLUX.1-dev, device_map="balanced", max_memory=...) decides."""
+def diffusers_balanced(max_memory, dtype, passed=None, names=None):
+    """What DiffusionPipeline.from_pretrained(FLUX.1-dev, device_map="balanced", max_memory=...) decides; with
+    `names`, for a pipeline of those components alone (the others passed as None, which from_pretrained leaves out)."""
     config = diffusers.DiffusionPipeline.load_config(FLUX1_DEV)
-    init_dict = {k: tuple(v) for k, v in diffusers.FluxPipeline.extract_init_dict(config)[0].items() if v[0]}
+    init_dict = {k: tuple(v) for k, v in diffusers.FluxPipeline.extract_init_dict(config)[0].items() if v[0]
+                 and (names is None or k in names or not k.startswith(("text_encoder", "transformer", "vae")))}
     return _get_final_device_map(device_map="balanced", pipeline_class=diffusers.FluxPipeline,
                                  passed_class_obj=passed or {}, init_dict=init_dict,
                                  library=importlib.import_module("diffusers"), max_memory=max_memory,
@@ -199,23 +203,64 @@ def test_whole_components_go_where_diffusers_balanced_puts_them(script, plan, nu
     usable = {int(d): b - result["reserved_per_device"] for d, b in result["budgets"].items()}
     max_memory_given = {d: b for d, b in usable.items() if b > 0}
     decided = diffusers_balanced(max_memory_given, dtype)
-    for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
-        if decided.get(name, "cpu") == "cpu":  # left to the CPU by diffusers: the script splits it instead
-            assert name not in result["placement"] and any(k.startswith(name + ".") for k in result["placement"])
-        else:
-            assert result["placement"][name] == str(decided[name]), (name, decided)
+    components = {"transformer", "text_encoder", "text_encoder_2", "vae"}
+    # Left to the CPU (or left out: diffusers' map keeps one "cpu" component only): the script splits them instead
+    split = {name for name in components if decided.get(name, "cpu") == "cpu"}
+    for name in split:
+        assert name not in result["placement"] and any(k.startswith(name + ".") for k in result["placement"])
+    # ...and hands them over as loaded, which diffusers sizes by their real size when it places the rest.
+    decided = diffusers_balanced(max_memory_given, dtype, passed={n: handed_over(n, dtype) for n in split})
+    for name in components - split:
+        assert result["placement"][name] == str(decided.get(name, "cpu")), (name, decided)
 
 
-@pytest.mark.parametrize("num_devices, memory, max_memory", [(2, "24GiB", "0=23GiB,1=23.6GiB"), (4, "12GiB", None)])
-def test_diffusers_places_the_rest_as_planned_when_a_split_component_is_handed_to_it(
-        script, plan, num_devices, memory, max_memory):
-    result = plan(num_devices, memory, *budget_args(max_memory))
-    split = {n for n in ("transformer", "text_encoder_2") if n not in result["placement"]}
-    assert split  # this budget splits something
-    usable = {int(d): b - result["reserved_per_device"] for d, b in result["budgets"].items()}
-    decided = diffusers_balanced(usable, "bfloat16", passed={n: diffusers_empty_model(n, "bfloat16") for n in split})
-    for name in {"text_encoder", "text_encoder_2", "vae"} - split:
-        assert result["placement"][name] == str(decided[name])
+def handed_over(name, dtype):
+    """A component as the script hands it to the pipeline: loaded, so T5's `shared` and `encoder.embed_tokens` are
+    one tensor (transformers ties them at load), not diffusers' untied empty model."""
+    model = diffusers_empty_model(name, dtype)
+    if isinstance(model, transformers.PreTrainedModel):
+        model.tie_weights()
+    return model
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["resident", "staged"])
+@pytest.mark.parametrize("num_devices", [2, 3, 4])
+def test_diffusers_places_the_rest_as_planned_when_split_components_are_handed_to_it(
+        script, monkeypatch, num_devices, staged):
+    """Over budgets of 6-26 GiB in steps of 0.25 GiB, each device 0.1 GiB more than the one before (3 devices of
+    11.75, 11.85 and 11.95 GiB among them, where T5 fits on a device as loaded but not as diffusers' empty model): where the plan splits a component, diffusers' own "balanced" decision,
+    given the split components as loaded, puts every other component of the stage where the plan put it."""
+    from diffusers.pipelines import pipeline_loading_utils
+    empty_models, load_empty_model = {}, pipeline_loading_utils._load_empty_model
+    def cached(**kwargs):  # diffusers' own empty models, built once for the whole sweep
+        key = (kwargs["name"], kwargs["dtype"])
+        if key not in empty_models:
+            empty_models[key] = load_empty_model(**kwargs)
+        return empty_models[key]
+    monkeypatch.setattr(pipeline_loading_utils, "_load_empty_model", cached)
+    script_models, empty_model = {}, script.empty_model
+    def reused(model, name, *rest):  # built once, but T5, which the plan ties in place: each plan gets it untied
+        if (model, name, *rest) not in script_models:
+            script_models[model, name, *rest] = empty_model(model, name, *rest)
+        cached = script_models[model, name, *rest]
+        return copy.deepcopy(cached) if isinstance(cached, transformers.T5EncoderModel) else cached
+    monkeypatch.setattr(script, "empty_model", reused)
+    components = diffusers.DiffusionPipeline.load_config(FLUX1_DEV)
+    args = types.SimpleNamespace(model=str(FLUX1_DEV), height=1024, width=1024, staged=staged)
+    handed = {}
+    checked = 0
+    for hundredths in range(600, 2601, 25):
+        budgets = {d: (hundredths + 10 * d) * GiB // 100 for d in range(num_devices)}
+        result = script.make_plan(args, components, budgets, torch.bfloat16)
+        for stage in result["stages"]:
+            if not stage["split"]:
+                continue
+            passed = {n: handed.setdefault(n, handed_over(n, "bfloat16")) for n in stage["split"]}
+            decided = diffusers_balanced(stage["max_memory"], "bfloat16", passed=passed, names=stage["names"])
+            for name in set(stage["names"]) - set(stage["split"]):
+                assert stage["device_maps"][name] == {"": decided.get(name, "cpu")}, (budgets, name, decided)
+            checked += 1
+    assert checked >= 20
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -304,6 +349,7 @@ def two_gpus(monkeypatch, script):
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a: torch.device("xpu"))
     monkeypatch.setattr(script, "get_max_memory", lambda: {0: 22 * GiB, 1: 23 * GiB, "cpu": 64 * GiB})
+    monkeypatch.setattr(torch.xpu, "is_bf16_supported", lambda including_emulation=True: True)
 
 
 def test_free_memory_of_the_devices_present_is_the_budget(two_gpus, main):
@@ -333,10 +379,12 @@ def test_a_failing_free_memory_query_falls_back_to_total_memory_in_one_line(monk
     monkeypatch.setattr(accelerate.utils.modeling, "is_xpu_available", lambda *a, **k: True)
     monkeypatch.setattr(torch.xpu, "device_count", lambda: 2)
     monkeypatch.setattr(torch.xpu, "mem_get_info", mem_get_info)
-    monkeypatch.setattr(torch.xpu, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=24 * GiB))
+    monkeypatch.setattr(torch.xpu, "get_device_properties", lambda i=None: types.SimpleNamespace(
+        total_memory=24 * GiB, has_bfloat16_conversions=True))
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a: torch.device("xpu"))
+    simulate_usable_devices(monkeypatch, "xpu", usable={0, 1})
     assert not [d for d in accelerate.utils.get_max_memory() if d != "cpu"]  # the library finds no device
     captured = main("--plan", "--json", "--model", FLUX1_DEV)
     assert json.loads(captured.out)["budgets"] == {"0": 24 * GiB, "1": 24 * GiB}
@@ -355,7 +403,8 @@ def test_the_placing_calls_are_in_main(script):
 
 
 def test_the_script_calls_no_private_library_function():
-    found = subprocess.run(["grep", "-n", r"import _\|\._[a-z_]*(", MODEL_PARALLEL], capture_output=True, text=True)
+    found = subprocess.run(["grep", "-n", r"import _\|\._[a-z][a-z0-9_]*(", MODEL_PARALLEL], capture_output=True,
+                           text=True)  # `_name(`, not a dunder such as super().__init__()
     assert found.stdout == ""
 
 
@@ -452,7 +501,7 @@ def test_gpus_tiny_flux_on_one_device_and_the_cpu_matches_the_cpu_image(main, re
     flags = ["--model", tiny_flux, "--dtype", "float32", *(["--staged"] if staged else [])]
     max_memory = tiny_budget(tiny_flux, [0], 0.5) + ",cpu=1GiB"
     stdout = main(*flags, "--max-memory", max_memory, "--output", tmp_path / "x.png", *FAST).out
-    assert "NOTE:" in stdout and "streamed to the device at every step" in stdout
+    assert "NOTE:" in stdout and ("streamed to the device at every step" in stdout or "runs on the CPU" in stdout)
     assert_printout_names_where_the_weights_are(stdout, recorded[-1])
     devices = {d for rows in printed_placement(stdout) for _, d in rows}
     assert devices == {f"{torch.accelerator.current_accelerator().type}:0", "cpu"}
@@ -476,3 +525,193 @@ def test_devices_with_no_room_beyond_the_activations_reserve_are_a_clear_error()
 def test_an_output_that_is_a_folder_is_refused_before_anything_loads(tiny_flux, tmp_path):
     result = run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", tmp_path, *FAST, *CPU), check=False)
     assert_clear_error(result, f"--output {tmp_path} is a folder")
+
+
+# --- --staged frees the text encoders, split ones too (issue 15, item 2) ---
+
+
+def test_a_staged_run_keeps_nothing_of_a_split_t5_into_the_second_stage(script, main, monkeypatch, tiny_flux, tmp_path):
+    """Stage 1 splits T5 between its blocks (here every block "on" the CPU, the one device there is: the load takes
+    the same path, AutoModel.from_pretrained with a device map, then dispatch_model). When stage 2 loads, no T5
+    may be alive: a reference kept to it would hold its blocks on the GPUs through the transformer's stage."""
+    import gc
+    import weakref
+
+    blocks = list(script.make_plan(types.SimpleNamespace(model=str(tiny_flux), height=64, width=64, staged=True),
+                                   diffusers.DiffusionPipeline.load_config(tiny_flux),
+                                   dict.fromkeys(range(8), 12 * 2**20 + 80 * 2**10), torch.float32)
+                  ["stages"][0]["device_maps"]["text_encoder_2"])
+    assert len(blocks) > 1  # a real split: one key per block range
+    make_plan, models, live = script.make_plan, [], []
+
+    def split_t5(*args, **kwargs):
+        plan = make_plan(*args, **kwargs)
+        if plan["staged"]:
+            plan["stages"][0]["split"] = ["text_encoder_2"]
+            plan["stages"][0]["device_maps"]["text_encoder_2"] = dict.fromkeys(blocks, "cpu")
+        return plan
+    monkeypatch.setattr(script, "make_plan", split_t5)
+    load_model, load_pipeline = script.AutoModel.from_pretrained, script.DiffusionPipeline.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        models.append(weakref.ref(model))
+        return model
+
+    def pipeline_from_pretrained(*args, **kwargs):
+        gc.collect()
+        live.append(sum(m() is not None for m in models))
+        return load_pipeline(*args, **kwargs)
+    monkeypatch.setattr(script.AutoModel, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(script.DiffusionPipeline, "from_pretrained", pipeline_from_pretrained)
+    stdout = main("--model", tiny_flux, "--output", tmp_path / "x.png", "--staged", *FAST, *CPU).out
+    assert "text_encoder_2.encoder.final_layer_norm " in stdout.split("pipeline loaded")[0]  # loaded split
+    assert live == [1, 0]  # stage 1: the split T5 handed over; stage 2: gone
+
+
+# --- FLUX on GPUs without FP64 (Intel Arc A-series), simulated (issue 15, item 1) ---
+
+
+def simulate_device_properties(monkeypatch, **properties):
+    """torch's answer about every XPU device: an Arc A770 (has_fp64=False), or a GPU with FP64."""
+    answer = types.SimpleNamespace(name="Intel(R) Arc(TM) A770 Graphics", total_memory=16 * GiB, **properties)
+    module, real = types.SimpleNamespace(get_device_properties=lambda device=None: answer), torch.get_device_module
+    monkeypatch.setattr(torch, "get_device_module",
+                        lambda device=None: module if torch.device(device).type in ("xpu", "cuda") else real(device))
+
+
+def flux_image(pipeline):
+    return np.asarray(pipeline(prompt="a red fox", height=64, width=64, num_inference_steps=2, guidance_scale=3.5,
+                               max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(7)).images[0],
+                      dtype=np.int16)
+
+
+@pytest.mark.parametrize("script_path", [MODEL_PARALLEL, ROOT / "data-parallelism-accelerate.py"],
+                         ids=lambda p: p.name)
+def test_without_fp64_the_rotary_embedding_is_computed_on_the_cpu_and_the_image_is_the_same(
+        script_path, monkeypatch, capsys, tiny_flux):
+    script = load_script(script_path)
+    pipeline = diffusers.FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
+    reference = flux_image(pipeline)
+    original = pipeline.transformer.pos_embed
+    seen = []  # what the diffusers module computes from: the device and dtype of its input
+    original.register_forward_pre_hook(lambda module, args: seen.append(args[0].device.type))
+    simulate_device_properties(monkeypatch, has_fp64=False)
+    capsys.readouterr()  # the loading bars
+    assert script.no_fp64_remedy(pipeline, ["xpu:0", "xpu:1"]) == [torch.device("xpu", 0), torch.device("xpu", 1)]
+    assert capsys.readouterr().err.splitlines() == [
+        "note: xpu:0, xpu:1 has no FP64 (Intel Arc A-series): FLUX's rotary position embedding, built in float64, is "
+        "computed on the CPU"]
+    assert pipeline.transformer.pos_embed.module is original  # wrapped, not rebuilt: the same embedding
+    ids = torch.randint(0, 64, (10, 3)).float()
+    for got, expected in zip(pipeline.transformer.pos_embed(ids), original(ids)):
+        assert got.device == ids.device and got.dtype == expected.dtype and torch.equal(got, expected)
+    assert np.array_equal(flux_image(pipeline), reference)
+    assert seen and set(seen) == {"cpu"}
+
+
+@pytest.mark.parametrize("properties", [{"has_fp64": True}, {}], ids=["xpu-with-fp64", "cuda-no-such-field"])
+def test_devices_with_fp64_and_the_cpu_keep_the_embedding_where_diffusers_puts_it(
+        script, monkeypatch, capsys, tiny_flux, properties):
+    pipeline = diffusers.FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
+    original = pipeline.transformer.pos_embed
+    simulate_device_properties(monkeypatch, **properties)
+    capsys.readouterr()  # the loading bars
+    assert script.no_fp64_remedy(pipeline, ["xpu:0", "cuda:1", "cpu"]) == []
+    assert pipeline.transformer.pos_embed is original and capsys.readouterr().err == ""
+
+
+def test_the_script_checks_fp64_on_the_devices_of_the_pipeline_it_runs(main, script, monkeypatch, tiny_flux,
+                                                                        tmp_path):
+    calls, remedy = [], script.no_fp64_remedy
+    monkeypatch.setattr(script, "no_fp64_remedy", lambda pipeline, devices, **kw: calls.append(
+        (set(pipeline.components), devices)) or remedy(pipeline, devices, **kw))
+    main("--model", tiny_flux, "--output", tmp_path / "x.png", "--staged", *FAST, *CPU)
+    assert [devices for _, devices in calls] == [["cpu"], ["cpu"]]  # each stage, after it is placed
+    assert calls[-1][0] >= {"transformer", "vae"}
+
+
+@accelerator
+def test_gpus_without_fp64_as_simulated_the_image_is_the_one_with_fp64(main, script, monkeypatch, tiny_flux,
+                                                                       tmp_path):
+    """On a real GPU: the remedy forced (the GPU said to lack FP64) makes the image the GPU makes without it."""
+    flags = ["--model", tiny_flux, "--dtype", "float32", *FAST]
+    main(*flags, "--output", tmp_path / "fp64.png")
+    real = torch.get_device_module
+    answer = types.SimpleNamespace(has_fp64=False)
+    monkeypatch.setattr(torch, "get_device_module", lambda device=None: types.SimpleNamespace(
+        get_device_properties=lambda d=None: answer) if device is not None and torch.device(device).type != "cpu"
+        else real(device))
+    captured = main(*flags, "--output", tmp_path / "cpu-rope.png")
+    assert "has no FP64" in captured.err
+    assert np.abs(pixels(tmp_path / "fp64.png") - pixels(tmp_path / "cpu-rope.png")).max() <= 2
+
+
+# --- a split component that ends up wholly on the CPU runs there: said as such (issue 15, item 7) ---
+
+
+def test_a_split_component_wholly_on_the_cpu_is_said_to_run_there(script, monkeypatch, capsys):
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.accelerator, "memory_reserved", lambda device=None: 0)
+    class Component(torch.nn.Linear):  # a model's `device` attribute, as diffusers' and transformers' models have
+        device = torch.device("cpu")
+    layer = Component(1, 1)
+    pipeline = types.SimpleNamespace(hf_device_map={"text_encoder": 0, "vae": 1}, components={
+        "text_encoder": layer, "vae": layer, "transformer": layer, "text_encoder_2": layer, "tokenizer": None})
+    split = {"text_encoder_2": types.SimpleNamespace(hf_device_map={"shared": "cpu", "encoder.block.0": "cpu",
+                                                                     "encoder.block.1": "cpu"}),
+             "transformer": types.SimpleNamespace(hf_device_map={"x_embedder": 0, "transformer_blocks.0": 1,
+                                                                  "single_transformer_blocks.0": "cpu"})}
+    script.print_placement(pipeline, split)
+    rows = dict(re.findall(r"^  (\S+) +-> (.+)$", capsys.readouterr().out, flags=re.M))
+    assert rows["text_encoder_2.shared"] == rows["text_encoder_2.encoder.block.0-1"] == "cpu (runs on the CPU: slow)"
+    assert rows["transformer.single_transformer_blocks.0"] == "cpu (streamed to the device at every step: slow)"
+    assert rows["text_encoder"] == "cuda:0"
+
+
+def test_the_plan_says_a_component_wholly_on_the_cpu_runs_there(script, capsys):
+    plan = {"stages": [], "devices": {"0": 9 * GiB, "cpu": 9 * GiB}, "budgets": {"0": 12 * GiB, "cpu": 32 * GiB},
+            "reserved_per_device": 3 * GiB, "unplaced": 0, "fits": True, "hint": "", "staged": False,
+            "dtype": "bfloat16", "components": {},
+            "placement": {"transformer": "0", "text_encoder_2.shared": "cpu", "text_encoder_2.encoder.block": "cpu"},
+            "bytes": {"transformer": 9 * GiB, "text_encoder_2.shared": GiB, "text_encoder_2.encoder.block": 8 * GiB}}
+    script.print_plan(types.SimpleNamespace(planned=True, model="m", height=1024, width=1024), plan)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "NOTE" in line]
+    assert len(notes) == 1 and notes[0].startswith("  NOTE: text_encoder_2 wholly on the CPU: Accelerate runs it there")
+    assert "streamed" not in notes[0]
+
+
+# --- a GPU Accelerate cannot query: left out when it cannot be used at all (issue 15, item 8) ---
+
+
+def simulate_usable_devices(monkeypatch, kind, usable):
+    """torch.zeros(..., device=<kind>:i) works on the devices in `usable` and raises as CUDA does on a GPU that is
+    busy in exclusive-process mode on the others; on the CPU and the meta device, torch's own."""
+    zeros = torch.zeros
+
+    def fake_zeros(*args, device=None, **kwargs):
+        device = torch.device(device) if device is not None else None
+        if device is None or device.type not in (kind,):
+            return zeros(*args, device=device, **kwargs)
+        if device.index not in usable:
+            raise torch.AcceleratorError("CUDA error: CUDA-capable device(s) is/are busy or unavailable")
+        return zeros(*args, **kwargs)
+    monkeypatch.setattr(torch, "zeros", fake_zeros)
+
+
+def test_a_gpu_that_cannot_be_used_is_left_out_not_counted_as_free(monkeypatch, script, main):
+    """Two NVIDIA GPUs; the second busy in exclusive-process mode: Accelerate measures only the first."""
+    import accelerate.utils.modeling
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a: torch.device("cuda"))
+    monkeypatch.setattr(script, "get_max_memory", lambda: {0: 20 * GiB, "cpu": 64 * GiB})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=24 * GiB))
+    simulate_usable_devices(monkeypatch, "cuda", usable={0})
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    captured = main("--plan", "--json", "--model", FLUX1_DEV)
+    assert json.loads(captured.out)["budgets"] == {"0": 20 * GiB}
+    assert captured.err.strip().splitlines() == [
+        "note: cuda:1 cannot be used (CUDA error: CUDA-capable device(s) is/are busy or unavailable): leaving it out"]

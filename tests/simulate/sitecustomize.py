@@ -1,0 +1,42 @@
+"""Test-only simulations and probes, for every Python process started with this folder on PYTHONPATH (Python imports
+`sitecustomize` at start-up from the first folder on its path that has one). Each does nothing unless its
+environment variable is set:
+
+- FAKE_GPUS=N: torch believes this machine has N NVIDIA GPUs (tests/test_the_tests.py). They cannot compute: a test
+  that really uses a GPU is marked `gpu`, and the tests of the tests leave those out (-m "not gpu").
+- HANG_RANK=R: the process of rank R (the launcher's RANK) hangs when it saves its first image, as a process whose
+  GPU or file system stopped responding (tests/test_long_runs.py).
+- PROBE_GROUP_AT_EXIT=1: at exit, a process still in a process group says so on stderr.
+"""
+
+import os
+
+if os.environ.get("FAKE_GPUS"):
+    import torch
+
+    _count = int(os.environ["FAKE_GPUS"])
+    torch.accelerator.is_available = lambda: True
+    torch.accelerator.device_count = lambda: _count
+    torch.accelerator.current_accelerator = lambda check_available=False: torch.device("cuda")
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: _count
+    torch.cuda.is_bf16_supported = lambda including_emulation=True: True  # GPUs of today
+
+if os.environ.get("HANG_RANK") is not None and os.environ.get("RANK") == os.environ["HANG_RANK"]:
+    import time
+
+    from PIL import Image
+
+    Image.Image.save = lambda self, *args, **kwargs: time.sleep(3600)
+
+if os.environ.get("PROBE_GROUP_AT_EXIT"):
+    import atexit
+    import sys
+
+    def _probe():
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            print(f"probe: rank {os.environ.get('RANK')} exits still in its process group", file=sys.stderr,
+                  flush=True)
+
+    atexit.register(_probe)
