@@ -20,6 +20,8 @@ from diffusers import ContextParallelConfig, FluxPipeline, FluxTransformer2DMode
 from tests.conftest import (ROOT, accelerate_launch, accelerator, load_script, offline_env, pixels, python, run,
                             torchrun)
 
+pytestmark = pytest.mark.xdist_group("context_parallelism")  # shared module-scoped runs, made once
+
 CONTEXT_PARALLEL = ROOT / "context-parallelism-flux.py"
 FLUX1_DEV = ROOT / "tests" / "fixtures" / "flux1-dev"  # FLUX.1-dev's real config.json files, no weights
 FAST = ["--height", "64", "--width", "64", "--num-inference-steps", "2", "--seed", "7"]

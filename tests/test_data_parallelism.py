@@ -9,6 +9,8 @@ import pytest
 from tests.conftest import (DATA_PARALLEL, IMAGES, accelerate_launch, assert_clear_error, load_script, pixels, python,
                             read_manifest, run, run_main, torchrun)
 
+pytestmark = pytest.mark.xdist_group("data_parallelism")  # shared module-scoped runs, made once
+
 PROMPTS = ["a red fox", "a lighthouse/at night", "un chat noir, été", "a red fox", "the last prompt"]
 # CPU tests: on the CPU on purpose, alike on a machine with GPUs (tests/test_gpu_machines.py runs on those).
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64", "--device", "cpu"]

@@ -18,9 +18,12 @@ import torch
 from torch.distributed.constants import default_pg_nccl_timeout, default_pg_timeout
 
 from tests.conftest import (BIN, DATA_PARALLEL, ROOT, accelerator, assert_clear_error, free_port, load_script,
-                            offline_env, pixels, python, read_manifest, run, torchrun)
+                            offline_env, pixels, python, read_manifest, run, run_main, torchrun)
 
 SCRIPTS = [DATA_PARALLEL, ROOT / "model-parallelism-flux.py"]  # both have the "no silent CPU" check
+# ...and so has the context parallel script, whose checks are the data parallel script's own, word for word
+# (tests/test_context_parallelism.py): it is run where that is cheap, in this process.
+EVERY_SCRIPT = [*SCRIPTS, ROOT / "context-parallelism-flux.py"]
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
 NVIDIA_GPU, INTEL_GPU = ("0x10de", "0x030200"), ("0x8086", "0x030000")  # a 3D controller, a VGA controller
 INTEL_BRIDGES = [("0x8086", "0x060000"), ("0x8086", "0x060400"), ("0x8086", "0x0c0330")]  # host, PCI, USB
@@ -229,6 +232,12 @@ def model_and_output(script_path, request, tmp_path):
     return ["--model", request.getfixturevalue("tiny_sd3"), "--output-dir", tmp_path / "out"]
 
 
+def main_on(pci_devices, script_path, *args):
+    """run_on, for what ends before anything loads: the script's main() in this process (tests/conftest.py)."""
+    return run_main(script_path, *args, SYSFS_PCI_DEVICES=str(pci_devices), DEVICE_NODES=str(pci_devices.parent / "dev"),
+                    CUDA_VISIBLE_DEVICES=None, ZE_AFFINITY_MASK=None)
+
+
 def run_on(pci_devices, command, **env):
     """Run a command on a machine with these PCI devices, their drivers loaded (the fake /dev beside them), and no
     GPU hidden unless `env` hides some."""
@@ -240,13 +249,13 @@ def run_on(pci_devices, command, **env):
 
 
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
-@pytest.mark.parametrize("script_path", SCRIPTS, ids=lambda path: path.name)
+@pytest.mark.parametrize("script_path", EVERY_SCRIPT, ids=lambda path: path.name)
 @pytest.mark.parametrize("gpu, words", [(NVIDIA_GPU, ["NVIDIA GPU", "driver"]), (INTEL_GPU, ["Intel GPU", "XPU"])],
                          ids=["nvidia", "intel"])
 def test_a_gpu_that_torch_cannot_use_stops_the_script_before_it_loads_anything(
         script_path, gpu, words, request, tmp_path):
     args = model_and_output(script_path, request, tmp_path)
-    result = run_on(fake_sysfs(tmp_path, *INTEL_BRIDGES, gpu), python(script_path, *args, *FAST))
+    result = main_on(fake_sysfs(tmp_path, *INTEL_BRIDGES, gpu), script_path, *args, *FAST)
     assert_clear_error(result, *words, torch.__version__)
     assert not args[-1].exists()  # no output folder, no image: it stopped before loading the pipeline
 
@@ -262,7 +271,7 @@ def test_under_a_launcher_the_gpu_that_torch_cannot_use_is_said_once(tiny_sd3, t
 def test_the_readme_shows_what_the_script_says_without_the_xpu_build(tmp_path):
     readme = (ROOT / "README.md").read_text(encoding="utf-8").split("### Intel GPUs", 1)[1].split("\n### ", 1)[0]
     shown = re.search(r"```text\n\s*(error: .*)\n", readme).group(1)
-    result = run_on(fake_sysfs(tmp_path, *INTEL_BRIDGES, INTEL_GPU), python(DATA_PARALLEL))
+    result = main_on(fake_sysfs(tmp_path, *INTEL_BRIDGES, INTEL_GPU), DATA_PARALLEL)
     said = result.stderr.strip()
     # The same line, but for torch's version: the README's comes from our build machine.
     assert re.sub(r"this torch \([^)]*\)", "", said) == re.sub(r"this torch \([^)]*\)", "", shown)

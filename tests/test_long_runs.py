@@ -95,6 +95,7 @@ def three_images(tiny_sd3, tmp_path_factory):
     return out
 
 
+@pytest.mark.xdist_group("three_images")  # one run of the fixture for the three
 def test_a_lost_manifest_line_is_rebuilt_without_making_the_image_again(tiny_sd3, three_images, tmp_path):
     out = shutil.copytree(three_images, tmp_path / "out")
     lines = (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
@@ -109,6 +110,7 @@ def test_a_lost_manifest_line_is_rebuilt_without_making_the_image_again(tiny_sd3
     assert (out / lost["file"]).stat().st_mtime_ns == made_at
 
 
+@pytest.mark.xdist_group("three_images")  # one run of the fixture for the three
 def test_overwrite_makes_every_image_again(tiny_sd3, three_images, tmp_path):
     out = shutil.copytree(three_images, tmp_path / "out")
     before = {p.name: p.stat().st_mtime_ns for p in out.glob(IMAGES)}
@@ -117,6 +119,7 @@ def test_overwrite_makes_every_image_again(tiny_sd3, three_images, tmp_path):
     assert len(read_manifest(out)) == 3
 
 
+@pytest.mark.xdist_group("three_images")  # one run of the fixture for the three
 def test_a_run_with_other_settings_into_the_same_folder_is_refused(tiny_sd3, three_images, tmp_path):
     out = shutil.copytree(three_images, tmp_path / "out")
     before = {p.name: p.stat().st_mtime_ns for p in out.glob(IMAGES)}

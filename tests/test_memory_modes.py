@@ -18,7 +18,7 @@ from accelerate.utils import compute_module_sizes
 from diffusers import DiffusionPipeline
 
 from tests.conftest import (DATA_PARALLEL, ROOT, accelerator, assert_clear_error, load_script, pixels, python,
-                            read_manifest, run, torchrun)
+                            read_manifest, run, run_main, torchrun)
 
 SD35_MEDIUM = ROOT / "tests" / "fixtures" / "sd3.5-medium"  # the real model's config.json files, no weights
 GiB = 2**30
@@ -196,8 +196,9 @@ def test_a_mode_asked_for_is_used_even_where_another_would_be_chosen(script, off
 # --- Running, on the CPU ---
 
 def test_plan_prints_the_modes_and_sizes_without_a_process_group(tmp_path):
-    result = run(python(DATA_PARALLEL, "--plan", "--model", SD35_MEDIUM, "--device-memory", "12GiB", "--output-dir",
-                        tmp_path / "out"))
+    result = run_main(DATA_PARALLEL, "--plan", "--model", SD35_MEDIUM, "--device-memory", "12GiB", "--output-dir",
+                      tmp_path / "out")
+    assert result.returncode == 0 and not torch.distributed.is_initialized()
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"plan for {SD35_MEDIUM} in bfloat16, 1024x1024, batch 1, on a GPU with 12.00 GiB")
     assert any(line.split() == ["text_encoder_3", "8.87", "GiB"] for line in lines)
@@ -228,8 +229,8 @@ def test_no_t5_makes_images_without_t5_and_the_manifest_says_so(tiny_sd3, tmp_pa
 def test_images_made_without_t5_are_not_mixed_with_images_made_with_it(tiny_sd3, tmp_path):
     out = tmp_path / "out"
     run(python(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, "--prompt", PROMPTS[0], *FAST, "--no-t5"))
-    result = run(python(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, "--prompt", PROMPTS[0],
-                        "--prompt", PROMPTS[1], *FAST), check=False)
+    result = run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, "--prompt", PROMPTS[0],
+                      "--prompt", PROMPTS[1], *FAST)
     assert_clear_error(result, "was made with another t5", "--overwrite")
 
 
@@ -239,13 +240,13 @@ def test_images_made_without_t5_are_not_mixed_with_images_made_with_it(tiny_sd3,
     (["--plan", "--device-memory", "lots"], "--device-memory lots: write a size like 12GiB"),
 ])
 def test_bad_memory_options_get_one_clear_line(tiny_flux, args, message):
-    assert_clear_error(run(python(DATA_PARALLEL, "--model", tiny_flux, *args), check=False), message)
+    assert_clear_error(run_main(DATA_PARALLEL, "--model", tiny_flux, *args), message)
 
 
 def test_offload_without_a_gpu_says_it_needs_one(tiny_sd3):
     if torch.accelerator.is_available():
         pytest.skip("this machine has a GPU")
-    result = run(python(DATA_PARALLEL, "--model", tiny_sd3, "--offload", "model"), check=False)
+    result = run_main(DATA_PARALLEL, "--model", tiny_sd3, "--offload", "model")
     assert_clear_error(result, "--offload model needs a GPU")
 
 

@@ -21,7 +21,7 @@ from diffusers.models.model_loading_utils import _determine_device_map
 from diffusers.pipelines.pipeline_loading_utils import ALL_IMPORTABLE_CLASSES, _get_final_device_map, _load_empty_model
 from PIL import Image
 
-from tests.conftest import ROOT, accelerator, assert_clear_error, load_script, pixels, python, run
+from tests.conftest import ROOT, accelerator, assert_clear_error, load_script, pixels, python, run, run_main
 
 MODEL_PARALLEL = ROOT / "model-parallelism-flux.py"
 FLUX1_DEV = ROOT / "tests" / "fixtures" / "flux1-dev"  # FLUX.1-dev's real config.json files, no weights
@@ -112,12 +112,14 @@ def resident(tiny_flux, tmp_path_factory):
     return out, run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, *FAST, *CPU)).stdout
 
 
+@pytest.mark.xdist_group("resident")  # one run of the fixture for the three
 def test_tiny_flux_makes_an_image_on_the_cpu(resident):
     image, stdout = resident
     assert pixels(image).shape == (64, 64, 3)
     assert "made" in stdout and "s per step" in stdout and "peak memory: cpu" in stdout
 
 
+@pytest.mark.xdist_group("resident")  # one run of the fixture for the three
 def test_placement_of_every_component_is_printed(resident):
     _, stdout = resident
     assert sorted(name for name, _ in printed_placement(stdout)[0]) == ["text_encoder", "text_encoder_2",
@@ -130,6 +132,7 @@ def test_the_printed_placement_is_where_the_weights_are(main, recorded, tiny_flu
     assert_printout_names_where_the_weights_are(stdout, recorded[-1])
 
 
+@pytest.mark.xdist_group("resident")  # one run of the fixture for the three
 def test_staged_run_with_the_same_seed_gives_the_same_image(resident, tiny_flux, tmp_path):
     out = tmp_path / "staged.png"
     stdout = run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, "--staged", *FAST, *CPU)).stdout
@@ -155,8 +158,9 @@ def test_flux1_dev_is_balanced_within_10_percent_on_the_devices_alone(plan, num_
 
 @pytest.mark.parametrize("max_memory", ["0=23GiB,1=23.6GiB", "0=23.6GiB,1=23GiB"])
 def test_the_plan_command_of_the_issue_fits_balanced(max_memory):
-    result = run(python(MODEL_PARALLEL, "--plan", "--json", "--model", FLUX1_DEV, "--num-devices", "2",
-                        "--device-memory", "24GiB", "--max-memory", max_memory))
+    result = run_main(MODEL_PARALLEL, "--plan", "--json", "--model", FLUX1_DEV, "--num-devices", "2",
+                      "--device-memory", "24GiB", "--max-memory", max_memory)
+    assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     weights = list(plan["devices"].values())
     assert plan["fits"] and "cpu" not in plan["devices"] and max(weights) <= 1.10 * sum(weights) / len(weights)
@@ -418,15 +422,14 @@ def test_an_unknown_model_says_how_to_log_in_and_that_schnell_is_not_gated():
 
 
 def test_a_size_the_model_cannot_take_names_the_multiple(tiny_flux, tmp_path):
-    result = run(python(MODEL_PARALLEL, "--model", tiny_flux, "--height", "72", "--output", tmp_path / "x.png"),
-                 check=False)
+    result = run_main(MODEL_PARALLEL, "--model", tiny_flux, "--height", "72", "--output", tmp_path / "x.png")
     assert_clear_error(result, "--height 72", "multiple of 16")
     assert not (tmp_path / "x.png").exists()
 
 
 def test_max_memory_naming_a_device_that_is_not_there_is_a_clear_error():
-    result = run(python(MODEL_PARALLEL, "--plan", "--model", FLUX1_DEV, "--num-devices", "2", "--device-memory",
-                        "24GiB", "--max-memory", "2=10GiB"), check=False)
+    result = run_main(MODEL_PARALLEL, "--plan", "--model", FLUX1_DEV, "--num-devices", "2", "--device-memory",
+                      "24GiB", "--max-memory", "2=10GiB")
     assert_clear_error(result, "--max-memory names device 2")
 
 
@@ -517,13 +520,13 @@ def test_gpus_free_memory_is_read_and_the_flux1_dev_plan_fits_a_device_present(m
 
 
 def test_devices_with_no_room_beyond_the_activations_reserve_are_a_clear_error():
-    result = run(python(MODEL_PARALLEL, "--plan", "--model", FLUX1_DEV, "--num-devices", "2", "--device-memory",
-                        "2GiB"), check=False)
+    result = run_main(MODEL_PARALLEL, "--plan", "--model", FLUX1_DEV, "--num-devices", "2", "--device-memory",
+                      "2GiB")
     assert_clear_error(result, "no device has room for weights beyond the 3.00 GiB", "--max-memory")
 
 
 def test_an_output_that_is_a_folder_is_refused_before_anything_loads(tiny_flux, tmp_path):
-    result = run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", tmp_path, *FAST, *CPU), check=False)
+    result = run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", tmp_path, *FAST, *CPU)
     assert_clear_error(result, f"--output {tmp_path} is a folder")
 
 

@@ -31,6 +31,8 @@ import torch
 
 from tests.conftest import BIN, ROOT, free_port, offline_env, pixels
 
+pytestmark = pytest.mark.xdist_group("readme_programs")  # shared module-scoped runs, made once
+
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 MAX_LINES = 32  # "at most about 30 lines", the `# file:` line included
 TINY = {"stable-diffusion-3": "tiny_sd3", "flux": "tiny_flux"}  # a Hub id's family -> the tiny pipeline's fixture

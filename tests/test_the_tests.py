@@ -30,7 +30,8 @@ ON_ANY_MACHINE = [
 def pytest_on(gpus, *args):
     env = {**os.environ, "FAKE_GPUS": str(gpus), "PYTHONPATH": os.pathsep.join(
         [str(SIMULATE), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-n", "0", *args], cwd=ROOT,
+                          env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -56,7 +57,7 @@ def test_the_gpu_marker_selects_the_tests_written_for_a_gpu():
 
     def collected(marker):
         result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
-                                 "-m", marker], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                                 "-n", "0", "-m", marker], cwd=ROOT, capture_output=True, text=True, timeout=300)
         return {re.sub(r"\[.*", "", line.split("::")[-1]) for line in result.stdout.splitlines() if "::" in line}
     assert collected("gpu") == written
     assert not collected("not gpu") & written
