@@ -23,6 +23,7 @@ image, which is the image one process makes alone (to rounding).
 
 import argparse
 import contextlib
+import gc
 import importlib
 import inspect
 import json
@@ -142,7 +143,8 @@ def main():
     if distributed_state.is_main_process:
         save(image, args.output)
         report(args, plan, stats, image, seconds, step_times, t0)
-    end_process_group()  # and on every other way out: see the end of this file
+    # The process group is left at the end of this file, once main() has returned: the model (and the device mesh
+    # that enable_parallelism gave it, with process groups of its own) must be gone first.
 
 
 def parse_args():
@@ -235,8 +237,10 @@ def fail(message, code=2, every_process=False):
 def end_process_group():
     """Leave the process group, if this process is in one, on every way out (a failure's too): left to the
     interpreter's exit, gloo now and then aborts the process ("terminate called without an active exception") and
-    NCCL adds its own warning to the script's one line."""
+    NCCL adds its own warning to the script's one line. Garbage goes first: a process group that only garbage still
+    holds (a device mesh's, in a model already dropped) would otherwise be freed during the exit, with the same abort."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
