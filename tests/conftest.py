@@ -31,9 +31,10 @@ IMAGES = "[0-9]*-*.png"  # the data parallel script's images, 000-<prompt>.png .
 
 def accelerator(test):
     """A test that needs a GPU (Intel XPU or NVIDIA CUDA): marked `gpu` (`uv run pytest -m gpu` runs these alone),
-    and skipped, reported as skipped, where there is none."""
+    and skipped, reported as skipped, where there is none. The GPU tests run one at a time, on one pytest-xdist
+    worker: two at once would share the GPUs, and the timings some of them compare."""
     skip = pytest.mark.skipif(not torch.accelerator.is_available(), reason="needs a GPU (torch.accelerator)")
-    return pytest.mark.gpu(skip(test))
+    return pytest.mark.xdist_group("gpu")(pytest.mark.gpu(skip(test)))
 
 
 def offline_env(**extra):

@@ -20,7 +20,8 @@ from diffusers import ContextParallelConfig, FluxPipeline, FluxTransformer2DMode
 from tests.conftest import (ROOT, accelerate_launch, accelerator, load_script, offline_env, pixels, python, run,
                             torchrun)
 
-pytestmark = pytest.mark.xdist_group("context_parallelism")  # shared module-scoped runs, made once
+# The tests that share the module-scoped runs below go to one pytest-xdist worker, which makes each run once.
+SHARED_RUNS = pytest.mark.xdist_group("context_parallelism")
 
 CONTEXT_PARALLEL = ROOT / "context-parallelism-flux.py"
 FLUX1_DEV = ROOT / "tests" / "fixtures" / "flux1-dev"  # FLUX.1-dev's real config.json files, no weights
@@ -95,6 +96,7 @@ def diffusers_image(tiny_flux):
 # --- the tiny Flux, 2 CPU processes ---
 
 
+@SHARED_RUNS
 @pytest.mark.parametrize("launch", ["with_torchrun", "with_accelerate"])
 def test_two_processes_write_one_image_equal_to_one_process(launch, one_process, request):
     run_ = request.getfixturevalue(launch)
@@ -102,14 +104,17 @@ def test_two_processes_write_one_image_equal_to_one_process(launch, one_process,
     assert np.abs(pixels(run_.image) - pixels(one_process.image)).max() <= 1  # within 1/255
 
 
+@SHARED_RUNS
 def test_one_process_makes_the_image_diffusers_makes(one_process, diffusers_image):
     assert np.abs(pixels(one_process.image) - diffusers_image).max() <= 1
 
 
+@SHARED_RUNS
 def test_two_processes_make_the_image_diffusers_makes(with_torchrun, diffusers_image):
     assert np.abs(pixels(with_torchrun.image) - diffusers_image).max() <= 1
 
 
+@SHARED_RUNS
 def test_each_process_held_half_of_the_tokens_as_it_says(with_torchrun):
     # 64x64: 4 x 4 patches of 16 pixels = 16 image tokens; the prompt padded to 512 T5 tokens.
     seen = {p.name: json.loads(p.read_text()) for p in with_torchrun.probes.iterdir()}
@@ -118,12 +123,14 @@ def test_each_process_held_half_of_the_tokens_as_it_says(with_torchrun):
             "each in every attention") in with_torchrun.result.stdout
 
 
+@SHARED_RUNS
 def test_only_the_main_process_reports_with_every_process_peak_memory(with_torchrun):
     out = with_torchrun.result.stdout
     assert out.count("made ") == 1 and "s per step" in out and "since the start" in out
     assert "rank 0 on cpu" in out and "rank 1 on cpu" in out
 
 
+@SHARED_RUNS
 def test_one_process_is_the_baseline_and_says_how_to_launch_n(one_process):
     err = one_process.result.stderr
     assert "no parallelism (the baseline)" in err
@@ -296,6 +303,7 @@ def test_two_gpus_make_the_image_of_one_faster_per_step(tmp_path):
     assert times[2] < times[1]
 
 
+@SHARED_RUNS
 def test_staged_two_processes_free_the_text_encoders_and_make_the_same_image(tiny_flux, one_process, tmp_path):
     staged = launched(torchrun(2, CONTEXT_PARALLEL, "--model", tiny_flux, *FAST, "--staged", "--output",
                                tmp_path / "out" / "cat.png", "--device", "cpu"), tmp_path)
