@@ -253,8 +253,9 @@ def fail(message, code=2, every_process=False):
 def end_process_group():
     """Leave the process group, if this process is in one, on every way out (a failure's too): left to the
     interpreter's exit, gloo now and then aborts the process ("terminate called without an active exception") and
-    NCCL adds its own warning to the script's one line. Garbage goes first: a process group that only garbage still
-    holds (a device mesh's, in a model already dropped) would otherwise be freed during the exit, with the same abort."""
+    NCCL adds its own warning to the script's one line. Garbage goes first: a process group that only garbage
+    still holds (a device mesh's, in a model already dropped) would otherwise be freed during the exit, with the
+    same abort."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         gc.collect()
         torch.distributed.destroy_process_group()

@@ -234,8 +234,8 @@ def model_and_output(script_path, request, tmp_path):
 
 def main_on(pci_devices, script_path, *args):
     """run_on, for what ends before anything loads: the script's main() in this process (tests/conftest.py)."""
-    return run_main(script_path, *args, SYSFS_PCI_DEVICES=str(pci_devices), DEVICE_NODES=str(pci_devices.parent / "dev"),
-                    CUDA_VISIBLE_DEVICES=None, ZE_AFFINITY_MASK=None)
+    return run_main(script_path, *args, SYSFS_PCI_DEVICES=str(pci_devices),
+                    DEVICE_NODES=str(pci_devices.parent / "dev"), CUDA_VISIBLE_DEVICES=None, ZE_AFFINITY_MASK=None)
 
 
 def run_on(pci_devices, command, **env):
