@@ -276,7 +276,7 @@ def wait_for_the_others(args, distributed_state, shares):
             return
         if len(made) != last:
             last, since = len(made), time.monotonic()
-        slowest = max((records[i].get("seconds") or 0 for i in made if i in records), default=0)
+        slowest = max((records[i].get("seconds") or 0 for i in made), default=0)
         if time.monotonic() - since > max(args.stall_timeout, 10 * slowest):
             silent = sorted({owner[i] for i in owner if i not in made})
             if distributed_state.process_index == min(set(range(distributed_state.num_processes)) - set(silent)):

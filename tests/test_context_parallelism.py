@@ -13,12 +13,13 @@ import textwrap
 from types import SimpleNamespace
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from diffusers import ContextParallelConfig, FluxPipeline, FluxTransformer2DModel
 
-from tests.conftest import (ROOT, accelerate_launch, accelerator, load_script, offline_env, pixels, python, run,
-                            torchrun)
+from tests.conftest import (ROOT, accelerate_launch, accelerator, assert_clear_error, load_script, offline_env, pixels,
+                            python, run, run_main, torchrun)
 
 # The tests that share the module-scoped runs below go to one pytest-xdist worker, which makes each run once.
 SHARED_RUNS = pytest.mark.xdist_group("context_parallelism")
@@ -147,22 +148,15 @@ def script():
 
 
 @pytest.fixture
-def refused(script, monkeypatch, capsys, tmp_path):
-    """Run the script's command line here as one of `processes` launched processes; return its one error line."""
+def refused(tmp_path):
+    """Run the script's command line in this process (run_main) as one of `processes` launched processes: one error
+    line, a non-zero exit, no image; return the line."""
     def refused(processes, *argv):
-        monkeypatch.setenv("WORLD_SIZE", str(processes))
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
-        monkeypatch.setenv("SYSFS_PCI_DEVICES", os.devnull)
-        monkeypatch.delenv("LOCAL_RANK", raising=False)
-        monkeypatch.setattr("sys.argv", ["context-parallelism-flux.py", *map(str, argv), "--device", "cpu",
-                                         "--output", str(tmp_path / "x.png")])
-        with pytest.raises(SystemExit) as exit_:
-            script.main()
-        err = capsys.readouterr().err
-        assert exit_.value.code not in (0, None) and not (tmp_path / "x.png").exists()
-        lines = err.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), err
-        return lines[0]
+        result = run_main(CONTEXT_PARALLEL, *argv, "--device", "cpu", "--output", tmp_path / "x.png",
+                          WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes), LOCAL_RANK=None)
+        assert_clear_error(result)
+        assert not (tmp_path / "x.png").exists()
+        return result.stderr.strip()
     return refused
 
 
@@ -194,8 +188,8 @@ def test_degrees_that_do_not_multiply_to_the_processes_are_refused(refused, tiny
     assert "must be the number of processes, 2" in refused(2, "--model", tiny_flux, *FAST, "--ulysses-degree", "4")
 
 
-def test_too_little_ram_for_every_process_copy_is_refused(refused, tiny_flux, script, monkeypatch):
-    monkeypatch.setattr(script.psutil, "virtual_memory", lambda: SimpleNamespace(available=2**20))
+def test_too_little_ram_for_every_process_copy_is_refused(refused, tiny_flux, monkeypatch):
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2**20))
     line = refused(2, "--model", tiny_flux, *FAST)
     assert "2 process(es) on the CPU need" in line and "1.0 MiB is free" in line and "run fewer processes" in line
 
