@@ -149,7 +149,7 @@ def main():
                     # 4. Save: each process writes its own images, and their manifest lines, as they are made.
                     save(args.output_dir, names[i], image,
                          {"index": i, "prompt": prompt, "seed": args.seed + i, "seconds": seconds, **settings})
-                made += len(batch)
+                    made += 1  # saved whole, with its manifest line
             generate_seconds = time.perf_counter() - generate_started
 
     # 5. Wait for the others while they make images, but not for one that has stopped: no image saved anywhere for
@@ -164,7 +164,7 @@ def main():
             write_manifest(manifest, read_manifest(manifest))  # every process appended its lines: sort them
             sheet = write_contact_sheet(args.output_dir, names)  # the run's images at a glance
             # Wall time since this process started, imports and loading included: what the user waited for.
-            report(args, stats, len(todo), len(prompts), time.time() - psutil.Process().create_time(), sheet)
+            report(args, stats, len(prompts) - len(todo), time.time() - psutil.Process().create_time(), sheet)
         except OSError as e:
             cannot_write(args.output_dir, e)
     end_process_group()  # and on every other way out: see the end of this file
@@ -917,9 +917,10 @@ def write_contact_sheet(folder, names):
     return folder / CONTACT_SHEET
 
 
-def report(args, stats, made, total, wall_seconds, sheet):
+def report(args, stats, already, wall_seconds, sheet):
+    made = sum(s["images"] for s in stats)  # the images saved whole in this run, as each process counted them
     generate_seconds = max(s["generate_seconds"] for s in stats)
-    print(f"\nmade {made} images ({total - made} already there) with {len(stats)} process(es) "
+    print(f"\nmade {made} images ({already} already there) with {len(stats)} process(es) "
           f"in {wall_seconds:.1f} s: {made / wall_seconds:.2f} images/s overall, "
           f"{made / generate_seconds if generate_seconds else 0:.2f} images/s while generating")
     for s in stats:

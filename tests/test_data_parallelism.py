@@ -1,10 +1,16 @@
 """data-parallelism-accelerate.py, run as users run it: plain Python, torchrun, accelerate launch."""
 
 import json
+import os
 import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+from diffusers import DiffusionPipeline
 
 from tests.conftest import (DATA_PARALLEL, IMAGES, accelerate_launch, assert_clear_error, load_script, pixels, python,
                             read_manifest, run, run_main, torchrun)
@@ -51,6 +57,34 @@ def assert_same_images(out, reference):
         assert difference <= TOLERANCE, f"{r['file']} differs by {difference}"
 
 
+@pytest.fixture(scope="module")
+def diffusers_image(tiny_sd3):
+    """The independent oracle: the image diffusers makes, called directly, for a prompt and a seed, with the
+    settings of FAST on the CPU in float32 (the script's dtype there) and the pipeline's own guidance."""
+    pipeline = DiffusionPipeline.from_pretrained(tiny_sd3, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    made = {}
+
+    def image(prompt, seed):
+        if (prompt, seed) not in made:
+            made[prompt, seed] = np.asarray(pipeline(
+                prompt, num_inference_steps=2, height=64, width=64,
+                generator=torch.Generator("cpu").manual_seed(seed)).images[0].convert("RGB"), dtype=np.int16)
+        return made[prompt, seed]
+    return image
+
+
+def assert_made_by_diffusers(out, diffusers_image, seed=0):
+    """Every image of the run is the one diffusers makes for its prompt with seed SEED + its index, and the
+    manifest says so."""
+    manifest = read_manifest(out)
+    assert manifest
+    for r in manifest:
+        assert r["seed"] == seed + r["index"]
+        difference = np.abs(pixels(out / r["file"]) - diffusers_image(r["prompt"], seed + r["index"])).max()
+        assert difference <= TOLERANCE, f"{r['file']} differs from diffusers' image by {difference}"
+
+
 def write_prompts_file(folder, lines):
     path = folder / "prompts.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -66,8 +100,9 @@ def one_process(tiny_sd3, tmp_path_factory):
     return generate(python, folder, tiny_sd3, PROMPTS[:1], "--prompts-file", prompts_file)
 
 
-def test_one_process_makes_one_image_per_prompt_with_a_manifest(one_process):
+def test_one_process_makes_one_image_per_prompt_with_a_manifest(one_process, diffusers_image):
     manifest = assert_one_image_per_prompt(one_process, PROMPTS)
+    assert_made_by_diffusers(one_process, diffusers_image)
     assert {r["rank"] for r in manifest} == {0}
     assert all(r["num_inference_steps"] == 2 and r["device"] == "cpu" and r["seconds"] > 0 for r in manifest)
     summary = json.loads((one_process / "summary.json").read_text())
@@ -76,32 +111,50 @@ def test_one_process_makes_one_image_per_prompt_with_a_manifest(one_process):
 
 def test_duplicate_prompts_make_two_different_images(one_process):
     first, second = (one_process / r["file"] for r in read_manifest(one_process) if r["prompt"] == "a red fox")
-    assert first != second
     assert np.abs(pixels(first) - pixels(second)).max() > 10 * TOLERANCE  # seeds 0 and 3: different noise
 
 
 @pytest.mark.parametrize("launcher", [torchrun, accelerate_launch])
-def test_two_cpu_processes_split_uneven_prompts_and_match_one_process(launcher, tiny_sd3, one_process, tmp_path):
+def test_two_cpu_processes_split_uneven_prompts_and_match_one_process(launcher, tiny_sd3, one_process, tmp_path,
+                                                                      diffusers_image):
     out = generate(launcher, tmp_path, tiny_sd3)
     manifest = assert_one_image_per_prompt(out, PROMPTS)
     # 5 prompts on 2 processes: rank 0 takes prompts 0-2, rank 1 prompts 3-4.
     assert [r["rank"] for r in manifest] == [0, 0, 0, 1, 1]
     assert_same_images(out, one_process)
+    assert_made_by_diffusers(out, diffusers_image)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["images"], [s["images"] for s in summary["ranks"]]) == (5, [3, 2])
 
 
-def test_more_processes_than_prompts_makes_each_image_once(tiny_sd3, one_process, tmp_path):
+def test_more_processes_than_prompts_makes_each_image_once(tiny_sd3, one_process, tmp_path, diffusers_image):
     out = generate(torchrun, tmp_path, tiny_sd3, PROMPTS[:2], n=3)
     manifest = assert_one_image_per_prompt(out, PROMPTS[:2])
     assert [r["rank"] for r in manifest] == [0, 1]
     summary = json.loads((out / "summary.json").read_text())
     assert [s["images"] for s in summary["ranks"]] == [1, 1, 0]  # rank 2 had nothing to do, and did nothing
     assert_same_images(out, one_process)
+    assert_made_by_diffusers(out, diffusers_image)
 
 
-def test_batches_give_the_same_images_as_one_prompt_at_a_time(tiny_sd3, one_process, tmp_path):
+def test_batches_give_the_same_images_as_one_prompt_at_a_time(tiny_sd3, one_process, tmp_path, diffusers_image):
     out = generate(python, tmp_path, tiny_sd3, PROMPTS, "--batch-size", "2")
     assert_one_image_per_prompt(out, PROMPTS)
     assert_same_images(out, one_process)
+    assert_made_by_diffusers(out, diffusers_image)
+
+
+def test_another_seed_makes_other_images_the_ones_diffusers_makes_with_it(tiny_sd3, one_process, tmp_path,
+                                                                         diffusers_image):
+    """--seed 11: prompt i is seeded with 11 + i, the manifest says so, and the images change."""
+    out = tmp_path / "out"
+    result = run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, *prompt_args(PROMPTS[:2]), *FAST,
+                      "--seed", "11")
+    assert result.returncode == 0, result.stderr
+    assert_made_by_diffusers(out, diffusers_image, seed=11)
+    seed_0 = {r["prompt"]: r["file"] for r in read_manifest(one_process)}
+    for r in read_manifest(out):
+        assert np.abs(pixels(out / r["file"]) - pixels(one_process / seed_0[r["prompt"]])).max() > 10 * TOLERANCE
 
 
 def test_flux_pipeline_works_too(tiny_flux, tmp_path):
@@ -110,7 +163,7 @@ def test_flux_pipeline_works_too(tiny_flux, tmp_path):
     assert {r["rank"] for r in manifest} == {0, 1}
 
 
-def test_a_second_run_makes_only_the_missing_images(tiny_sd3, one_process, tmp_path):
+def test_a_second_run_makes_only_the_missing_images(tiny_sd3, one_process, tmp_path, diffusers_image):
     out = shutil.copytree(one_process, tmp_path / "out")
     made = {p.name: p.stat().st_mtime_ns for p in out.glob(IMAGES)}
     removed = read_manifest(out)[1]["file"]
@@ -121,6 +174,8 @@ def test_a_second_run_makes_only_the_missing_images(tiny_sd3, one_process, tmp_p
     assert all(p.stat().st_mtime_ns == made[p.name] for p in out.glob(IMAGES) if p.name != removed)
     assert_one_image_per_prompt(out, PROMPTS)
     assert_same_images(out, one_process)
+    assert_made_by_diffusers(out, diffusers_image)
+    assert json.loads((out / "summary.json").read_text())["images"] == 1  # made in this run; 4 were already there
 
 
 # --- bad input: one line saying what to do, a non-zero exit, no traceback ---
@@ -166,6 +221,48 @@ def test_a_size_the_model_cannot_take_names_the_multiple(tiny_sd3, tmp_path):
 def test_a_launcher_flag_after_the_script_shows_the_right_order(tmp_path):
     result = bad_run(tmp_path, "--num-processes=2")
     assert_clear_error(result, "accelerate launch --num_processes=2 data-parallelism-accelerate.py")
+
+
+@pytest.mark.parametrize("flag", ["--num-inference-steps", "--height", "--width", "--batch-size", "--stall-timeout"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_a_count_or_size_below_one_is_refused(tmp_path, flag, value):
+    assert_clear_error(bad_run(tmp_path, flag, value), f"{flag} must be a positive number, not {value}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_named(tiny_sd3, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    result = run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", tmp_path / "a-file" / "out", *FAST)
+    assert_clear_error(result, f"--output-dir {tmp_path / 'a-file' / 'out'}: cannot create it")
+
+
+def test_an_output_folder_that_is_not_writable_is_refused_before_anything_is_made(tiny_sd3, tmp_path, monkeypatch):
+    out, access = tmp_path / "out", os.access
+    out.mkdir()
+    # As root (CI, containers) a folder's mode does not stop a write: the script's own question is answered no.
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != out and access(path, mode))
+    result = run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, *FAST)
+    assert_clear_error(result, f"--output-dir {out} is not writable")
+    assert not list(out.iterdir())
+
+
+def test_processes_that_formed_no_group_stop_instead_of_each_making_every_image(tiny_sd3, tmp_path, monkeypatch,
+                                                                                capsys):
+    """2 processes started by a launcher, each alone (a torch without the backend, or PartialState() without
+    cpu=True on the CPU): each would make every image. main() stops first, in one line."""
+    script = load_script(DATA_PARALLEL)
+    for name, value in {"WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2, "RANK": 0, "LOCAL_RANK": 0}.items():
+        monkeypatch.setenv(name, str(value))
+    alone = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True, device=torch.device("cpu"))
+    monkeypatch.setattr(script, "PartialState", lambda **kwargs: alone)  # what such a process's state says
+    monkeypatch.setattr(sys, "argv", [DATA_PARALLEL.name, "--model", str(tiny_sd3), "--output-dir",
+                                      str(tmp_path / "out"), *FAST])
+    with pytest.raises(SystemExit) as exit:
+        script.main()
+    assert exit.value.code != 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the launcher started 2 processes but they formed no group")
+    assert not (tmp_path / "out").exists()
 
 
 def test_under_a_launcher_a_bad_input_ends_every_process_and_is_said_once(tmp_path):

@@ -215,9 +215,10 @@ def test_a_hidden_nvidia_gpu_beside_an_intel_one_gets_the_intel_message(script, 
 def test_a_cpu_only_container_on_a_gpu_server_makes_the_images(script_path, request, tmp_path):
     args = model_and_output(script_path, request, tmp_path)
     pci = fake_sysfs(tmp_path, *INTEL_BRIDGES, NVIDIA_GPU, NVIDIA_GPU)
-    result = run_on(pci, python(script_path, *args, *FAST), DEVICE_NODES=str(tmp_path / "no-dev"))
+    result = run_main(script_path, *args, *FAST, SYSFS_PCI_DEVICES=str(pci), DEVICE_NODES=str(tmp_path / "no-dev"),
+                      CUDA_VISIBLE_DEVICES=None, ZE_AFFINITY_MASK=None)
     assert result.returncode == 0, result.stderr
-    assert args[-1].exists()
+    assert_the_images_are_made(script_path, args)
     assert [line for line in result.stderr.splitlines() if line.startswith(("note:", "error:"))] == [
         f"note: this machine has NVIDIA GPUs but no {tmp_path / 'no-dev' / 'nvidia[0-9]*'} device node to reach them "
         "(a container given none, or no driver loaded): running on the CPU"]
@@ -230,6 +231,17 @@ def model_and_output(script_path, request, tmp_path):
     if "flux" in script_path.name:
         return ["--model", request.getfixturevalue("tiny_flux"), "--output", tmp_path / "out.png"]
     return ["--model", request.getfixturevalue("tiny_sd3"), "--output-dir", tmp_path / "out"]
+
+
+def assert_the_images_are_made(script_path, args):
+    """What the run was for, on disk: each image of the manifest (which the summary counts), or the one image."""
+    if script_path == DATA_PARALLEL:
+        out = args[-1]
+        manifest = read_manifest(out)
+        assert manifest and all(pixels(out / r["file"]).shape == (64, 64, 3) for r in manifest)
+        assert json.loads((out / "summary.json").read_text())["images"] == len(manifest)
+    else:
+        assert pixels(args[-1]).shape == (64, 64, 3)
 
 
 def main_on(pci_devices, script_path, *args):
@@ -281,17 +293,17 @@ def test_the_readme_shows_what_the_script_says_without_the_xpu_build(tmp_path):
 @pytest.mark.parametrize("script_path", SCRIPTS, ids=lambda path: path.name)
 def test_device_cpu_makes_the_images_on_a_machine_whose_gpu_torch_cannot_use(script_path, request, tmp_path):
     args = model_and_output(script_path, request, tmp_path)
-    result = run_on(fake_sysfs(tmp_path, NVIDIA_GPU), python(script_path, *args, *FAST, "--device", "cpu"))
+    result = main_on(fake_sysfs(tmp_path, NVIDIA_GPU), script_path, *args, *FAST, "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert args[-1].exists()
+    assert_the_images_are_made(script_path, args)
 
 
 @pytest.mark.parametrize("script_path", SCRIPTS, ids=lambda path: path.name)
 def test_intel_bridges_alone_let_the_script_run_as_before(script_path, request, tmp_path):
     args = model_and_output(script_path, request, tmp_path)
-    result = run_on(fake_sysfs(tmp_path, *INTEL_BRIDGES, *OTHERS), python(script_path, *args, *FAST))
+    result = main_on(fake_sysfs(tmp_path, *INTEL_BRIDGES, *OTHERS), script_path, *args, *FAST)
     assert result.returncode == 0, result.stderr
-    assert args[-1].exists()
+    assert_the_images_are_made(script_path, args)
 
 
 # --- launch mistakes, by simulation: torch's view of the accelerators and the launcher's environment ---
@@ -537,7 +549,7 @@ def test_the_data_parallel_report_names_allocated_and_reserved_peaks(data_parall
     stats = [{"rank": 1, "device": "xpu:1", "images": 2, "generate_seconds": 4.0,
               **data_parallel.peak_memory(torch.device("xpu", 1))}]
     assert stats[0]["peak_device_allocated_gib"] == 3.0 and stats[0]["peak_device_reserved_gib"] == 5.0
-    data_parallel.report(argparse.Namespace(output_dir=tmp_path), stats, 2, 2, 10.0, None)
+    data_parallel.report(argparse.Namespace(output_dir=tmp_path), stats, 0, 10.0, None)
     line = next(line for line in capsys.readouterr().out.splitlines() if "rank 1" in line)
     assert line.endswith("peak device memory 3.00 GiB allocated, 5.00 GiB reserved")
     assert json.loads((tmp_path / "summary.json").read_text())["ranks"][0]["peak_device_reserved_gib"] == 5.0

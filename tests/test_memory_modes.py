@@ -4,6 +4,7 @@ The plan is checked on SD3.5-medium's real component configs (tests/fixtures/sd3
 offload itself on the tiny SD3 pipeline, on a GPU where there is one, and by simulation where there is none.
 """
 
+import contextlib
 import importlib
 import json
 import warnings
@@ -16,6 +17,7 @@ import transformers
 from accelerate import init_empty_weights
 from accelerate.utils import compute_module_sizes
 from diffusers import DiffusionPipeline
+from diffusers.pipelines import pipeline_utils
 
 from tests.conftest import (DATA_PARALLEL, ROOT, accelerator, assert_clear_error, load_script, pixels, python,
                             read_manifest, run, run_main, torchrun)
@@ -61,15 +63,29 @@ def test_sd35_medium_plan_picks_the_fastest_mode_that_fits(script, monkeypatch, 
         assert needs["whole"] <= gib * GiB
     else:
         assert needs["model"] <= gib * GiB < needs["whole"]
-        assert needs["model"] >= result["largest_component"]  # the largest component is on the GPU while it runs
     assert result["ram_available"] is None  # a card this machine does not have: its RAM is not this machine's
 
 
-def test_sd35_medium_on_a_4_gib_card_streams_layers_or_does_not_fit(script, monkeypatch, capsys):
+def test_sd35_medium_on_a_4_gib_card_streams_layers(script, monkeypatch, capsys):
     result = plan(script, monkeypatch, capsys, "--model", SD35_MEDIUM, "--device-memory", "4GiB")
-    assert result["needs"]["model"] > 4 * GiB  # even T5 alone does not fit
-    assert (result["mode"], result["fits"]) in {("sequential", True), ("sequential", False)}
-    assert result["fits"] == (result["needs"]["sequential"] <= 4 * GiB)
+    assert (result["mode"], result["fits"]) == ("sequential", True)
+    # T5-XXL alone (4.76 B parameters, 8.9 GiB) does not fit; its largest layer, the 32128 x 4096 token embedding
+    # (0.25 GiB), does, with the 3 GiB kept for the activations of a 1024x1024 image.
+    assert result["needs"]["sequential"] < 4 * GiB < result["needs"]["model"]
+    assert result["needs"]["sequential"] >= 32128 * 4096 * 2 + result["reserved_for_activations"]
+
+
+def test_a_card_that_cannot_hold_even_one_layer_with_the_activations_is_a_clear_error(script, monkeypatch, capsys,
+                                                                                      tiny_sd3):
+    monkeypatch.setattr("sys.argv", [DATA_PARALLEL.name, "--model", str(tiny_sd3)])
+    args = script.parse_args()
+    monkeypatch.setattr(script, "free_memory", lambda device: 2 * GiB)  # less than 3 GiB of activations
+    with pytest.raises(SystemExit) as exit:
+        script.memory_mode(args, torch.device("cuda", 1), {**SD35, "ram": 64 * GiB, "processes": 2}, True)
+    assert exit.value.code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tiny_sd3} does not fit on cuda:1 even layer by layer: "
+                                               "that needs 3.75 GiB free, it has 2.00 GiB")
 
 
 def test_sd35_medium_weighs_what_was_published(script, monkeypatch, capsys):
@@ -250,24 +266,64 @@ def test_offload_without_a_gpu_says_it_needs_one(tiny_sd3):
     assert_clear_error(result, "--offload model needs a GPU")
 
 
-def test_model_offload_goes_to_this_processs_own_device_not_device_0(script, monkeypatch, capsys, tiny_sd3):
-    """Simulated: rank 1's device is cuda:1 with 12 GiB free, for a pipeline the size of SD3.5-medium. Model offload
-    hooks every component to cuda:1 (nothing touches the device until the pipeline runs, so no GPU is needed)."""
-    monkeypatch.setattr("sys.argv", [DATA_PARALLEL.name, "--model", str(tiny_sd3)])
-    args = script.parse_args()
+class Stop(Exception):
+    """Raised by a spy to end main() where the test has seen what it came for."""
+
+
+class RankOfTwo:
+    """Accelerate's PartialState as rank `rank` of 2 processes sees it, one GPU each (cuda:<rank>)."""
+
+    def __init__(self, rank):
+        self.device, self.process_index, self.num_processes = torch.device("cuda", rank), rank, 2
+        self.is_main_process = rank == 0
+
+    @contextlib.contextmanager
+    def split_between_processes(self, items):
+        yield items  # this rank's share: here, every prompt
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_model_offload_goes_to_this_processs_own_device_not_device_0(script, monkeypatch, capsys, tiny_sd3, tmp_path,
+                                                                     rank):
+    """main() as rank 0 and as rank 1 of two, each on a simulated 12 GiB GPU of its own, for a pipeline the size of
+    SD3.5-medium: model offload it must be, and the offload call main() makes hooks every component to this
+    process's own GPU. A spy on diffusers' enable_model_cpu_offload lets the call happen, records where the hooks
+    put each component, and stops main() there (nothing touches a GPU before the pipeline runs, so none is needed)."""
+    for name, value in {"WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2, "RANK": rank, "LOCAL_RANK": rank}.items():
+        monkeypatch.setenv(name, str(value))  # as the launcher sets them
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(pipeline_utils, "get_device", lambda: "cuda")  # diffusers' own look at the machine
+    monkeypatch.setattr(script, "check_torch_can_use_the_gpus", lambda device: None)  # tests/test_gpu_machines.py
+    monkeypatch.setattr(script, "check_launch", lambda args: None)
+    monkeypatch.setattr(script, "PartialState", lambda **kwargs: RankOfTwo(rank))
+    # What the main process sends every rank: the images to make, (index, prompt); it is sent to itself as is.
+    monkeypatch.setattr(script, "broadcast_object_list", lambda objects: [[(0, "a red fox")]] if rank else objects)
+    monkeypatch.setattr(script, "gather_object", lambda objects: objects)
     monkeypatch.setattr(script, "free_memory", lambda device: 12 * GiB)
-    device = torch.device("cuda", 1)
-    mode = script.memory_mode(args, device, {**SD35, "ram": 64 * GiB, "processes": 2}, announce=True)
-    pipeline = script.load_pipeline(args)
-    assert mode == "model" and script.memory_record(pipeline, mode) == {"memory": "model", "t5": True}
-    pipeline.enable_model_cpu_offload(device=device)  # what main() does in this mode
-    hooked = {name: module._hf_hook.execution_device for name, module in pipeline.components.items()
-              if isinstance(module, torch.nn.Module)}
-    assert set(hooked) == {"transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"}
-    assert set(map(torch.device, hooked.values())) == {device}
-    assert pipeline._execution_device == device
-    line = capsys.readouterr().out.strip()
-    assert line.startswith("memory: model CPU offload on cuda:1") and "--offload none turns it off" in line
+    weigh = script.weigh_pipeline
+    monkeypatch.setattr(script, "weigh_pipeline", lambda args: {**weigh(args), **SD35, "ram": 64 * GiB})
+    hooked = {}
+    offload = DiffusionPipeline.enable_model_cpu_offload
+
+    def spy(pipeline, *args, **kwargs):
+        offload(pipeline, *args, **kwargs)
+        hooked.update({name: torch.device(module._hf_hook.execution_device) for name, module in
+                       pipeline.components.items() if isinstance(module, torch.nn.Module)})
+        hooked["pipeline"] = pipeline._execution_device
+        raise Stop
+
+    monkeypatch.setattr(DiffusionPipeline, "enable_model_cpu_offload", spy)
+    monkeypatch.setattr("sys.argv", [DATA_PARALLEL.name, "--model", str(tiny_sd3), "--output-dir", str(tmp_path),
+                                     "--prompt", "a red fox", "--dtype", "float32"])
+    with pytest.raises(Stop):
+        script.main()
+    assert set(hooked) == {"transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae", "pipeline"}
+    assert set(hooked.values()) == {torch.device("cuda", rank)}
+    out = capsys.readouterr().out.strip()
+    if rank == 0:  # the main process says it, once for all
+        assert out.startswith("memory: model CPU offload on cuda:0") and "--offload none turns it off" in out
+    else:
+        assert "memory:" not in out
 
 
 def test_too_little_ram_for_every_process_to_offload_is_a_clear_error(tiny_sd3, script, monkeypatch, capsys):
