@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, IMAGES, ROOT, free_port, load_script, offline_env, run
+from tests.conftest import BIN, IMAGES, ROOT, free_port, load_script, offline_env, read_manifest, run, run_main
 from tests.test_readme_programs import launch_commands, readme_programs
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -143,7 +143,19 @@ SINGLE = [argv for argv in readme_commands() if argv[2] != "pytest" and "--machi
 @pytest.mark.parametrize("argv", SINGLE, ids=[" ".join(argv[2:5]) for argv in SINGLE])
 def test_every_readme_command_runs(argv, tiny_sd3, tiny_flux, tmp_path):
     command = as_test(argv, {"sd3": tiny_sd3, "flux": tiny_flux}, tmp_path, free_port())
-    run(command, timeout=600)
+    if command[0] != sys.executable or "--plan" not in command:
+        run(command, timeout=600)
+        return
+    # A plan loads nothing and starts no process: its main() in this process prints what the command prints. It
+    # exits 0 whether the plan fits or not: the verdict is what tells. It must fit, but where the README shows
+    # the command's printout (test_each_plan_the_readme_shows_is_what_the_command_prints), as shown there.
+    result = run_main(*command[1:])
+    assert result.returncode == 0, result.stderr
+    shown = {" ".join(shown_argv): printed for shown_argv, printed in captures()}
+    expected = next(("\n".join(printed) for line, printed in shown.items() if line.startswith(" ".join(argv))),
+                    "fits: yes")
+    verdict = "fits: yes" if '"fits": true' in result.stdout else re.findall(r"fits: (?:yes|NO)", result.stdout)[-1]
+    assert verdict == re.findall(r"fits: (?:yes|NO)", expected)[-1], result.stdout
 
 
 def test_the_several_machines_example_runs_on_loopback(tiny_sd3, tiny_flux, tmp_path):
@@ -156,5 +168,38 @@ def test_the_several_machines_example_runs_on_loopback(tiny_sd3, tiny_flux, tmp_
     outputs = [job.communicate(timeout=300)[0] for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], outputs
     prompts = [line for line in (ROOT / "prompts.txt").read_text().splitlines() if line.strip()]
-    assert f"made {len(prompts)} images" in outputs[0]
+    assert f"made {len(prompts)} images (0 already there) with 4 process(es)" in outputs[0]
     assert len(list((tmp_path / "out").glob(IMAGES))) == len(prompts)
+    # Each prompt made once, in its order, by the rank whose contiguous share it is: ranks 0-1 on machine 0, 2-3 on
+    # machine 1, the first ranks taking one more where the prompts do not divide evenly.
+    manifest = read_manifest(tmp_path / "out")
+    assert [r["prompt"] for r in manifest] == prompts
+    share, extra = divmod(len(prompts), 4)
+    assert [r["rank"] for r in manifest] == [rank for rank in range(4) for _ in range(share + (rank < extra))]
+
+
+def captures(text=README):
+    """The README's captures of a plan: a ```text block whose first line is `$ uv run SCRIPT --plan ...`, and the
+    lines printed under it."""
+    blocks = re.findall(r"```text\n\$ (uv run [^\n]*--plan[^\n]*)\n(.*?)```", text, flags=re.DOTALL)
+    return [(shlex.split(command), printed.rstrip("\n").splitlines()) for command, printed in blocks]
+
+
+@pytest.mark.parametrize("argv, shown", captures(), ids=[" ".join(argv[2:4]) for argv, _ in captures()])
+def test_each_plan_the_readme_shows_is_what_the_command_prints(argv, shown):
+    """A plan in the README is the command's printout, line for line, its verdict ("fits: yes" or "fits: NO")
+    included: a plan command exits 0 either way, so its exit code alone would not show a README gone stale. Where
+    the README leaves out --model (the Hub id, which is not reachable here), the same configs come from
+    tests/fixtures."""
+    script, args = argv[2], argv[3:]
+    hub_id = None
+    if "--model" not in args:
+        hub_id = load_script(ROOT / script).DEFAULT_MODEL
+        args += ["--model", str(FLUX_DEV_CONFIGS if "flux" in script else SD35_MEDIUM_CONFIGS)]
+    model = args[args.index("--model") + 1]
+    args[args.index("--model") + 1] = str(ROOT / model)  # as from the repository root, wherever pytest runs
+    result = run_main(ROOT / script, *args)
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.replace(str(ROOT / model), hub_id or model).rstrip("\n").splitlines()
+    assert printed == shown
+    assert re.search(r"fits: (yes|NO)", "\n".join(shown))
