@@ -6,6 +6,9 @@ environment variable is set:
   that really uses a GPU is marked `gpu`, and the tests of the tests leave those out (-m "not gpu").
 - HANG_RANK=R: the process of rank R (the launcher's RANK) hangs when it saves its first image, as a process whose
   GPU or file system stopped responding (tests/test_long_runs.py).
+- KILL_RANK_WRITING=R: the process of rank R is killed (SIGKILL, as by the kernel's out-of-memory killer or a
+  power cut) half-way through writing its third image: half of the PNG's bytes are on disk, and nothing of the
+  process runs after (tests/test_long_runs.py).
 - PROBE_GROUP_AT_EXIT=1: at exit, a process still in a process group says so on stderr.
 """
 
@@ -28,6 +31,26 @@ if os.environ.get("HANG_RANK") is not None and os.environ.get("RANK") == os.envi
     from PIL import Image
 
     Image.Image.save = lambda self, *args, **kwargs: time.sleep(3600)
+
+if os.environ.get("KILL_RANK_WRITING") is not None and os.environ.get("RANK") == os.environ["KILL_RANK_WRITING"]:
+    import io
+    import signal
+
+    from PIL import Image
+
+    _save, _saved = Image.Image.save, []
+
+    def _killed_while_writing(self, fp, *args, **kwargs):
+        if len(_saved) == 2:
+            data = io.BytesIO()
+            _save(self, data, *args, **kwargs)
+            with open(fp, "wb") as file:
+                file.write(data.getvalue()[:len(data.getvalue()) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        _saved.append(fp)
+        return _save(self, fp, *args, **kwargs)
+
+    Image.Image.save = _killed_while_writing
 
 if os.environ.get("PROBE_GROUP_AT_EXIT"):
     import atexit
