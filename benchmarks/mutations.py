@@ -1,0 +1,168 @@
+"""Mutation check: do the tests catch the small bugs a hurried edit makes in the scripts?
+
+Each mutation below is one realistic change to one line of a script: a seed ignored, an offload to the default
+device, the split's order reversed, the atomic rename skipped, a check removed... For each, this copies the
+repository (its files as git sees them, without outputs/) to a temporary folder, makes the change in the copy, and
+runs the tests there: first the tests the mutation names as the likeliest to catch it, then, if they all pass, the
+whole suite. A mutation that makes a test fail is "killed", and the table names the first test that failed; one
+the whole suite misses "survived": a behaviour no test guards. The check exits 1 if any survives, and 2 if a
+mutation no longer applies (its line changed: update the list).
+
+    uv run benchmarks/mutations.py                      # every mutation: about 15 minutes on 2 cores
+    uv run benchmarks/mutations.py --list               # what each one changes
+    uv run benchmarks/mutations.py seed-ignored offload-to-the-default-device
+    uv run benchmarks/mutations.py --suite              # the whole suite for each, not the likeliest tests first
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DP, MP, CP = "data-parallelism-accelerate.py", "model-parallelism-flux.py", "context-parallelism-flux.py"
+
+
+@dataclass
+class Mutation:
+    name: str
+    file: str
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple  # pytest arguments: the tests likeliest to catch it, tried first
+
+
+MUTATIONS = [
+    # --- data-parallelism-accelerate.py ---
+    Mutation("seed-ignored", DP, "manual_seed(args.seed + i)", "manual_seed(i + 1)",
+             ("tests/test_data_parallelism.py", "-k", "one_process_makes or another_seed")),
+    Mutation("offload-to-the-default-device", DP, "pipeline.enable_model_cpu_offload(device=device)",
+             "pipeline.enable_model_cpu_offload()", ("tests/test_memory_modes.py", "-k", "own_device")),
+    Mutation("generation-skipped", DP, "        if my_share:  # an empty share", "        if False:  # an empty share",
+             ("tests/test_gpu_machines.py", "-k", "device_cpu_makes_the_images or bridges_alone")),
+    Mutation("summary-counts-the-images-already-there", DP, 'made = sum(s["images"] for s in stats)',
+             'made = sum(s["images"] for s in stats) + already',
+             ("tests/test_data_parallelism.py", "-k", "second_run")),
+    Mutation("split-order-reversed", DP, "split_between_processes(todo) as my_share",
+             "split_between_processes(todo[::-1]) as my_share",
+             ("tests/test_data_parallelism.py", "-k", "two_cpu_processes and torchrun")),
+    Mutation("atomic-rename-skipped", DP, 'write_atomically(folder / name, lambda tmp: image.save(tmp, format="PNG"))',
+             'image.save(folder / name, format="PNG")', ("tests/test_long_runs.py", "-k", "killed_while_writing")),
+    Mutation("manifest-line-not-written", DP, "        append_line(folder / \"manifest.jsonl\"",
+             "        0 and append_line(folder / \"manifest.jsonl\"",
+             ("tests/test_data_parallelism.py", "-k", "one_process_makes")),
+    Mutation("group-check-removed", DP, "    check_group_formed(distributed_state)\n",
+             "    pass\n", ("tests/test_data_parallelism.py", "-k", "formed_no_group")),
+    Mutation("resume-makes-everything-again", DP, "done = set() if args.overwrite else",
+             "done = set() if True else", ("tests/test_data_parallelism.py", "-k", "second_run")),
+    Mutation("layer-by-layer-check-removed", DP, 'if not plan["fits"] and args.offload == "auto":',
+             "if False:", ("tests/test_memory_modes.py", "-k", "even_one_layer")),
+    Mutation("zero-steps-accepted", DP, "getattr(args, name) < 1:", "getattr(args, name) < 0:",
+             ("tests/test_data_parallelism.py", "-k", "below_one")),
+    Mutation("process-group-not-left", DP, "        gc.collect()\n        torch.distributed.destroy_process_group()",
+             "        gc.collect()", ("tests/test_long_runs.py", "-k", "leaves_the_group")),
+    # --- model-parallelism-flux.py ---
+    Mutation("sharding-seed-ignored", MP, "generator=torch.Generator(\"cpu\").manual_seed(args.seed),",
+             "generator=torch.Generator(\"cpu\").manual_seed(0),", ("tests/test_model_parallelism.py",)),
+    Mutation("sharding-does-not-fit-check-removed", MP, '    if not plan["fits"]:\n        fail(f"{args.model} does '
+             'not fit', '    if False:\n        fail(f"{args.model} does not fit', ("tests/test_model_parallelism.py",)),
+    Mutation("sharding-t5-kept-after-its-stage", MP, "            del pipeline, split  #",
+             "            del pipeline  #", ("tests/test_model_parallelism.py", "-k", "staged")),
+    Mutation("sharding-balanced-without-the-budgets", MP, 'max_memory=stage["max_memory"], dtype=dtype, **split',
+             "dtype=dtype, **split", ("tests/test_model_parallelism.py",)),
+    # --- context-parallelism-flux.py ---
+    Mutation("context-every-rank-saves", CP, "    if distributed_state.is_main_process:\n        save(image",
+             "    if True:\n        save(image", ("tests/test_context_parallelism.py",)),
+    Mutation("context-seed-per-rank", CP, "manual_seed(\n        args.seed)",
+             "manual_seed(\n        args.seed + distributed_state.process_index)", ("tests/test_context_parallelism.py",)),
+    Mutation("context-tokens-not-split", CP, "            pipeline.transformer.enable_parallelism(config=config)",
+             "            pass", ("tests/test_context_parallelism.py",)),
+    Mutation("context-heads-check-removed", CP, "        fail(plan[\"problems\"][0])", "        pass",
+             ("tests/test_context_parallelism.py", "-k", "cannot_share or degrees")),
+]
+
+
+def copy_repository(into):
+    """The repository's files as git sees them (tracked, and untracked but not ignored), and its environment."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, into / name)
+    os.symlink(ROOT / ".venv", into / ".venv")
+
+
+def apply(mutation, root):
+    path = root / mutation.file
+    text = path.read_text(encoding="utf-8")
+    if text.count(mutation.old) != 1:
+        return False
+    path.write_text(text.replace(mutation.old, mutation.new), encoding="utf-8")
+    return True
+
+
+def pytest(root, *args):
+    """Run pytest in the copy, stopping at the first failure: (passed, the first failing test or None, seconds)."""
+    python = root / ".venv" / "bin" / "python"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # no bytecode of a mutated script left behind
+    started = time.monotonic()
+    result = subprocess.run([str(python), "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *args],
+                            cwd=root, env=env, capture_output=True, text=True)
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, flags=re.MULTILINE)
+    if result.returncode not in (0, 1, 5) and not failed:  # 5: no test selected
+        failed = [f"(pytest exited {result.returncode}: {result.stdout.strip().splitlines()[-1:]})"]
+    return result.returncode == 0, (failed[0] if failed else None), time.monotonic() - started
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="the mutations to try (default: all)")
+    parser.add_argument("--list", action="store_true", help="print each mutation and what it changes, and stop")
+    parser.add_argument("--suite", action="store_true", help="run the whole suite for each mutation, not the "
+                                                             "likeliest tests first")
+    args = parser.parse_args()
+    unknown = set(args.names) - {m.name for m in MUTATIONS}
+    if unknown:
+        sys.exit(f"error: no mutation named {', '.join(sorted(unknown))}: --list shows them")
+    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}\n  {m.file}: {m.old.strip()!r}\n  -> {m.new.strip()!r}")
+        return
+
+    rows, stale = [], []
+    print(f"{len(chosen)} mutations, each on a copy of {ROOT}", flush=True)
+    for m in chosen:
+        with tempfile.TemporaryDirectory(prefix=f"mutation-{m.name}-") as tmp:
+            root = Path(tmp)
+            copy_repository(root)
+            if not apply(m, root):
+                stale.append(m.name)
+                print(f"{m.name:40} NOT APPLIED: its line is not in {m.file} exactly once", flush=True)
+                continue
+            passed, killer, seconds = (True, None, 0.0) if args.suite else pytest(root, *m.tests)
+            if passed:  # the likeliest tests missed it: the whole suite
+                passed, killer, more = pytest(root)
+                seconds += more
+        rows.append((m.name, m.file, killer))
+        print(f"{m.name:40} {'survived' if passed else 'killed by ' + killer}  ({seconds:.0f} s)", flush=True)
+
+    print("\n| mutation | script | killed by |\n| --- | --- | --- |")
+    for name, file, killer in rows:
+        print(f"| {name} | {file} | {killer or '**survived**'} |")
+    survived = [name for name, _, killer in rows if killer is None]
+    print(f"\n{len(rows) - len(survived)} of {len(rows)} killed" + (f"; survived: {', '.join(survived)}" if survived
+                                                                 else ""))
+    sys.exit(2 if stale else 1 if survived else 0)
+
+
+if __name__ == "__main__":
+    main()
