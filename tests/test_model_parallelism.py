@@ -5,10 +5,12 @@ memory), and tests on real GPUs where there are some."""
 import copy
 import importlib
 import json
+import os
 import re
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -112,14 +114,14 @@ def resident(tiny_flux, tmp_path_factory):
     return out, run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, *FAST, *CPU)).stdout
 
 
-@pytest.mark.xdist_group("resident")  # one run of the fixture for the three
+@pytest.mark.xdist_group("resident")  # one run of the fixture for the four
 def test_tiny_flux_makes_an_image_on_the_cpu(resident):
     image, stdout = resident
     assert pixels(image).shape == (64, 64, 3)
     assert "made" in stdout and "s per step" in stdout and "peak memory: cpu" in stdout
 
 
-@pytest.mark.xdist_group("resident")  # one run of the fixture for the three
+@pytest.mark.xdist_group("resident")  # one run of the fixture for the four
 def test_placement_of_every_component_is_printed(resident):
     _, stdout = resident
     assert sorted(name for name, _ in printed_placement(stdout)[0]) == ["text_encoder", "text_encoder_2",
@@ -127,12 +129,20 @@ def test_placement_of_every_component_is_printed(resident):
     assert "memory in use: cpu" in stdout and "fits: yes" in stdout
 
 
+@pytest.mark.xdist_group("resident")  # one run of the fixture for the four
+def test_the_cpu_image_is_what_diffusers_makes_with_the_same_settings(resident, tiny_flux):
+    """The oracle: FluxPipeline.from_pretrained called directly, the script's prompt, size, steps, guidance, T5
+    length and seed (FAST's 7, in a CPU generator), in float32 as --dtype auto gives on the CPU."""
+    difference = np.abs(pixels(resident[0]) - cpu_image(tiny_flux))
+    assert difference.max() <= 2, difference.max()
+
+
 def test_the_printed_placement_is_where_the_weights_are(main, recorded, tiny_flux, tmp_path):
     stdout = main("--model", tiny_flux, "--output", tmp_path / "x.png", *FAST, *CPU).out
     assert_printout_names_where_the_weights_are(stdout, recorded[-1])
 
 
-@pytest.mark.xdist_group("resident")  # one run of the fixture for the three
+@pytest.mark.xdist_group("resident")  # one run of the fixture for the four
 def test_staged_run_with_the_same_seed_gives_the_same_image(resident, tiny_flux, tmp_path):
     out = tmp_path / "staged.png"
     stdout = run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, "--staged", *FAST, *CPU)).stdout
@@ -227,31 +237,67 @@ def handed_over(name, dtype):
     return model
 
 
+@pytest.fixture(scope="module")
+def built_once():
+    """What the budget sweep builds and measures, kept for all its cases: diffusers' empty models, the script's
+    empty models, the components as handed over, and every module size computed (each costs 0.1-0.3 s on
+    FLUX.1-dev's 12 billion parameters, and none depends on the budget)."""
+    return {"diffusers": {}, "script": {}, "handed": {}, "sizes": {}}
+
+
+def memoize_module_sizes(monkeypatch, memo):
+    """compute_module_sizes as the script, diffusers and Accelerate call it, each answer computed once: by model,
+    its tensors (T5 tied or not) and the arguments. The models are kept in `memo`, so no id is reused."""
+    from accelerate.utils import modeling
+    from diffusers.pipelines import pipeline_loading_utils
+
+    compute = modeling.compute_module_sizes
+
+    def memoized(model, dtype=None, special_dtypes=None, buffers_only=False):
+        tensors = tuple((id(p), p.dtype) for p in model.parameters())
+        key = (id(model), tensors, str(dtype), tuple(sorted((special_dtypes or {}).items())), buffers_only)
+        if key not in memo:
+            memo[key] = (model, compute(model, dtype=dtype, special_dtypes=special_dtypes, buffers_only=buffers_only))
+        return copy.copy(memo[key][1])
+    for module in (modeling, pipeline_loading_utils):
+        monkeypatch.setattr(module, "compute_module_sizes", memoized)
+    return memoized
+
+
 @pytest.mark.parametrize("staged", [False, True], ids=["resident", "staged"])
 @pytest.mark.parametrize("num_devices", [2, 3, 4])
 def test_diffusers_places_the_rest_as_planned_when_split_components_are_handed_to_it(
-        script, monkeypatch, num_devices, staged):
+        script, monkeypatch, built_once, num_devices, staged):
     """Over budgets of 6-26 GiB in steps of 0.25 GiB, each device 0.1 GiB more than the one before (3 devices of
-    11.75, 11.85 and 11.95 GiB among them, where T5 fits on a device as loaded but not as diffusers' empty model): where the plan splits a component, diffusers' own "balanced" decision,
-    given the split components as loaded, puts every other component of the stage where the plan put it."""
+    11.75, 11.85 and 11.95 GiB among them, where T5 fits on a device as loaded but not as diffusers' empty model):
+    where the plan splits a component, diffusers' own "balanced" decision, given the split components as loaded,
+    puts every other component of the stage where the plan put it. The models are built and sized once for all
+    the cases (built_once): the plan and diffusers' decision are still made at every budget."""
     from diffusers.pipelines import pipeline_loading_utils
-    empty_models, load_empty_model = {}, pipeline_loading_utils._load_empty_model
+    load_empty_model = pipeline_loading_utils._load_empty_model
+
     def cached(**kwargs):  # diffusers' own empty models, built once for the whole sweep
         key = (kwargs["name"], kwargs["dtype"])
-        if key not in empty_models:
-            empty_models[key] = load_empty_model(**kwargs)
-        return empty_models[key]
+        if key not in built_once["diffusers"]:
+            built_once["diffusers"][key] = load_empty_model(**kwargs)
+        return built_once["diffusers"][key]
     monkeypatch.setattr(pipeline_loading_utils, "_load_empty_model", cached)
-    script_models, empty_model = {}, script.empty_model
-    def reused(model, name, *rest):  # built once, but T5, which the plan ties in place: each plan gets it untied
-        if (model, name, *rest) not in script_models:
-            script_models[model, name, *rest] = empty_model(model, name, *rest)
-        cached = script_models[model, name, *rest]
-        return copy.deepcopy(cached) if isinstance(cached, transformers.T5EncoderModel) else cached
+    monkeypatch.setattr(script, "compute_module_sizes", memoize_module_sizes(monkeypatch, built_once["sizes"]))
+    empty_model = script.empty_model
+
+    def reused(model, name, *rest):  # built once; T5, which the plan ties in place, given back untied each time
+        key = (model, name, *rest)
+        if key not in built_once["script"]:
+            module = empty_model(model, name, *rest)
+            built_once["script"][key] = module, [(m, n, p) for m in module.modules() for n, p in m._parameters.items()]
+        module, parameters = built_once["script"][key]
+        for submodule, parameter_name, parameter in parameters:  # as built: every parameter its own again
+            submodule._parameters[parameter_name] = parameter
+        return module
     monkeypatch.setattr(script, "empty_model", reused)
     components = diffusers.DiffusionPipeline.load_config(FLUX1_DEV)
     args = types.SimpleNamespace(model=str(FLUX1_DEV), height=1024, width=1024, staged=staged)
-    handed = {}
+    handed = built_once["handed"]
     checked = 0
     for hundredths in range(600, 2601, 25):
         budgets = {d: (hundredths + 10 * d) * GiB // 100 for d in range(num_devices)}
@@ -259,7 +305,9 @@ def test_diffusers_places_the_rest_as_planned_when_split_components_are_handed_t
         for stage in result["stages"]:
             if not stage["split"]:
                 continue
-            passed = {n: handed.setdefault(n, handed_over(n, "bfloat16")) for n in stage["split"]}
+            for name in set(stage["split"]) - set(handed):
+                handed[name] = handed_over(name, "bfloat16")
+            passed = {n: handed[n] for n in stage["split"]}
             decided = diffusers_balanced(stage["max_memory"], "bfloat16", passed=passed, names=stage["names"])
             for name in set(stage["names"]) - set(stage["split"]):
                 assert stage["device_maps"][name] == {"": decided.get(name, "cpu")}, (budgets, name, decided)
@@ -347,12 +395,22 @@ def plan_tiny(script, tiny_flux):
 
 
 @pytest.fixture
-def two_gpus(monkeypatch, script):
-    """Two accelerators of 24 GiB, as torch and accelerate see them, on this CPU-only machine."""
+def two_gpus(monkeypatch):
+    """Two Intel GPUs of 24 GiB with 22 and 23 GiB free, as torch reports them (torch.xpu.mem_get_info, which
+    Accelerate's get_max_memory reads), on this CPU-only machine: the script's own reading of them is under test."""
+    import accelerate.utils.modeling
+
+    free = {0: 22 * GiB, 1: 23 * GiB}
+    monkeypatch.setattr(accelerate.utils.modeling, "is_xpu_available", lambda *a, **k: True)
+    monkeypatch.setattr(torch.xpu, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.xpu, "mem_get_info", lambda i=None: (free[torch.device("xpu", i).index], 24 * GiB))
+    monkeypatch.setattr(torch.xpu, "get_device_properties", lambda i=None: types.SimpleNamespace(total_memory=24 * GiB))
+    tensor = torch.tensor  # Accelerate's "is it usable" probe, torch.tensor(0, device=xpu:i), made on the CPU
+    monkeypatch.setattr(torch, "tensor", lambda data, *a, device=None, **k: tensor(
+        data, *a, device=None if device is not None and torch.device(device).type == "xpu" else device, **k))
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a: torch.device("xpu"))
-    monkeypatch.setattr(script, "get_max_memory", lambda: {0: 22 * GiB, 1: 23 * GiB, "cpu": 64 * GiB})
     monkeypatch.setattr(torch.xpu, "is_bf16_supported", lambda including_emulation=True: True)
 
 
@@ -431,6 +489,74 @@ def test_max_memory_naming_a_device_that_is_not_there_is_a_clear_error():
     result = run_main(MODEL_PARALLEL, "--plan", "--model", FLUX1_DEV, "--num-devices", "2", "--device-memory",
                       "24GiB", "--max-memory", "2=10GiB")
     assert_clear_error(result, "--max-memory names device 2")
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Every weight load the script asks the libraries for (pipelines and single components): their arguments."""
+    calls = []
+    for cls in (diffusers.DiffusionPipeline, diffusers.AutoModel):
+        load = cls.from_pretrained
+
+        def from_pretrained(*args, _load=load, **kwargs):
+            calls.append((args, kwargs))
+            return _load(*args, **kwargs)
+        monkeypatch.setattr(cls, "from_pretrained", from_pretrained)
+    return calls
+
+
+def test_a_run_that_does_not_fit_stops_before_loading_anything(monkeypatch, loads, tiny_flux, tmp_path):
+    """A CPU with 32 KiB free beyond the activations' reserve (the tiny Flux's weights are hundreds of KiB): the
+    plan says it does not fit, and the run stops there, with no weight loaded and no image written."""
+    import psutil
+
+    reserve = 3 * GiB * 64 * 64 // 1024**2
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=reserve + 32 * 2**10))
+    result = run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", tmp_path / "x.png", *FAST, *CPU)
+    assert_clear_error(result, f"{tiny_flux} does not fit", "cpu=SIZE")
+    assert result.returncode == 1 and "fits: NO" in result.stdout
+    assert loads == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_model_that_is_not_flux_is_refused_before_anything_loads(loads, tiny_sd3, tmp_path):
+    result = run_main(MODEL_PARALLEL, "--model", tiny_sd3, "--output", tmp_path / "x.png", *FAST, *CPU)
+    assert_clear_error(result, "is a StableDiffusion3Pipeline", "for FLUX.1 pipelines")
+    assert loads == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--max-sequence-length", "513", "FLUX.1's T5 takes at most 512 tokens"),
+    ("--num-inference-steps", "0", "--num-inference-steps must be a positive number, not 0"),
+    ("--num-inference-steps", "-2", "--num-inference-steps must be a positive number, not -2"),
+    ("--height", "0", "--height must be a positive number, not 0"),
+    ("--width", "-64", "--width must be a positive number, not -64"),
+    ("--max-sequence-length", "0", "--max-sequence-length must be a positive number, not 0"),
+])
+def test_an_impossible_number_is_a_clear_error_before_anything_loads(loads, tiny_flux, tmp_path, flag, value,
+                                                                     expected):
+    result = run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", tmp_path / "x.png", *FAST, *CPU, flag, value)
+    assert_clear_error(result, expected)
+    assert loads == [] and list(tmp_path.iterdir()) == []
+
+
+def test_an_output_inside_a_file_is_refused_before_anything_loads(loads, tiny_flux, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    result = run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", tmp_path / "file" / "x.png", *FAST, *CPU)
+    assert_clear_error(result, f"--output {tmp_path / 'file' / 'x.png'}: cannot create its folder")
+    assert loads == [] and (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_an_output_in_a_folder_that_is_not_writable_is_refused_before_anything_loads(monkeypatch, loads, tiny_flux,
+                                                                                      tmp_path):
+    """A read-only folder, as os.access reports it (this process may be root, which writes anywhere)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == folder and mode & os.W_OK
+                        else access(path, mode, **kw))
+    result = run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", folder / "x.png", *FAST, *CPU)
+    assert_clear_error(result, f"--output {folder / 'x.png'}: its folder is not writable")
+    assert loads == [] and list(folder.iterdir()) == []
 
 
 # --- the parts worth a unit test ---
