@@ -30,6 +30,7 @@ FLUX1_DEV = ROOT / "tests" / "fixtures" / "flux1-dev"  # FLUX.1-dev's real confi
 FAST = ["--height", "64", "--width", "64", "--num-inference-steps", "2", "--seed", "7"]
 CPU = ["--device", "cpu"]  # the CPU tests run on the CPU on purpose, alike on a machine with GPUs
 GiB = 2**30
+DEFAULT_PROMPT = "A cat holding a sign that says hello world"
 DTYPES = ["bfloat16", "float16", "float32"]
 # (devices, memory of each, --max-memory): unequal cards, either way round, small cards, one big card, and equal
 # budgets given out of order.
@@ -507,11 +508,29 @@ def test_a_failing_free_memory_query_falls_back_to_total_memory_in_one_line(monk
 # --- the script itself ---
 
 
-def test_the_placing_calls_are_in_main(script):
-    import inspect
-    source = inspect.getsource(script.main)
-    assert 'DiffusionPipeline.from_pretrained(args.model, device_map="balanced"' in source
-    assert "from_pretrained(args.model, subfolder=name, device_map=" in source and "encode_prompt(" in source
+@pytest.mark.parametrize("staged", [False, True], ids=["resident", "staged"])
+def test_main_places_the_pipeline_with_the_libraries_balanced_load(monkeypatch, loads, tiny_flux, tmp_path, staged):
+    """The calls main() makes, observed as it runs: the pipeline (with --staged, each stage, the other's components
+    left out) loaded by diffusers with device_map="balanced" and the memory the user gave less the activations'
+    reserve; with --staged, the prompt encoded by the first stage with the T5 length asked."""
+    encoded, encode_prompt = [], diffusers.FluxPipeline.encode_prompt
+    monkeypatch.setattr(diffusers.FluxPipeline, "encode_prompt",
+                        lambda self, **kwargs: encoded.append((set(self.components), kwargs)) or encode_prompt(
+                            self, **kwargs))
+    result = run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", tmp_path / "x.png", *FAST, *CPU,
+                      "--max-memory", "cpu=1GiB", "--max-sequence-length", "64", *(["--staged"] if staged else []))
+    assert result.returncode == 0, result.stderr
+    stages = [{}] if not staged else [{"transformer": None, "vae": None}, {
+        "text_encoder": None, "text_encoder_2": None, "tokenizer": None, "tokenizer_2": None}]
+    assert [args for args, _, _ in loads] == [(str(tiny_flux),)] * len(stages)
+    for (_, kwargs, _), left_out in zip(loads, stages, strict=True):
+        assert kwargs == {"device_map": "balanced", "max_memory": {"cpu": GiB - 3 * GiB * 64 * 64 // 1024**2},
+                          "dtype": torch.float32, **left_out}
+    if staged:  # the text encoders' stage encodes; the pipeline of the second stage is given the embeddings
+        assert len(encoded) == 2 and encoded[0][1]["max_sequence_length"] == 64
+        assert encoded[0][1]["prompt"] == DEFAULT_PROMPT and encoded[1][1]["prompt_embeds"] is not None
+        assert loads[0][2].text_encoder_2 is not None and loads[1][2].text_encoder_2 is None
+    assert pixels(tmp_path / "x.png").shape == (64, 64, 3)
 
 
 def test_the_script_calls_no_private_library_function():
@@ -543,14 +562,15 @@ def test_max_memory_naming_a_device_that_is_not_there_is_a_clear_error():
 
 @pytest.fixture
 def loads(monkeypatch):
-    """Every weight load the script asks the libraries for (pipelines and single components): their arguments."""
+    """Every weight load the script asks the libraries for (pipelines and single components): (args, kwargs, what
+    was loaded)."""
     calls = []
     for cls in (diffusers.DiffusionPipeline, diffusers.AutoModel):
         load = cls.from_pretrained
 
         def from_pretrained(*args, _load=load, **kwargs):
-            calls.append((args, kwargs))
-            return _load(*args, **kwargs)
+            calls.append((args, kwargs, _load(*args, **kwargs)))
+            return calls[-1][2]
         monkeypatch.setattr(cls, "from_pretrained", from_pretrained)
     return calls
 
@@ -646,7 +666,7 @@ def tiny_budget(tiny_flux, devices, fraction):
 def cpu_image(tiny_flux):
     """The tiny Flux's image made on the CPU with the script's settings, as the script makes it on a CPU."""
     pipeline = diffusers.FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
-    return np.asarray(pipeline(prompt="A cat holding a sign that says hello world", height=64, width=64,
+    return np.asarray(pipeline(prompt=DEFAULT_PROMPT, height=64, width=64,
                                num_inference_steps=2, guidance_scale=3.5, max_sequence_length=512,
                                generator=torch.Generator("cpu").manual_seed(7)).images[0], dtype=np.int16)
 
@@ -732,20 +752,28 @@ def test_a_staged_run_keeps_nothing_of_a_split_t5_into_the_second_stage(script, 
     monkeypatch.setattr(script, "make_plan", split_t5)
     load_model, load_pipeline = script.AutoModel.from_pretrained, script.DiffusionPipeline.from_pretrained
 
+    asked, handed = [], []  # the split component's load (arguments), and whether each stage is handed it
+
     def from_pretrained(*args, **kwargs):
         model = load_model(*args, **kwargs)
         models.append(weakref.ref(model))
+        asked.append((args, kwargs))
         return model
 
     def pipeline_from_pretrained(*args, **kwargs):
         gc.collect()
         live.append(sum(m() is not None for m in models))
+        handed.append(kwargs.get("text_encoder_2") is not None and kwargs["text_encoder_2"] is models[-1]())
         return load_pipeline(*args, **kwargs)
     monkeypatch.setattr(script.AutoModel, "from_pretrained", from_pretrained)
     monkeypatch.setattr(script.DiffusionPipeline, "from_pretrained", pipeline_from_pretrained)
     stdout = main("--model", tiny_flux, "--output", tmp_path / "x.png", "--staged", *FAST, *CPU).out
     assert "text_encoder_2.encoder.final_layer_norm " in stdout.split("pipeline loaded")[0]  # loaded split
     assert live == [1, 0]  # stage 1: the split T5 handed over; stage 2: gone
+    # The split T5 loaded by its own from_pretrained with the plan's device map, and handed to the first stage
+    assert asked == [((str(tiny_flux),), {"subfolder": "text_encoder_2", "device_map": dict.fromkeys(blocks, "cpu"),
+                                          "dtype": torch.float32})]
+    assert handed == [True, False]
 
 
 # --- FLUX on GPUs without FP64 (Intel Arc A-series), simulated (issue 15, item 1) ---
