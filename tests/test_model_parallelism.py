@@ -914,8 +914,18 @@ def test_a_gpu_that_cannot_be_used_is_left_out_not_counted_as_free(monkeypatch, 
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a: torch.device("cuda"))
-    monkeypatch.setattr(script, "get_max_memory", lambda: {0: 20 * GiB, "cpu": 64 * GiB})
+    # As Accelerate's get_max_memory asks CUDA: the devices, a probe tensor on each, then its free memory.
+    monkeypatch.setattr(accelerate.utils.modeling, "is_xpu_available", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (20 * GiB, 24 * GiB))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=24 * GiB))
+    tensor = torch.tensor
+
+    def probe(data, *args, device=None, **kwargs):
+        if isinstance(device, int) and device != 0:  # Accelerate's probe on cuda:1
+            raise torch.AcceleratorError("CUDA error: CUDA-capable device(s) is/are busy or unavailable")
+        return tensor(data, *args, device=None if isinstance(device, int) else device, **kwargs)
+    monkeypatch.setattr(torch, "tensor", probe)
     simulate_usable_devices(monkeypatch, "cuda", usable={0})
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     captured = main("--plan", "--json", "--model", FLUX1_DEV)
