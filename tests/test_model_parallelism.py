@@ -251,8 +251,8 @@ def diffusers_empty_model(name, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_devices, memory, max_memory", BUDGETS)
-def test_whole_components_go_where_diffusers_balanced_puts_them(script, plan, num_devices, memory, max_memory,
-                                                                dtype):
+def test_whole_components_go_where_diffusers_balanced_puts_them(script, plan, models_built_once, num_devices, memory,
+                                                                max_memory, dtype):
     result = plan(num_devices, memory, *budget_args(max_memory, dtype))
     usable = {int(d): b - result["reserved_per_device"] for d, b in result["budgets"].items()}
     max_memory_given = {d: b for d, b in usable.items() if b > 0}
@@ -263,7 +263,7 @@ def test_whole_components_go_where_diffusers_balanced_puts_them(script, plan, nu
     for name in split:
         assert name not in result["placement"] and any(k.startswith(name + ".") for k in result["placement"])
     # ...and hands them over as loaded, which diffusers sizes by their real size when it places the rest.
-    decided = diffusers_balanced(max_memory_given, dtype, passed={n: handed_over(n, dtype) for n in split})
+    decided = diffusers_balanced(max_memory_given, dtype, passed={n: models_built_once(n, dtype) for n in split})
     for name in components - split:
         assert result["placement"][name] == str(decided.get(name, "cpu")), (name, decided)
 
@@ -279,44 +279,21 @@ def handed_over(name, dtype):
 
 @pytest.fixture(scope="module")
 def built_once():
-    """What the budget sweep builds and measures, kept for all its cases: diffusers' empty models, the script's
-    empty models, the components as handed over, and every module size computed (each costs 0.1-0.3 s on
-    FLUX.1-dev's 12 billion parameters, and none depends on the budget)."""
+    """What the tests of FLUX.1-dev's plans build and measure, kept for the whole module: diffusers' empty models,
+    the script's empty models, the components as handed over, and every module size computed (each costs 0.1-0.3 s
+    on FLUX.1-dev's 12 billion parameters, and none depends on the budget)."""
     return {"diffusers": {}, "script": {}, "handed": {}, "sizes": {}}
 
 
-def memoize_module_sizes(monkeypatch, memo):
-    """compute_module_sizes as the script, diffusers and Accelerate call it, each answer computed once: by model,
-    its tensors (T5 tied or not) and the arguments. The models are kept in `memo`, so no id is reused."""
-    from accelerate.utils import modeling
-    from diffusers.pipelines import pipeline_loading_utils
-
-    compute = modeling.compute_module_sizes
-
-    def memoized(model, dtype=None, special_dtypes=None, buffers_only=False):
-        tensors = tuple((id(p), p.dtype) for p in model.parameters())
-        key = (id(model), tensors, str(dtype), tuple(sorted((special_dtypes or {}).items())), buffers_only)
-        if key not in memo:
-            memo[key] = (model, compute(model, dtype=dtype, special_dtypes=special_dtypes, buffers_only=buffers_only))
-        return copy.copy(memo[key][1])
-    for module in (modeling, pipeline_loading_utils):
-        monkeypatch.setattr(module, "compute_module_sizes", memoized)
-    return memoized
-
-
-@pytest.mark.parametrize("staged", [False, True], ids=["resident", "staged"])
-@pytest.mark.parametrize("num_devices", [2, 3, 4])
-def test_diffusers_places_the_rest_as_planned_when_split_components_are_handed_to_it(
-        script, monkeypatch, built_once, num_devices, staged):
-    """Over budgets of 6-26 GiB in steps of 0.25 GiB, each device 0.1 GiB more than the one before (3 devices of
-    11.75, 11.85 and 11.95 GiB among them, where T5 fits on a device as loaded but not as diffusers' empty model):
-    where the plan splits a component, diffusers' own "balanced" decision, given the split components as loaded,
-    puts every other component of the stage where the plan put it. The models are built and sized once for all
-    the cases (built_once): the plan and diffusers' decision are still made at every budget."""
+@pytest.fixture
+def models_built_once(script, monkeypatch, built_once):
+    """The script, diffusers and Accelerate given the models and sizes of built_once instead of building and
+    measuring them again: the plans and the libraries' decisions are still made, each time, from them. Returns
+    handed(name, dtype): the component as the script hands it to diffusers, built once."""
     from diffusers.pipelines import pipeline_loading_utils
     load_empty_model = pipeline_loading_utils._load_empty_model
 
-    def cached(**kwargs):  # diffusers' own empty models, built once for the whole sweep
+    def cached(**kwargs):  # diffusers' own empty models (it never changes them: passed ones are handed_over's)
         key = (kwargs["name"], kwargs["dtype"])
         if key not in built_once["diffusers"]:
             built_once["diffusers"][key] = load_empty_model(**kwargs)
@@ -335,9 +312,47 @@ def test_diffusers_places_the_rest_as_planned_when_split_components_are_handed_t
             submodule._parameters[parameter_name] = parameter
         return module
     monkeypatch.setattr(script, "empty_model", reused)
+
+    def handed(name, dtype):
+        if (name, dtype) not in built_once["handed"]:
+            built_once["handed"][name, dtype] = handed_over(name, dtype)
+        return built_once["handed"][name, dtype]
+    return handed
+
+
+def memoize_module_sizes(monkeypatch, memo):
+    """compute_module_sizes as the script, diffusers and Accelerate call it, each answer computed once: by model,
+    the arguments and, for a transformers model (T5, whose embedding the plan ties in place), its tensors: tied,
+    it counts one fewer. No model is cast in place here. The models are kept in `memo`, so no id is reused."""
+    from accelerate.utils import modeling
+    from diffusers.models import model_loading_utils
+    from diffusers.pipelines import pipeline_loading_utils
+
+    compute = modeling.compute_module_sizes
+
+    def memoized(model, dtype=None, special_dtypes=None, buffers_only=False):
+        tensors = tuple(map(id, model.parameters())) if isinstance(model, transformers.PreTrainedModel) else ()
+        key = (id(model), tensors, str(dtype), tuple(sorted((special_dtypes or {}).items())), buffers_only)
+        if key not in memo:
+            memo[key] = (model, compute(model, dtype=dtype, special_dtypes=special_dtypes, buffers_only=buffers_only))
+        return copy.copy(memo[key][1])
+    for module in (modeling, pipeline_loading_utils, model_loading_utils):
+        if hasattr(module, "compute_module_sizes"):
+            monkeypatch.setattr(module, "compute_module_sizes", memoized)
+    return memoized
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["resident", "staged"])
+@pytest.mark.parametrize("num_devices", [2, 3, 4])
+def test_diffusers_places_the_rest_as_planned_when_split_components_are_handed_to_it(
+        script, models_built_once, num_devices, staged):
+    """Over budgets of 6-26 GiB in steps of 0.25 GiB, each device 0.1 GiB more than the one before (3 devices of
+    11.75, 11.85 and 11.95 GiB among them, where T5 fits on a device as loaded but not as diffusers' empty model):
+    where the plan splits a component, diffusers' own "balanced" decision, given the split components as loaded,
+    puts every other component of the stage where the plan put it. The models are built and sized once for all
+    the cases (models_built_once): the plan and diffusers' decision are still made at every budget."""
     components = diffusers.DiffusionPipeline.load_config(FLUX1_DEV)
     args = types.SimpleNamespace(model=str(FLUX1_DEV), height=1024, width=1024, staged=staged)
-    handed = built_once["handed"]
     checked = 0
     for hundredths in range(600, 2601, 25):
         budgets = {d: (hundredths + 10 * d) * GiB // 100 for d in range(num_devices)}
@@ -345,9 +360,7 @@ def test_diffusers_places_the_rest_as_planned_when_split_components_are_handed_t
         for stage in result["stages"]:
             if not stage["split"]:
                 continue
-            for name in set(stage["split"]) - set(handed):
-                handed[name] = handed_over(name, "bfloat16")
-            passed = {n: handed[n] for n in stage["split"]}
+            passed = {n: models_built_once(n, "bfloat16") for n in stage["split"]}
             decided = diffusers_balanced(stage["max_memory"], "bfloat16", passed=passed, names=stage["names"])
             for name in set(stage["names"]) - set(stage["split"]):
                 assert stage["device_maps"][name] == {"": decided.get(name, "cpu")}, (budgets, name, decided)
@@ -362,8 +375,8 @@ SPLIT_BUDGETS = [b for b in BUDGETS if b[0] > 1 and b[1] != "40GiB"] + [(2, "24G
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_devices, memory, max_memory", SPLIT_BUDGETS)
-def test_a_split_component_goes_where_the_libraries_would_split_it(script, monkeypatch, num_devices, memory,
-                                                                  max_memory, dtype):
+def test_a_split_component_goes_where_the_libraries_would_split_it(script, monkeypatch, models_built_once, num_devices,
+                                                                  memory, max_memory, dtype):
     """Each block where the libraries would put it, given the per-device memory the script hands over: for the
     transformer, diffusers' own from_pretrained(device_map="sequential", max_memory=...); for T5, Accelerate's
     infer_auto_device_map with its `wo` weights in float32 under float16, as transformers loads them.
@@ -377,11 +390,11 @@ def test_a_split_component_goes_where_the_libraries_would_split_it(script, monke
     checked = 0
     for stage in stages:
         for name in stage["split"]:
-            model, room = diffusers_empty_model(name, dtype), dict(stage["room"][name])
+            # diffusers' empty model; T5 tied as transformers loads it (`shared` and `encoder.embed_tokens` one tensor)
+            model, room = models_built_once(name, dtype), dict(stage["room"][name])
             if name == "transformer":
                 decided = _determine_device_map(model, "sequential", room, getattr(torch, dtype), [])
             else:
-                model.tie_weights()  # as transformers loads it: `shared` and `encoder.embed_tokens` are one tensor
                 kept = {n: torch.float32 for n, _ in model.named_parameters() if ".wo." in n and dtype == "float16"}
                 decided = infer_auto_device_map(model, max_memory=room, no_split_module_classes=model._no_split_modules,
                                                 dtype=getattr(torch, dtype), special_dtypes=kept)
