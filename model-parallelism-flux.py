@@ -357,7 +357,8 @@ def explained_load_errors(model):
                 reason = "it is gated, and this account has not been granted access"
             elif isinstance(error, RepositoryNotFoundError):
                 reason = "no such model on the Hub, or it is private"
-            elif isinstance(error, (OfflineModeIsEnabled, ConnectionError)) or "Name or service not known" in str(error):
+            elif (isinstance(error, (OfflineModeIsEnabled, ConnectionError))
+                  or "Name or service not known" in str(error)):
                 reason = "it is not in the local cache, and the Hub cannot be reached"
             elif error.__cause__ is None and error.__context__ is None:
                 reason = str(error).splitlines()[0]
@@ -434,7 +435,8 @@ def empty_model(model, name, library, class_name, dtype):
         if issubclass(cls, transformers.PreTrainedModel):
             module = cls(transformers.AutoConfig.from_pretrained(model, subfolder=name)).to(dtype)
             keep = set(module._keep_in_fp32_modules or []) if dtype == torch.float16 else set()
-            keep |= set(module._keep_in_fp32_modules_strict or []) if dtype in (torch.float16, torch.bfloat16) else set()
+            if dtype in (torch.float16, torch.bfloat16):
+                keep |= set(module._keep_in_fp32_modules_strict or [])
         else:
             module = cls.from_config(cls.load_config(model, subfolder=name)).to(dtype)
             keep = set(module._keep_in_fp32_modules or [])

@@ -5,10 +5,12 @@ memory), and tests on real GPUs where there are some."""
 import copy
 import importlib
 import json
+import os
 import re
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -28,6 +30,7 @@ FLUX1_DEV = ROOT / "tests" / "fixtures" / "flux1-dev"  # FLUX.1-dev's real confi
 FAST = ["--height", "64", "--width", "64", "--num-inference-steps", "2", "--seed", "7"]
 CPU = ["--device", "cpu"]  # the CPU tests run on the CPU on purpose, alike on a machine with GPUs
 GiB = 2**30
+DEFAULT_PROMPT = "A cat holding a sign that says hello world"
 DTYPES = ["bfloat16", "float16", "float32"]
 # (devices, memory of each, --max-memory): unequal cards, either way round, small cards, one big card, and equal
 # budgets given out of order.
@@ -112,14 +115,14 @@ def resident(tiny_flux, tmp_path_factory):
     return out, run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, *FAST, *CPU)).stdout
 
 
-@pytest.mark.xdist_group("resident")  # one run of the fixture for the three
+@pytest.mark.xdist_group("resident")  # one run of the fixture for the four
 def test_tiny_flux_makes_an_image_on_the_cpu(resident):
     image, stdout = resident
     assert pixels(image).shape == (64, 64, 3)
     assert "made" in stdout and "s per step" in stdout and "peak memory: cpu" in stdout
 
 
-@pytest.mark.xdist_group("resident")  # one run of the fixture for the three
+@pytest.mark.xdist_group("resident")  # one run of the fixture for the four
 def test_placement_of_every_component_is_printed(resident):
     _, stdout = resident
     assert sorted(name for name, _ in printed_placement(stdout)[0]) == ["text_encoder", "text_encoder_2",
@@ -127,12 +130,59 @@ def test_placement_of_every_component_is_printed(resident):
     assert "memory in use: cpu" in stdout and "fits: yes" in stdout
 
 
-def test_the_printed_placement_is_where_the_weights_are(main, recorded, tiny_flux, tmp_path):
-    stdout = main("--model", tiny_flux, "--output", tmp_path / "x.png", *FAST, *CPU).out
-    assert_printout_names_where_the_weights_are(stdout, recorded[-1])
+@pytest.mark.xdist_group("resident")  # one run of the fixture for the four
+def test_the_cpu_image_is_what_diffusers_makes_with_the_same_settings(resident, tiny_flux):
+    """The oracle: FluxPipeline.from_pretrained called directly, the script's prompt, size, steps, guidance, T5
+    length and seed (FAST's 7, in a CPU generator), in float32 as --dtype auto gives on the CPU."""
+    difference = np.abs(pixels(resident[0]) - cpu_image(tiny_flux))
+    assert difference.max() <= 2, difference.max()
 
 
-@pytest.mark.xdist_group("resident")  # one run of the fixture for the three
+def test_the_printed_placement_is_where_the_weights_are(script, recorded, monkeypatch, capsys, plan_tiny, tiny_flux,
+                                                       tmp_path):
+    """T5 split by the plan between two places this CPU-only machine has, the CPU and the disk (Accelerate keeps
+    the disk's blocks in files, as it keeps a GPU's on the GPU): each printed row names the place its blocks were
+    given, and each whole component the device its weights are on. The run stops once the placement is printed
+    (the disk is no device to compute on, nor one a plan ever gives: it means "no room")."""
+    given = {key: "cpu" if i < 3 else "disk"
+             for i, key in enumerate(plan_tiny["stages"][0]["device_maps"]["text_encoder_2"])}
+    assert set(given.values()) == {"cpu", "disk"}
+    make_plan, load = script.make_plan, script.AutoModel.from_pretrained
+
+    def split_t5(*args, **kwargs):
+        plan = make_plan(*args, **kwargs)
+        plan["stages"][0]["split"], plan["stages"][0]["device_maps"]["text_encoder_2"] = ["text_encoder_2"], given
+        return plan
+    monkeypatch.setattr(script, "make_plan", split_t5)
+    monkeypatch.setattr(script.AutoModel, "from_pretrained", lambda *a, **kw: load(*a, **kw, offload_folder=tmp_path))
+    def placed(*args, **kwargs):
+        raise Placed
+    monkeypatch.setattr(script, "no_fp64_remedy", placed)  # the first thing main() does after printing
+    monkeypatch.setattr("sys.argv", ["model-parallelism-flux.py", "--model", str(tiny_flux), "--output",
+                                     str(tmp_path / "x.png"), *FAST, *CPU])
+    with pytest.raises(Placed):
+        script.main()
+    rows = printed_placement(capsys.readouterr().out)[-1]
+    t5 = {name.removeprefix("text_encoder_2."): d for name, d in rows if name.startswith("text_encoder_2.")}
+    assert {key: d for row, d in t5.items() for key in block_range_keys(row)} == given
+    pipeline = recorded[-1]
+    for name, device in rows:
+        if "." not in name:  # a whole component
+            assert device == next(getattr(pipeline, name).parameters()).device.type, name
+    assert {name for name, _ in rows if "." not in name} == {"text_encoder", "transformer", "vae"}
+
+
+class Placed(Exception):
+    """Raised to stop a run once the pipeline is placed and the placement printed."""
+
+
+def block_range_keys(row):
+    """"encoder.block.0-1" -> ["encoder.block.0", "encoder.block.1"]; "shared" -> ["shared"]."""
+    found = re.fullmatch(r"(.+)\.(\d+)-(\d+)", row)
+    return [f"{found[1]}.{i}" for i in range(int(found[2]), int(found[3]) + 1)] if found else [row]
+
+
+@pytest.mark.xdist_group("resident")  # one run of the fixture for the four
 def test_staged_run_with_the_same_seed_gives_the_same_image(resident, tiny_flux, tmp_path):
     out = tmp_path / "staged.png"
     stdout = run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, "--staged", *FAST, *CPU)).stdout
@@ -201,8 +251,8 @@ def diffusers_empty_model(name, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_devices, memory, max_memory", BUDGETS)
-def test_whole_components_go_where_diffusers_balanced_puts_them(script, plan, num_devices, memory, max_memory,
-                                                                dtype):
+def test_whole_components_go_where_diffusers_balanced_puts_them(script, plan, models_built_once, num_devices, memory,
+                                                                max_memory, dtype):
     result = plan(num_devices, memory, *budget_args(max_memory, dtype))
     usable = {int(d): b - result["reserved_per_device"] for d, b in result["budgets"].items()}
     max_memory_given = {d: b for d, b in usable.items() if b > 0}
@@ -213,7 +263,7 @@ def test_whole_components_go_where_diffusers_balanced_puts_them(script, plan, nu
     for name in split:
         assert name not in result["placement"] and any(k.startswith(name + ".") for k in result["placement"])
     # ...and hands them over as loaded, which diffusers sizes by their real size when it places the rest.
-    decided = diffusers_balanced(max_memory_given, dtype, passed={n: handed_over(n, dtype) for n in split})
+    decided = diffusers_balanced(max_memory_given, dtype, passed={n: models_built_once(n, dtype) for n in split})
     for name in components - split:
         assert result["placement"][name] == str(decided.get(name, "cpu")), (name, decided)
 
@@ -227,31 +277,82 @@ def handed_over(name, dtype):
     return model
 
 
+@pytest.fixture(scope="module")
+def built_once():
+    """What the tests of FLUX.1-dev's plans build and measure, kept for the whole module: diffusers' empty models,
+    the script's empty models, the components as handed over, and every module size computed (each costs 0.1-0.3 s
+    on FLUX.1-dev's 12 billion parameters, and none depends on the budget)."""
+    return {"diffusers": {}, "script": {}, "handed": {}, "sizes": {}}
+
+
+@pytest.fixture
+def models_built_once(script, monkeypatch, built_once):
+    """The script, diffusers and Accelerate given the models and sizes of built_once instead of building and
+    measuring them again: the plans and the libraries' decisions are still made, each time, from them. Returns
+    handed(name, dtype): the component as the script hands it to diffusers, built once."""
+    from diffusers.pipelines import pipeline_loading_utils
+    load_empty_model = pipeline_loading_utils._load_empty_model
+
+    def cached(**kwargs):  # diffusers' own empty models (it never changes them: passed ones are handed_over's)
+        key = (kwargs["name"], kwargs["dtype"])
+        if key not in built_once["diffusers"]:
+            built_once["diffusers"][key] = load_empty_model(**kwargs)
+        return built_once["diffusers"][key]
+    monkeypatch.setattr(pipeline_loading_utils, "_load_empty_model", cached)
+    monkeypatch.setattr(script, "compute_module_sizes", memoize_module_sizes(monkeypatch, built_once["sizes"]))
+    empty_model = script.empty_model
+
+    def reused(model, name, *rest):  # built once; T5, which the plan ties in place, given back untied each time
+        key = (model, name, *rest)
+        if key not in built_once["script"]:
+            module = empty_model(model, name, *rest)
+            built_once["script"][key] = module, [(m, n, p) for m in module.modules() for n, p in m._parameters.items()]
+        module, parameters = built_once["script"][key]
+        for submodule, parameter_name, parameter in parameters:  # as built: every parameter its own again
+            submodule._parameters[parameter_name] = parameter
+        return module
+    monkeypatch.setattr(script, "empty_model", reused)
+
+    def handed(name, dtype):
+        if (name, dtype) not in built_once["handed"]:
+            built_once["handed"][name, dtype] = handed_over(name, dtype)
+        return built_once["handed"][name, dtype]
+    return handed
+
+
+def memoize_module_sizes(monkeypatch, memo):
+    """compute_module_sizes as the script, diffusers and Accelerate call it, each answer computed once: by model,
+    the arguments and, for a transformers model (T5, whose embedding the plan ties in place), its tensors: tied,
+    it counts one fewer. No model is cast in place here. The models are kept in `memo`, so no id is reused."""
+    from accelerate.utils import modeling
+    from diffusers.models import model_loading_utils
+    from diffusers.pipelines import pipeline_loading_utils
+
+    compute = modeling.compute_module_sizes
+
+    def memoized(model, dtype=None, special_dtypes=None, buffers_only=False):
+        tensors = tuple(map(id, model.parameters())) if isinstance(model, transformers.PreTrainedModel) else ()
+        key = (id(model), tensors, str(dtype), tuple(sorted((special_dtypes or {}).items())), buffers_only)
+        if key not in memo:
+            memo[key] = (model, compute(model, dtype=dtype, special_dtypes=special_dtypes, buffers_only=buffers_only))
+        return copy.copy(memo[key][1])
+    for module in (modeling, pipeline_loading_utils, model_loading_utils):
+        if hasattr(module, "compute_module_sizes"):
+            monkeypatch.setattr(module, "compute_module_sizes", memoized)
+    return memoized
+
+
 @pytest.mark.parametrize("staged", [False, True], ids=["resident", "staged"])
 @pytest.mark.parametrize("num_devices", [2, 3, 4])
 def test_diffusers_places_the_rest_as_planned_when_split_components_are_handed_to_it(
-        script, monkeypatch, num_devices, staged):
+        script, models_built_once, num_devices, staged):
     """Over budgets of 6-26 GiB in steps of 0.25 GiB, each device 0.1 GiB more than the one before (3 devices of
-    11.75, 11.85 and 11.95 GiB among them, where T5 fits on a device as loaded but not as diffusers' empty model): where the plan splits a component, diffusers' own "balanced" decision,
-    given the split components as loaded, puts every other component of the stage where the plan put it."""
-    from diffusers.pipelines import pipeline_loading_utils
-    empty_models, load_empty_model = {}, pipeline_loading_utils._load_empty_model
-    def cached(**kwargs):  # diffusers' own empty models, built once for the whole sweep
-        key = (kwargs["name"], kwargs["dtype"])
-        if key not in empty_models:
-            empty_models[key] = load_empty_model(**kwargs)
-        return empty_models[key]
-    monkeypatch.setattr(pipeline_loading_utils, "_load_empty_model", cached)
-    script_models, empty_model = {}, script.empty_model
-    def reused(model, name, *rest):  # built once, but T5, which the plan ties in place: each plan gets it untied
-        if (model, name, *rest) not in script_models:
-            script_models[model, name, *rest] = empty_model(model, name, *rest)
-        cached = script_models[model, name, *rest]
-        return copy.deepcopy(cached) if isinstance(cached, transformers.T5EncoderModel) else cached
-    monkeypatch.setattr(script, "empty_model", reused)
+    11.75, 11.85 and 11.95 GiB among them, where T5 fits on a device as loaded but not as diffusers' empty model):
+    where the plan splits a component, diffusers' own "balanced" decision, given the split components as loaded,
+    puts every other component of the stage where the plan put it. The models are built and sized once for all
+    the cases (models_built_once): the plan and diffusers' decision are still made at every budget."""
     components = diffusers.DiffusionPipeline.load_config(FLUX1_DEV)
     args = types.SimpleNamespace(model=str(FLUX1_DEV), height=1024, width=1024, staged=staged)
-    handed = {}
     checked = 0
     for hundredths in range(600, 2601, 25):
         budgets = {d: (hundredths + 10 * d) * GiB // 100 for d in range(num_devices)}
@@ -259,7 +360,7 @@ def test_diffusers_places_the_rest_as_planned_when_split_components_are_handed_t
         for stage in result["stages"]:
             if not stage["split"]:
                 continue
-            passed = {n: handed.setdefault(n, handed_over(n, "bfloat16")) for n in stage["split"]}
+            passed = {n: models_built_once(n, "bfloat16") for n in stage["split"]}
             decided = diffusers_balanced(stage["max_memory"], "bfloat16", passed=passed, names=stage["names"])
             for name in set(stage["names"]) - set(stage["split"]):
                 assert stage["device_maps"][name] == {"": decided.get(name, "cpu")}, (budgets, name, decided)
@@ -267,34 +368,40 @@ def test_diffusers_places_the_rest_as_planned_when_split_components_are_handed_t
     assert checked >= 20
 
 
+# Budgets of several devices where the transformer fits on none whole, in every dtype (2 x 40 GiB holds it whole in
+# 16 bits): BUDGETS' equal budgets out of order, on 24 GiB cards instead.
+SPLIT_BUDGETS = [b for b in BUDGETS if b[0] > 1 and b[1] != "40GiB"] + [(2, "24GiB", "1=22GiB,0=22GiB")]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_devices, memory, max_memory", [b for b in BUDGETS if b[0] > 1])
-def test_a_split_component_goes_where_the_libraries_would_split_it(script, monkeypatch, num_devices, memory,
-                                                                  max_memory, dtype):
+@pytest.mark.parametrize("num_devices, memory, max_memory", SPLIT_BUDGETS)
+def test_a_split_component_goes_where_the_libraries_would_split_it(script, monkeypatch, models_built_once, num_devices,
+                                                                  memory, max_memory, dtype):
     """Each block where the libraries would put it, given the per-device memory the script hands over: for the
     transformer, diffusers' own from_pretrained(device_map="sequential", max_memory=...); for T5, Accelerate's
     infer_auto_device_map with its `wo` weights in float32 under float16, as transformers loads them.
     (transformers' own device_map="sequential" would place T5 differently: its own copy of the algorithm leaves no
     room for the largest layer on device 0; the script hands T5 the device map itself, so it loads as planned.)"""
-    stages = []
-    monkeypatch.setattr(script, "plan_stage", lambda *a, _plan=script.plan_stage: stages.append(_plan(*a)) or stages[-1])
+    stages, plan_stage = [], script.plan_stage
+    monkeypatch.setattr(script, "plan_stage", lambda *a: stages.append(plan_stage(*a)) or stages[-1])
     monkeypatch.setattr("sys.argv", ["x", "--plan", "--json", "--model", str(FLUX1_DEV), "--num-devices",
                                      str(num_devices), "--device-memory", memory, *budget_args(max_memory, dtype)])
     script.main()
     checked = 0
     for stage in stages:
         for name in stage["split"]:
-            model, room = diffusers_empty_model(name, dtype), dict(stage["room"][name])
+            # diffusers' empty model; T5 tied as transformers loads it (`shared` and `encoder.embed_tokens` one tensor)
+            model, room = models_built_once(name, dtype), dict(stage["room"][name])
             if name == "transformer":
                 decided = _determine_device_map(model, "sequential", room, getattr(torch, dtype), [])
             else:
-                model.tie_weights()  # as transformers loads it: `shared` and `encoder.embed_tokens` are one tensor
                 kept = {n: torch.float32 for n, _ in model.named_parameters() if ".wo." in n and dtype == "float16"}
                 decided = infer_auto_device_map(model, max_memory=room, no_split_module_classes=model._no_split_modules,
                                                 dtype=getattr(torch, dtype), special_dtypes=kept)
             assert stage["device_maps"][name] == decided, name
+            assert len(set(decided.values())) > 1, (name, decided)  # a real split, over several devices
             checked += 1
-    assert checked or all(not s["split"] for s in stages)
+    assert "transformer" in stages[0]["split"] and checked >= 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -325,14 +432,19 @@ def test_the_meta_t5_has_the_dtypes_of_a_real_load(script, tiny_flux, dtype):
 
 
 @pytest.mark.parametrize("component", ["transformer", "text_encoder_2"])
-def test_a_planned_split_is_a_device_map_from_pretrained_takes(script, plan_tiny, component, tiny_flux):
-    """The keys accelerate gives the meta model are the real model's: from_pretrained loads them (here all put on
-    the CPU, the one device there is)."""
+def test_a_planned_split_is_a_device_map_from_pretrained_takes(script, plan_tiny, component, tiny_flux, tmp_path):
+    """The keys accelerate gives the meta model are the real model's: from_pretrained loads each part where the map
+    says, here its first half on the CPU and the rest offloaded to disk (two places a CPU-only machine has, where a
+    GPU machine has several GPUs): a key that named no part, or left one out, would not load as mapped."""
     device_map = plan_tiny["stages"][0]["device_maps"][component]
     assert len(device_map) > 1
-    model = diffusers.AutoModel.from_pretrained(str(tiny_flux), subfolder=component,
-                                                device_map=dict.fromkeys(device_map, "cpu"))
-    assert all(p.device.type == "cpu" for p in model.parameters())
+    given = {key: "cpu" if i < len(device_map) // 2 else "disk" for i, key in enumerate(device_map)}
+    model = diffusers.AutoModel.from_pretrained(str(tiny_flux), subfolder=component, device_map=given,
+                                                offload_folder=tmp_path)
+    assert model.hf_device_map == given
+    for name, parameter in model.named_parameters():
+        where = [d for key, d in given.items() if name == key or name.startswith(key + ".")]
+        assert where and parameter.device.type == {"cpu": "cpu", "disk": "meta"}[where[0]], (name, where)
 
 
 @pytest.fixture
@@ -347,12 +459,22 @@ def plan_tiny(script, tiny_flux):
 
 
 @pytest.fixture
-def two_gpus(monkeypatch, script):
-    """Two accelerators of 24 GiB, as torch and accelerate see them, on this CPU-only machine."""
+def two_gpus(monkeypatch):
+    """Two Intel GPUs of 24 GiB with 22 and 23 GiB free, as torch reports them (torch.xpu.mem_get_info, which
+    Accelerate's get_max_memory reads), on this CPU-only machine: the script's own reading of them is under test."""
+    import accelerate.utils.modeling
+
+    free = {0: 22 * GiB, 1: 23 * GiB}
+    monkeypatch.setattr(accelerate.utils.modeling, "is_xpu_available", lambda *a, **k: True)
+    monkeypatch.setattr(torch.xpu, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.xpu, "mem_get_info", lambda i=None: (free[torch.device("xpu", i).index], 24 * GiB))
+    monkeypatch.setattr(torch.xpu, "get_device_properties", lambda i=None: types.SimpleNamespace(total_memory=24 * GiB))
+    tensor = torch.tensor  # Accelerate's "is it usable" probe, torch.tensor(0, device=xpu:i), made on the CPU
+    monkeypatch.setattr(torch, "tensor", lambda data, *a, device=None, **k: tensor(
+        data, *a, device=None if device is not None and torch.device(device).type == "xpu" else device, **k))
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a: torch.device("xpu"))
-    monkeypatch.setattr(script, "get_max_memory", lambda: {0: 22 * GiB, 1: 23 * GiB, "cpu": 64 * GiB})
     monkeypatch.setattr(torch.xpu, "is_bf16_supported", lambda including_emulation=True: True)
 
 
@@ -399,11 +521,29 @@ def test_a_failing_free_memory_query_falls_back_to_total_memory_in_one_line(monk
 # --- the script itself ---
 
 
-def test_the_placing_calls_are_in_main(script):
-    import inspect
-    source = inspect.getsource(script.main)
-    assert 'DiffusionPipeline.from_pretrained(args.model, device_map="balanced"' in source
-    assert "from_pretrained(args.model, subfolder=name, device_map=" in source and "encode_prompt(" in source
+@pytest.mark.parametrize("staged", [False, True], ids=["resident", "staged"])
+def test_main_places_the_pipeline_with_the_libraries_balanced_load(monkeypatch, loads, tiny_flux, tmp_path, staged):
+    """The calls main() makes, observed as it runs: the pipeline (with --staged, each stage, the other's components
+    left out) loaded by diffusers with device_map="balanced" and the memory the user gave less the activations'
+    reserve; with --staged, the prompt encoded by the first stage with the T5 length asked."""
+    encoded, encode_prompt = [], diffusers.FluxPipeline.encode_prompt
+    monkeypatch.setattr(diffusers.FluxPipeline, "encode_prompt",
+                        lambda self, **kwargs: encoded.append((set(self.components), kwargs)) or encode_prompt(
+                            self, **kwargs))
+    result = run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", tmp_path / "x.png", *FAST, *CPU,
+                      "--max-memory", "cpu=1GiB", "--max-sequence-length", "64", *(["--staged"] if staged else []))
+    assert result.returncode == 0, result.stderr
+    stages = [{}] if not staged else [{"transformer": None, "vae": None}, {
+        "text_encoder": None, "text_encoder_2": None, "tokenizer": None, "tokenizer_2": None}]
+    assert [args for args, _, _ in loads] == [(str(tiny_flux),)] * len(stages)
+    for (_, kwargs, _), left_out in zip(loads, stages, strict=True):
+        assert kwargs == {"device_map": "balanced", "max_memory": {"cpu": GiB - 3 * GiB * 64 * 64 // 1024**2},
+                          "dtype": torch.float32, **left_out}
+    if staged:  # the text encoders' stage encodes; the pipeline of the second stage is given the embeddings
+        assert len(encoded) == 2 and encoded[0][1]["max_sequence_length"] == 64
+        assert encoded[0][1]["prompt"] == DEFAULT_PROMPT and encoded[1][1]["prompt_embeds"] is not None
+        assert loads[0][2].text_encoder_2 is not None and loads[1][2].text_encoder_2 is None
+    assert pixels(tmp_path / "x.png").shape == (64, 64, 3)
 
 
 def test_the_script_calls_no_private_library_function():
@@ -431,6 +571,75 @@ def test_max_memory_naming_a_device_that_is_not_there_is_a_clear_error():
     result = run_main(MODEL_PARALLEL, "--plan", "--model", FLUX1_DEV, "--num-devices", "2", "--device-memory",
                       "24GiB", "--max-memory", "2=10GiB")
     assert_clear_error(result, "--max-memory names device 2")
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Every weight load the script asks the libraries for (pipelines and single components): (args, kwargs, what
+    was loaded)."""
+    calls = []
+    for cls in (diffusers.DiffusionPipeline, diffusers.AutoModel):
+        load = cls.from_pretrained
+
+        def from_pretrained(*args, _load=load, **kwargs):
+            calls.append((args, kwargs, _load(*args, **kwargs)))
+            return calls[-1][2]
+        monkeypatch.setattr(cls, "from_pretrained", from_pretrained)
+    return calls
+
+
+def test_a_run_that_does_not_fit_stops_before_loading_anything(monkeypatch, loads, tiny_flux, tmp_path):
+    """A CPU with 32 KiB free beyond the activations' reserve (the tiny Flux's weights are hundreds of KiB): the
+    plan says it does not fit, and the run stops there, with no weight loaded and no image written."""
+    import psutil
+
+    reserve = 3 * GiB * 64 * 64 // 1024**2
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=reserve + 32 * 2**10))
+    result = run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", tmp_path / "x.png", *FAST, *CPU)
+    assert_clear_error(result, f"{tiny_flux} does not fit", "cpu=SIZE")
+    assert result.returncode == 1 and "fits: NO" in result.stdout
+    assert loads == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_model_that_is_not_flux_is_refused_before_anything_loads(loads, tiny_sd3, tmp_path):
+    result = run_main(MODEL_PARALLEL, "--model", tiny_sd3, "--output", tmp_path / "x.png", *FAST, *CPU)
+    assert_clear_error(result, "is a StableDiffusion3Pipeline", "for FLUX.1 pipelines")
+    assert loads == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--max-sequence-length", "513", "FLUX.1's T5 takes at most 512 tokens"),
+    ("--num-inference-steps", "0", "--num-inference-steps must be a positive number, not 0"),
+    ("--num-inference-steps", "-2", "--num-inference-steps must be a positive number, not -2"),
+    ("--height", "0", "--height must be a positive number, not 0"),
+    ("--width", "-64", "--width must be a positive number, not -64"),
+    ("--max-sequence-length", "0", "--max-sequence-length must be a positive number, not 0"),
+])
+def test_an_impossible_number_is_a_clear_error_before_anything_loads(loads, tiny_flux, tmp_path, flag, value,
+                                                                     expected):
+    result = run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", tmp_path / "x.png", *FAST, *CPU, flag, value)
+    assert_clear_error(result, expected)
+    assert loads == [] and list(tmp_path.iterdir()) == []
+
+
+def test_an_output_inside_a_file_is_refused_before_anything_loads(loads, tiny_flux, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    result = run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", tmp_path / "file" / "x.png", *FAST, *CPU)
+    assert_clear_error(result, f"--output {tmp_path / 'file' / 'x.png'}: cannot create its folder")
+    assert loads == [] and (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_an_output_in_a_folder_that_is_not_writable_is_refused_before_anything_loads(monkeypatch, loads, tiny_flux,
+                                                                                      tmp_path):
+    """A read-only folder, as os.access reports it (this process may be root, which writes anywhere)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == folder and mode & os.W_OK
+                        else access(path, mode, **kw))
+    result = run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", folder / "x.png", *FAST, *CPU)
+    assert_clear_error(result, f"--output {folder / 'x.png'}: its folder is not writable")
+    assert loads == [] and list(folder.iterdir()) == []
 
 
 # --- the parts worth a unit test ---
@@ -470,7 +679,7 @@ def tiny_budget(tiny_flux, devices, fraction):
 def cpu_image(tiny_flux):
     """The tiny Flux's image made on the CPU with the script's settings, as the script makes it on a CPU."""
     pipeline = diffusers.FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
-    return np.asarray(pipeline(prompt="A cat holding a sign that says hello world", height=64, width=64,
+    return np.asarray(pipeline(prompt=DEFAULT_PROMPT, height=64, width=64,
                                num_inference_steps=2, guidance_scale=3.5, max_sequence_length=512,
                                generator=torch.Generator("cpu").manual_seed(7)).images[0], dtype=np.int16)
 
@@ -556,20 +765,28 @@ def test_a_staged_run_keeps_nothing_of_a_split_t5_into_the_second_stage(script, 
     monkeypatch.setattr(script, "make_plan", split_t5)
     load_model, load_pipeline = script.AutoModel.from_pretrained, script.DiffusionPipeline.from_pretrained
 
+    asked, handed = [], []  # the split component's load (arguments), and whether each stage is handed it
+
     def from_pretrained(*args, **kwargs):
         model = load_model(*args, **kwargs)
         models.append(weakref.ref(model))
+        asked.append((args, kwargs))
         return model
 
     def pipeline_from_pretrained(*args, **kwargs):
         gc.collect()
         live.append(sum(m() is not None for m in models))
+        handed.append(kwargs.get("text_encoder_2") is not None and kwargs["text_encoder_2"] is models[-1]())
         return load_pipeline(*args, **kwargs)
     monkeypatch.setattr(script.AutoModel, "from_pretrained", from_pretrained)
     monkeypatch.setattr(script.DiffusionPipeline, "from_pretrained", pipeline_from_pretrained)
     stdout = main("--model", tiny_flux, "--output", tmp_path / "x.png", "--staged", *FAST, *CPU).out
     assert "text_encoder_2.encoder.final_layer_norm " in stdout.split("pipeline loaded")[0]  # loaded split
     assert live == [1, 0]  # stage 1: the split T5 handed over; stage 2: gone
+    # The split T5 loaded by its own from_pretrained with the plan's device map, and handed to the first stage
+    assert asked == [((str(tiny_flux),), {"subfolder": "text_encoder_2", "device_map": dict.fromkeys(blocks, "cpu"),
+                                          "dtype": torch.float32})]
+    assert handed == [True, False]
 
 
 # --- FLUX on GPUs without FP64 (Intel Arc A-series), simulated (issue 15, item 1) ---
@@ -710,8 +927,18 @@ def test_a_gpu_that_cannot_be_used_is_left_out_not_counted_as_free(monkeypatch, 
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a: torch.device("cuda"))
-    monkeypatch.setattr(script, "get_max_memory", lambda: {0: 20 * GiB, "cpu": 64 * GiB})
+    # As Accelerate's get_max_memory asks CUDA: the devices, a probe tensor on each, then its free memory.
+    monkeypatch.setattr(accelerate.utils.modeling, "is_xpu_available", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (20 * GiB, 24 * GiB))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=24 * GiB))
+    tensor = torch.tensor
+
+    def probe(data, *args, device=None, **kwargs):
+        if isinstance(device, int) and device != 0:  # Accelerate's probe on cuda:1
+            raise torch.AcceleratorError("CUDA error: CUDA-capable device(s) is/are busy or unavailable")
+        return tensor(data, *args, device=None if isinstance(device, int) else device, **kwargs)
+    monkeypatch.setattr(torch, "tensor", probe)
     simulate_usable_devices(monkeypatch, "cuda", usable={0})
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     captured = main("--plan", "--json", "--model", FLUX1_DEV)
