@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
+
 from tests.conftest import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
@@ -61,3 +63,12 @@ def test_uv_run_starts_quietly():
     result = subprocess.run([uv, "run", "python", "-c", "print(1)"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert (result.returncode, result.stdout, result.stderr) == (0, "1\n", "")
+
+
+@pytest.mark.xdist_group("probe")
+def test_xdist_groups_take_effect(request):
+    """The runs that tests share (module-scoped fixtures) are made once only if the tests of a group go to one
+    worker: pytest-xdist marks them by adding the group to each test's id, which pytest 9.2 no longer lets it do."""
+    if not getattr(request.config.option, "loadgroup", False):  # what pytest-xdist sets in a worker for loadgroup
+        pytest.skip("not run by pytest-xdist with --dist loadgroup (-n 0)")
+    assert request.node.nodeid.endswith("@probe")
