@@ -14,7 +14,8 @@ model too large for any one GPU, model-parallelism-flux.py spreads one copy over
     uv run accelerate launch --num_processes 2 context-parallelism-flux.py          # the same, with accelerate
     uv run context-parallelism-flux.py                                              # 1 GPU: the baseline
     uv run context-parallelism-flux.py --plan --num-devices 2 --device-memory 24GiB # will it fit? no download
-    uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --model tiny/flux --height 64 --width 64 --num-inference-steps 2  # CPU
+    uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --model tiny/flux --height 64 --width 64 \
+        --num-inference-steps 2                                                     # on the CPU
 
 Launcher options go before the script's name. On the CPU `accelerate launch` needs --multi_gpu to start several
 processes. Every process runs the pipeline with the same seed on a CPU generator; only the main process saves the
@@ -669,7 +670,8 @@ def explained_load_errors(model):
                 reason = "it is gated, and this account has not been granted access"
             elif isinstance(error, RepositoryNotFoundError):
                 reason = "no such model on the Hub, or it is private"
-            elif isinstance(error, (OfflineModeIsEnabled, ConnectionError)) or "Name or service not known" in str(error):
+            elif (isinstance(error, (OfflineModeIsEnabled, ConnectionError))
+                  or "Name or service not known" in str(error)):
                 reason = "it is not in the local cache, and the Hub cannot be reached"
             elif error.__cause__ is None and error.__context__ is None:
                 reason = str(error).splitlines()[0]

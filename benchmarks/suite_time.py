@@ -60,7 +60,8 @@ def main():
                            cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     summary = [line for line in suite.stdout.splitlines() if re.search(r"\d+ (passed|failed)", line)]
-    print(f"the suite: {seconds:.1f} s ({summary[-1].strip('= ') if summary else 'no summary'}), exit {suite.returncode}")
+    outcome = summary[-1].strip("= ") if summary else "no summary"
+    print(f"the suite: {seconds:.1f} s ({outcome}), exit {suite.returncode}")
     print(f"ratio: {seconds / unit:.1f} (suite / one run of the script; the goal is 40 or less)")
     if suite.returncode != 0:
         print(suite.stdout[-5000:], file=sys.stderr)

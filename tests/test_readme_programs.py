@@ -363,7 +363,8 @@ def test_the_extractor_finds_each_program_with_the_commands_that_launch_it():
 
 
 def test_the_readme_blocks_are_found_in_lists_too():
-    indented = "1. Run:\n   ```bash\n   uv run x_minimal.py\n   ```\n\n   ```python\n   # file: x_minimal.py\n   pass\n   ```\n"
+    indented = ("1. Run:\n   ```bash\n   uv run x_minimal.py\n   ```\n\n"
+                "   ```python\n   # file: x_minimal.py\n   pass\n   ```\n")
     [program] = readme_programs(indented)
     assert (program.name, program.source, program.commands) == ("x_minimal.py", "# file: x_minimal.py\npass\n",
                                                                 ["uv run x_minimal.py"])
