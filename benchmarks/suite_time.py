@@ -8,6 +8,7 @@ less; a faster or slower machine moves both times alike.
 
     uv run benchmarks/suite_time.py                    # the whole suite
     uv run benchmarks/suite_time.py -- -k readme       # arguments after -- go to pytest
+    uv run benchmarks/suite_time.py --log suite.log -- --durations=30   # and where the time goes
 
 Bytecode is cached first (an untimed run of the script), as on a user's machine after the first run.
 """
@@ -30,6 +31,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3,
                         help="timed runs of the script; the median is the unit (default: %(default)s)")
+    parser.add_argument("--log", type=Path, help="write pytest's whole output to this file (e.g. with "
+                                                 "`-- --durations=30`: where the time goes)")
     parser.add_argument("pytest_args", nargs="*", help="arguments for pytest, after -- (default: none)")
     return parser.parse_args()
 
@@ -59,6 +62,8 @@ def main():
     suite = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.pytest_args],
                            cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    if args.log:
+        args.log.write_text(suite.stdout + suite.stderr, encoding="utf-8")
     summary = [line for line in suite.stdout.splitlines() if re.search(r"\d+ (passed|failed)", line)]
     outcome = summary[-1].strip("= ") if summary else "no summary"
     print(f"the suite: {seconds:.1f} s ({outcome}), exit {suite.returncode}")

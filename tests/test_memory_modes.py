@@ -232,8 +232,10 @@ def test_plan_on_a_machine_without_a_gpu_uses_the_pipeline_whole_on_the_cpu(scri
 
 def test_no_t5_makes_images_without_t5_and_the_manifest_says_so(tiny_sd3, tmp_path):
     prompts = [arg for p in PROMPTS for arg in ("--prompt", p)]
-    run(python(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", tmp_path / "t5", *prompts, *FAST))
-    run(python(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", tmp_path / "no-t5", *prompts, *FAST, "--no-t5"))
+    for folder, extra in ("t5", []), ("no-t5", ["--no-t5"]):  # in this process (tests/conftest.py: run_main)
+        result = run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", tmp_path / folder, *prompts, *FAST,
+                          *extra)
+        assert result.returncode == 0, result.stderr
     for with_t5, without in zip(read_manifest(tmp_path / "t5"), read_manifest(tmp_path / "no-t5")):
         assert (with_t5["t5"], without["t5"]) == (True, False)
         assert with_t5["memory"] == without["memory"] == "whole"  # the CPU holds the pipeline whole
@@ -244,7 +246,8 @@ def test_no_t5_makes_images_without_t5_and_the_manifest_says_so(tiny_sd3, tmp_pa
 
 def test_images_made_without_t5_are_not_mixed_with_images_made_with_it(tiny_sd3, tmp_path):
     out = tmp_path / "out"
-    run(python(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, "--prompt", PROMPTS[0], *FAST, "--no-t5"))
+    assert run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, "--prompt", PROMPTS[0], *FAST,
+                    "--no-t5").returncode == 0
     result = run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, "--prompt", PROMPTS[0],
                       "--prompt", PROMPTS[1], *FAST)
     assert_clear_error(result, "was made with another t5", "--overwrite")
