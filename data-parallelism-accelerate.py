@@ -822,6 +822,7 @@ def images_to_make(args, prompts, names):
                       "rebuilt": True}
     try:
         write_manifest(manifest, records)
+        (args.output_dir / "summary.json").unlink(missing_ok=True)  # an earlier run's: this one writes its own
     except OSError as e:
         cannot_write(manifest, e)
     if done:
@@ -930,8 +931,8 @@ def report(args, stats, already, wall_seconds, sheet):
         print(f"  rank {s['rank']} on {s['device']}: {s['images']} images in {s['generate_seconds']:.1f} s, {memory}")
     print(f"images and manifest.jsonl in {args.output_dir}/" + (f"; all at a glance in {sheet}" if sheet else ""))
     write_atomically(args.output_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(
-        {"processes": len(stats), "images": made, "wall_seconds": wall_seconds, "contact_sheet": sheet and sheet.name,
-         "generate_seconds": generate_seconds, "ranks": stats}, indent=2)))
+        {"processes": len(stats), "images": made, "already_there": already, "wall_seconds": wall_seconds,
+         "contact_sheet": sheet and sheet.name, "generate_seconds": generate_seconds, "ranks": stats}, indent=2)))
 
 
 if __name__ == "__main__":

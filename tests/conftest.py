@@ -70,9 +70,10 @@ def run_main(script, *args, **env):
     """Run a script's main() in this process, as `python SCRIPT ARGS...` would run it, with the same environment
     as `run` (plus `env`; a variable given as None is unset): its exit code and what it printed. For what ends
     before any weight is loaded or any process group is formed (bad input, --plan, the checks): the same
-    user-facing result as a subprocess, without its 5-8 s of imports. The libraries' own log lines go to this
-    process's stderr, not to the result: the tests that the whole output is one line keep a subprocess run of each
-    script for that."""
+    user-facing result as a subprocess, without its 5-8 s of imports; and for a whole single-process run whose
+    files and own lines are what a test checks (no launcher, no process group). The libraries' own log lines go to
+    this process's stderr, not to the result: the tests that the whole output is one line keep a subprocess run of
+    each script for that."""
     module = load_script(Path(script))
     stdout, stderr = io.StringIO(), io.StringIO()
     environment = {name: value for name, value in offline_env(**env).items() if value is not None}  # None: unset

@@ -173,7 +173,9 @@ def test_a_second_run_makes_only_the_missing_images_and_batches_make_the_images_
     assert_one_image_per_prompt(out, PROMPTS)
     assert_same_images(out, one_process)
     assert_made_by_diffusers(out, diffusers_image)
-    assert json.loads((out / "summary.json").read_text())["images"] == 3  # made in this run; 2 were already there
+    assert "made 3 images (2 already there) with 1 process(es)" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["images"], summary["already_there"]) == (3, 2)  # made in this run, and those it found made
 
 
 # --- bad input: one line saying what to do, a non-zero exit, no traceback ---
@@ -238,7 +240,7 @@ def test_an_output_folder_that_is_not_writable_is_refused_before_anything_is_mad
     out, access = tmp_path / "out", os.access
     out.mkdir()
     # As root (CI, containers) a folder's mode does not stop a write: the script's own question is answered no.
-    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != out and access(path, mode))
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != out and access(path, mode, **kw))
     result = run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, *FAST)
     assert_clear_error(result, f"--output-dir {out} is not writable")
     assert not list(out.iterdir())

@@ -245,7 +245,8 @@ def assert_the_images_are_made(script_path, args):
 
 
 def main_on(pci_devices, script_path, *args):
-    """run_on, for what ends before anything loads: the script's main() in this process (tests/conftest.py)."""
+    """run_on, in this process (tests/conftest.py: run_main): for what ends before anything loads, and for a plain
+    one-process run whose images and own lines the test checks."""
     return run_main(script_path, *args, SYSFS_PCI_DEVICES=str(pci_devices),
                     DEVICE_NODES=str(pci_devices.parent / "dev"), CUDA_VISIBLE_DEVICES=None, ZE_AFFINITY_MASK=None)
 

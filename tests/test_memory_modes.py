@@ -9,6 +9,7 @@ import importlib
 import json
 import warnings
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -63,6 +64,8 @@ def test_sd35_medium_plan_picks_the_fastest_mode_that_fits(script, monkeypatch, 
         assert needs["whole"] <= gib * GiB
     else:
         assert needs["model"] <= gib * GiB < needs["whole"]
+        # T5-XXL, the largest component, on the GPU while it encodes, with room for a text encoder's activations
+        assert needs["model"] == result["components"]["text_encoder_3"] + GiB // 2
     assert result["ram_available"] is None  # a card this machine does not have: its RAM is not this machine's
 
 
@@ -303,6 +306,7 @@ def test_model_offload_goes_to_this_processs_own_device_not_device_0(script, mon
     monkeypatch.setattr(script, "broadcast_object_list", lambda objects: [[(0, "a red fox")]] if rank else objects)
     monkeypatch.setattr(script, "gather_object", lambda objects: objects)
     monkeypatch.setattr(script, "free_memory", lambda device: 12 * GiB)
+    monkeypatch.setattr(script, "JobProgress", mock.MagicMock())  # its thread would outlive main(), stopped early
     weigh = script.weigh_pipeline
     monkeypatch.setattr(script, "weigh_pipeline", lambda args: {**weigh(args), **SD35, "ram": 64 * GiB})
     hooked = {}

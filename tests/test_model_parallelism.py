@@ -8,7 +8,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from accelerate import infer_auto_device_map
 from accelerate.utils import compute_module_sizes
 from diffusers.models.model_loading_utils import _determine_device_map
 from diffusers.pipelines.pipeline_loading_utils import ALL_IMPORTABLE_CLASSES, _get_final_device_map, _load_empty_model
-from PIL import Image
 
 from tests.conftest import ROOT, accelerator, assert_clear_error, load_script, pixels, python, run, run_main
 
@@ -155,6 +153,7 @@ def test_the_printed_placement_is_where_the_weights_are(script, recorded, monkey
         return plan
     monkeypatch.setattr(script, "make_plan", split_t5)
     monkeypatch.setattr(script.AutoModel, "from_pretrained", lambda *a, **kw: load(*a, **kw, offload_folder=tmp_path))
+
     def placed(*args, **kwargs):
         raise Placed
     monkeypatch.setattr(script, "no_fp64_remedy", placed)  # the first thing main() does after printing

@@ -68,7 +68,9 @@ def test_uv_run_starts_quietly():
 @pytest.mark.xdist_group("probe")
 def test_xdist_groups_take_effect(request):
     """The runs that tests share (module-scoped fixtures) are made once only if the tests of a group go to one
-    worker: pytest-xdist marks them by adding the group to each test's id, which pytest 9.2 no longer lets it do."""
+    worker: pytest-xdist 3.8 marks them by adding the group to each test's id, which pytest 9.2 no longer lets it
+    do. (Should a later pytest-xdist group tests another way, this test fails where the groups may still work:
+    then check with two tests of one group that print PYTEST_XDIST_WORKER, and update it.)"""
     if not getattr(request.config.option, "loadgroup", False):  # what pytest-xdist sets in a worker for loadgroup
         pytest.skip("not run by pytest-xdist with --dist loadgroup (-n 0)")
     assert request.node.nodeid.endswith("@probe")
