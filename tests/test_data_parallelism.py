@@ -1,5 +1,6 @@
 """data-parallelism-accelerate.py, run as users run it: plain Python, torchrun, accelerate launch."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -253,8 +254,11 @@ def test_processes_that_formed_no_group_stop_instead_of_each_making_every_image(
     script = load_script(DATA_PARALLEL)
     for name, value in {"WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2, "RANK": 0, "LOCAL_RANK": 0}.items():
         monkeypatch.setenv(name, str(value))
-    alone = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True, device=torch.device("cpu"))
+    alone = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True, device=torch.device("cpu"),
+                            split_between_processes=contextlib.nullcontext)  # alone: every prompt its share
     monkeypatch.setattr(script, "PartialState", lambda **kwargs: alone)  # what such a process's state says
+    monkeypatch.setattr(script, "broadcast_object_list", lambda objects: objects)  # alone, the collectives are no-ops
+    monkeypatch.setattr(script, "gather_object", lambda objects: objects)
     monkeypatch.setattr(sys, "argv", [DATA_PARALLEL.name, "--model", str(tiny_sd3), "--output-dir",
                                       str(tmp_path / "out"), *FAST])
     with pytest.raises(SystemExit) as exit:
