@@ -160,24 +160,9 @@ def test_a_run_with_other_settings_into_the_same_folder_is_refused(tiny_sd3, thr
 # --- a full disk said plainly ---
 
 # Where a private mount namespace can be made (Linux, as root), the output folder is a real 128 KiB tmpfs that
-# fills up after about 10 images; elsewhere the disk is "full" after 5 images: as on a real one, the sixth image's
-# first half is written, then the write fails (ENOSPC).
+# fills up after about 10 images; elsewhere the disk is "full" after 5 images (tests/simulate/sitecustomize.py,
+# FULL_DISK_AFTER): as on a real one, the sixth image's first half is written, then the write fails (ENOSPC).
 MOUNT_SMALL_DISK = 'd="$1"; shift; mount -t tmpfs -o size=128k tmpfs "$d"'  # then runs "$@" there, if any
-FAKE_FULL_DISK = """import errno, io, runpy, sys
-from PIL import Image
-save, saved = Image.Image.save, []
-def full_after_5(self, fp, *args, **kwargs):
-    if len(saved) == 5:
-        data = io.BytesIO()
-        save(self, data, *args, **kwargs)
-        with open(fp, "wb") as file:
-            file.write(data.getvalue()[:len(data.getvalue()) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
-    saved.append(fp)
-    return save(self, fp, *args, **kwargs)
-Image.Image.save = full_after_5
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")"""
 FILL = MANY[:20]
 
 
@@ -185,16 +170,16 @@ def run_on_a_full_disk(tiny_sd3, tmp_path):
     """Run the script until its disk is full; return the result and a folder holding what it left on disk."""
     small, kept = tmp_path / "small", tmp_path / "kept"
     small.mkdir()
-    in_namespace = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+    in_namespace, env = ["unshare", "--mount", "--propagation", "private", "sh", "-c"], offline_env()
     if shutil.which("unshare") and subprocess.run([*in_namespace, MOUNT_SMALL_DISK, "sh", small]).returncode == 0:
         script = f'{MOUNT_SMALL_DISK} && "$@"; code=$?; cp -a "$d/." "{kept}/"; exit $code'
         command = [*in_namespace, script, "sh", small, sys.executable, DATA_PARALLEL,
                    *script_args(tiny_sd3, small, FILL)]
     else:
-        command = [sys.executable, "-c", FAKE_FULL_DISK, DATA_PARALLEL, *script_args(tiny_sd3, kept, FILL)]
+        command = [sys.executable, DATA_PARALLEL, *script_args(tiny_sd3, kept, FILL)]
+        env = offline_env(PYTHONPATH=str(SIMULATE), FULL_DISK_AFTER="5")
     kept.mkdir(exist_ok=True)
-    result = subprocess.run(list(map(str, command)), cwd=ROOT, env=offline_env(), capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(list(map(str, command)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return result, kept
 
 

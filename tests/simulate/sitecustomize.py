@@ -9,6 +9,8 @@ environment variable is set:
 - KILL_RANK_WRITING=R: the process of rank R is killed (SIGKILL, as by the kernel's out-of-memory killer or a
   power cut) half-way through writing its third image: half of the PNG's bytes are on disk, and nothing of the
   process runs after (tests/test_long_runs.py).
+- FULL_DISK_AFTER=N: the disk fills up while the process writes its image N + 1: half of its bytes are on disk,
+  then the write fails with ENOSPC, as on a real disk (tests/test_long_runs.py, where no tmpfs can be mounted).
 - PROBE_GROUP_AT_EXIT=1: at exit, a process still in a process group says so on stderr.
 """
 
@@ -32,25 +34,29 @@ if os.environ.get("HANG_RANK") is not None and os.environ.get("RANK") == os.envi
 
     Image.Image.save = lambda self, *args, **kwargs: time.sleep(3600)
 
-if os.environ.get("KILL_RANK_WRITING") is not None and os.environ.get("RANK") == os.environ["KILL_RANK_WRITING"]:
+_killed = os.environ.get("KILL_RANK_WRITING") is not None and os.environ.get("RANK") == os.environ["KILL_RANK_WRITING"]
+if _killed or os.environ.get("FULL_DISK_AFTER"):
+    import errno
     import io
     import signal
 
     from PIL import Image
 
-    _save, _saved = Image.Image.save, []
+    _save, _saved, _cut_at = Image.Image.save, [], 2 if _killed else int(os.environ["FULL_DISK_AFTER"])
 
-    def _killed_while_writing(self, fp, *args, **kwargs):
-        if len(_saved) == 2:
+    def _cut_short_while_writing(self, fp, *args, **kwargs):
+        if len(_saved) == _cut_at:  # half of this image's bytes reach the disk, then the write stops
             data = io.BytesIO()
             _save(self, data, *args, **kwargs)
             with open(fp, "wb") as file:
                 file.write(data.getvalue()[:len(data.getvalue()) // 2])
-            os.kill(os.getpid(), signal.SIGKILL)
+            if _killed:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
         _saved.append(fp)
         return _save(self, fp, *args, **kwargs)
 
-    Image.Image.save = _killed_while_writing
+    Image.Image.save = _cut_short_while_writing
 
 if os.environ.get("PROBE_GROUP_AT_EXIT"):
     import atexit
