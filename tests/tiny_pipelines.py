@@ -158,8 +158,8 @@ def build_flux(out: Path) -> Path:
         transformer=FluxTransformer2DModel(
             patch_size=1,
             in_channels=16,  # 4 latent channels, packed 2x2
-            num_layers=2,
-            num_single_layers=4,
+            num_layers=1,
+            num_single_layers=2,
             attention_head_dim=16,
             num_attention_heads=2,
             joint_attention_dim=TEXT_DIM,
