@@ -74,6 +74,9 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs of each process count, taken in turn; the table shows the best of them, the "
                              "least disturbed by whatever else the machine runs (default: %(default)s)")
+    parser.add_argument("--no-warm-up", action="store_true",
+                        help="skip the untimed first run that lets Python cache the libraries' bytecode (where a "
+                             "run before this one cached it already)")
     parser.add_argument("--hidden", type=int, default=768,
                         help="with no --model: the random transformer's hidden size, in heads of 64 (default: "
                              "%(default)s)")
@@ -93,11 +96,11 @@ def measure(args, work):
     if not torch.accelerator.is_available():
         env["OMP_NUM_THREADS"] = "1"  # one core a process: N processes use N cores
     size = ["--height", str(args.size), "--width", str(args.size)]
-    # A first run, not timed: as on a user's machine after their first run, the bytecode is cached.
-    warm_up = subprocess.run([sys.executable, SCRIPT, "--model", model, *size, "--num-inference-steps", "1",
-                              "--output", work / "warm-up.png"], env=env, capture_output=True, text=True)
-    if warm_up.returncode != 0:
-        sys.exit(f"error: the warm-up run failed:\n{warm_up.stderr[-3000:]}")
+    if not args.no_warm_up:  # a first run, not timed: as on a user's machine after their first run, the bytecode
+        warm_up = subprocess.run([sys.executable, SCRIPT, "--model", model, *size, "--num-inference-steps", "1",
+                                  "--output", work / "warm-up.png"], env=env, capture_output=True, text=True)
+        if warm_up.returncode != 0:  # is cached
+            sys.exit(f"error: the warm-up run failed:\n{warm_up.stderr[-3000:]}")
     best = {}  # processes -> the best (least) of each time over the repeats, and the image
     for n in [n for _ in range(args.repeats) for n in args.processes]:  # 1, 2, 1, 2: in turn, not 1, 1, 2, 2
         out = work / f"{n}.png"

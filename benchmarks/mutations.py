@@ -51,7 +51,7 @@ MUTATIONS = [
              ("tests/test_data_parallelism.py", "-k", "second_run")),
     Mutation("split-order-reversed", DP, "split_between_processes(todo) as my_share",
              "split_between_processes(todo[::-1]) as my_share",
-             ("tests/test_data_parallelism.py", "-k", "two_cpu_processes and torchrun")),
+             ("tests/test_data_parallelism.py", "-k", "contiguous_share and torchrun")),
     Mutation("atomic-rename-skipped", DP, 'write_atomically(folder / name, lambda tmp: image.save(tmp, format="PNG"))',
              'image.save(folder / name, format="PNG")', ("tests/test_long_runs.py", "-k", "killed_while_writing")),
     Mutation("manifest-line-not-written", DP, "        append_line(folder / \"manifest.jsonl\"",

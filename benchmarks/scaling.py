@@ -37,6 +37,9 @@ def parse_args():
     parser.add_argument("--prompts", type=int, default=48, help="number of prompts (default: %(default)s)")
     parser.add_argument("--size", type=int, default=128, help="image height and width (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=8, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--no-warm-up", action="store_true",
+                        help="skip the untimed first run that lets Python cache the libraries' bytecode (where a "
+                             "run before this one cached it already)")
     parser.add_argument("--launcher", choices=["torchrun", "accelerate"], default="accelerate",
                         help="how to start the processes (default: %(default)s)")
     return parser.parse_args()
@@ -63,12 +66,13 @@ def measure(args, work):
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # measure what users get: Python caching the libraries' bytecode
     if not torch.accelerator.is_available():
         env["OMP_NUM_THREADS"] = "1"  # one core a process: N processes use N cores
-    # A first run, not timed: as on a user's machine after their first run, the bytecode is cached.
-    warm_up = subprocess.run([sys.executable, ROOT / "data-parallelism-accelerate.py", "--model", model, "--output-dir",
-                              work / "warm-up", "--prompt", "warm-up", "--height", str(args.size), "--width",
-                              str(args.size), "--num-inference-steps", "1"], env=env, capture_output=True, text=True)
-    if warm_up.returncode != 0:
-        sys.exit(f"error: the warm-up run failed:\n{warm_up.stderr[-3000:]}")
+    if not args.no_warm_up:  # a first run, not timed: as on a user's machine after their first run, the bytecode
+        warm_up = subprocess.run([sys.executable, ROOT / "data-parallelism-accelerate.py", "--model", model,
+                                  "--output-dir", work / "warm-up", "--prompt", "warm-up", "--height", str(args.size),
+                                  "--width", str(args.size), "--num-inference-steps", "1"], env=env,
+                                 capture_output=True, text=True)
+        if warm_up.returncode != 0:  # is cached
+            sys.exit(f"error: the warm-up run failed:\n{warm_up.stderr[-3000:]}")
     prompts = [arg for i in range(args.prompts) for arg in ("--prompt", f"benchmark prompt number {i}")]
     rows = []
     for n in args.processes:

@@ -50,10 +50,10 @@ def offline_env(**extra):
     return env
 
 
-def run(args, timeout=300, check=True, **kwargs):
-    """Run a command from the repository root, offline; fail the test with its output if it fails."""
-    result = subprocess.run([str(a) for a in args], cwd=ROOT, env=offline_env(), capture_output=True, text=True,
-                            timeout=timeout, **kwargs)
+def run(args, timeout=300, check=True, env=None, **kwargs):
+    """Run a command from the repository root, offline (plus `env`); fail the test with its output if it fails."""
+    result = subprocess.run([str(a) for a in args], cwd=ROOT, env=offline_env(**(env or {})), capture_output=True,
+                            text=True, timeout=timeout, **kwargs)
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(map(str, args))} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result

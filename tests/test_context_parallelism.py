@@ -1,14 +1,13 @@
-"""context-parallelism-flux.py, run as users run it: the tiny Flux split between 2 CPU processes by torchrun and by
-accelerate launch, checked against one process and against diffusers' FluxPipeline called directly; the tokens
+"""context-parallelism-flux.py, run as users run it: the tiny Flux split between 2 CPU processes by torchrun (the
+README's own commands) and by accelerate launch, checked against one process and against diffusers' FluxPipeline
+called directly; the tokens
 each process really held, seen by a probe inside the processes; every bad input; plans for FLUX.1-dev from its
 real configs; the CPU workaround for diffusers 0.42, shown to be still needed; and GPU runs where there are GPUs.
 """
 
 import ast
 import json
-import os
 import re
-import subprocess
 import textwrap
 from types import SimpleNamespace
 
@@ -18,8 +17,9 @@ import pytest
 import torch
 from diffusers import ContextParallelConfig, FluxPipeline, FluxTransformer2DModel
 
-from tests.conftest import (ROOT, accelerate_launch, accelerator, assert_clear_error, load_script, offline_env, pixels,
-                            python, run, run_main, torchrun)
+from tests.conftest import (ROOT, accelerate_launch, accelerator, assert_clear_error, load_script, pixels, run,
+                            run_main, torchrun)
+from tests.test_readme import CP_TORCHRUN_STAGED, CP_TORCHRUN_TINY, run_readme_command
 
 # The tests that share the module-scoped runs below go to one pytest-xdist worker, which makes each run once.
 SHARED_RUNS = pytest.mark.xdist_group("context_parallelism")
@@ -48,33 +48,37 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def launched(command, tmp_path, probe=False):
-    """Run a launch command with its image in a folder of its own: (result, folder, probe folder)."""
-    out, probes = tmp_path / "out", tmp_path / "probe"
+def launched(command, tmp_path):
+    """Run a launch command with its image in a folder of its own: (result, folder, image)."""
+    out = tmp_path / "out"
     out.mkdir()
-    env = offline_env()
-    if probe:
-        probes.mkdir()
-        (tmp_path / "sitecustomize.py").write_text(PROBE)
-        env |= {"PYTHONPATH": str(tmp_path), "CP_PROBE": str(probes)}
-    result = subprocess.run([str(a) for a in command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if result.returncode != 0:
-        pytest.fail(f"{command} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return SimpleNamespace(result=result, out=out, image=out / "cat.png", probes=probes)
+    return SimpleNamespace(result=run(command), out=out, image=out / "cat.png")
+
+
+def with_probe(tmp_path):
+    """The environment that puts PROBE in every process, and the folder where it writes what it saw."""
+    probes = tmp_path / "probe"
+    probes.mkdir()
+    (tmp_path / "sitecustomize.py").write_text(PROBE)
+    return {"PYTHONPATH": str(tmp_path), "CP_PROBE": str(probes)}, probes
 
 
 @pytest.fixture(scope="module")
 def one_process(tiny_flux, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("one")
-    return launched(python(CONTEXT_PARALLEL, "--model", tiny_flux, *FAST, "--output", tmp / "out" / "cat.png",
-                           "--device", "cpu"), tmp)
+    """One plain process, no launcher: main() in this process (tests/conftest.py: run_main), with --seed 7."""
+    out = tmp_path_factory.mktemp("one") / "out"
+    result = run_main(CONTEXT_PARALLEL, "--model", tiny_flux, *FAST, "--output", out / "cat.png", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    return SimpleNamespace(result=result, out=out, image=out / "cat.png")
 
 
 @pytest.fixture(scope="module")
-def with_torchrun(tiny_flux, tmp_path_factory):
+def with_torchrun(tiny_flux, tiny_sd3, tmp_path_factory):
+    """The README's torchrun command for the tiny Flux (seed 0), with PROBE in each process."""
     tmp = tmp_path_factory.mktemp("torchrun")
-    return launched(torchrun(2, CONTEXT_PARALLEL, "--model", tiny_flux, *FAST, "--output", tmp / "out" / "cat.png",
-                             "--device", "cpu"), tmp, probe=True)
+    env, probes = with_probe(tmp_path_factory.mktemp("probe"))
+    result = run_readme_command(CP_TORCHRUN_TINY, {"sd3": tiny_sd3, "flux": tiny_flux}, tmp, **env)
+    return SimpleNamespace(result=result, out=tmp, image=tmp / "out.png", probes=probes)
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +90,19 @@ def with_accelerate(tiny_flux, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def diffusers_image(tiny_flux):
-    """The oracle: diffusers' FluxPipeline called directly, one process, no parallelism, the same settings."""
+    """The oracle: diffusers' FluxPipeline called directly, one process, no parallelism, the same settings, for a
+    seed (the script's default 0, or FAST's 7)."""
     pipeline = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
-    image = pipeline(PROMPT, height=64, width=64, num_inference_steps=2, guidance_scale=3.5, max_sequence_length=512,
-                     generator=torch.Generator("cpu").manual_seed(7)).images[0]
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
+    made = {}
+
+    def image(seed):
+        if seed not in made:
+            made[seed] = np.asarray(pipeline(
+                PROMPT, height=64, width=64, num_inference_steps=2, guidance_scale=3.5, max_sequence_length=512,
+                generator=torch.Generator("cpu").manual_seed(seed)).images[0].convert("RGB"), dtype=np.int16)
+        return made[seed]
+    return image
 
 
 # --- the tiny Flux, 2 CPU processes ---
@@ -99,20 +110,24 @@ def diffusers_image(tiny_flux):
 
 @SHARED_RUNS
 @pytest.mark.parametrize("launch", ["with_torchrun", "with_accelerate"])
-def test_two_processes_write_one_image_equal_to_one_process(launch, one_process, request):
+def test_two_processes_write_one_image_and_no_temporary_file(launch, request):
     run_ = request.getfixturevalue(launch)
-    assert [p.name for p in run_.out.iterdir()] == ["cat.png"]  # one image, no temporary file left behind
-    assert np.abs(pixels(run_.image) - pixels(one_process.image)).max() <= 1  # within 1/255
+    assert [p.name for p in run_.out.iterdir()] == [run_.image.name]
 
 
 @SHARED_RUNS
 def test_one_process_makes_the_image_diffusers_makes(one_process, diffusers_image):
-    assert np.abs(pixels(one_process.image) - diffusers_image).max() <= 1
+    assert np.abs(pixels(one_process.image) - diffusers_image(7)).max() <= 1  # within 1/255
 
 
 @SHARED_RUNS
 def test_two_processes_make_the_image_diffusers_makes(with_torchrun, diffusers_image):
-    assert np.abs(pixels(with_torchrun.image) - diffusers_image).max() <= 1
+    assert np.abs(pixels(with_torchrun.image) - diffusers_image(0)).max() <= 1
+
+
+@SHARED_RUNS
+def test_accelerate_launch_makes_the_image_of_one_process_with_the_same_seed(with_accelerate, one_process):
+    assert np.abs(pixels(with_accelerate.image) - pixels(one_process.image)).max() <= 1
 
 
 @SHARED_RUNS
@@ -195,11 +210,19 @@ def test_too_little_ram_for_every_process_copy_is_refused(refused, tiny_flux, mo
 
 
 def test_under_a_launcher_a_bad_input_is_said_once_and_ends_every_process(tiny_flux, tmp_path):
-    result = run(torchrun(2, CONTEXT_PARALLEL, "--model", tiny_flux, "--height", "48", "--width", "48", "--output",
-                          tmp_path / "x.png", "--device", "cpu"), check=False)
-    assert result.returncode != 0 and not (tmp_path / "x.png").exists()
-    assert result.stderr.count("error: a 48x48 image is 9 tokens") == 1
-    assert "[rank" not in result.stderr  # no worker traceback (the launcher's own report follows the line)
+    """The two processes a launcher starts, each run here as that process (its launcher's variables): both stop
+    before any process group forms (so neither waits for the other, and the launcher ends the job), and the first
+    alone says why. (A real launcher's run of a bad input: tests/test_data_parallelism.py; `fail` is the same
+    function in both scripts.)"""
+    said = []
+    for rank in (0, 1):
+        result = run_main(CONTEXT_PARALLEL, "--model", tiny_flux, "--height", "48", "--width", "48", "--output",
+                          tmp_path / "x.png", "--device", "cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                          LOCAL_WORLD_SIZE="2", MASTER_ADDR=None, MASTER_PORT=None)
+        assert result.returncode not in (None, 0) and "Traceback" not in result.stderr
+        said.append(result.stderr)
+    assert said[0].startswith("error: a 48x48 image is 9 tokens") and said[0].count("\n") == 1 and said[1] == ""
+    assert not (tmp_path / "x.png").exists()
 
 
 # --- --plan: FLUX.1-dev from its real configs, no weights ---
@@ -298,10 +321,12 @@ def test_two_gpus_make_the_image_of_one_faster_per_step(tmp_path):
 
 
 @SHARED_RUNS
-def test_staged_two_processes_free_the_text_encoders_and_make_the_same_image(tiny_flux, one_process, tmp_path):
-    staged = launched(torchrun(2, CONTEXT_PARALLEL, "--model", tiny_flux, *FAST, "--staged", "--output",
-                               tmp_path / "out" / "cat.png", "--device", "cpu"), tmp_path)
-    assert np.abs(pixels(staged.image) - pixels(one_process.image)).max() <= 1
+def test_staged_two_processes_free_the_text_encoders_and_make_the_same_image(tiny_flux, tiny_sd3, diffusers_image,
+                                                                              tmp_path):
+    """The README's staged command (text encoders first, freed, then the transformer and the VAE) makes the same
+    image, diffusers' own for the default seed, 0."""
+    run_readme_command(CP_TORCHRUN_STAGED, {"sd3": tiny_sd3, "flux": tiny_flux}, tmp_path)
+    assert np.abs(pixels(tmp_path / "out.png") - diffusers_image(0)).max() <= 1
 
 
 def test_the_readme_table_of_flux1_dev_plans_is_what_the_script_plans(plan):

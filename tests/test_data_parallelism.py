@@ -13,8 +13,9 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from tests.conftest import (DATA_PARALLEL, IMAGES, accelerate_launch, assert_clear_error, load_script, pixels, python,
-                            read_manifest, run, run_main, torchrun)
+from tests.conftest import (DATA_PARALLEL, IMAGES, ROOT, assert_clear_error, load_script, pixels, python, read_manifest,
+                            run, run_main, torchrun)
+from tests.test_readme import DP_ACCELERATE_TINY, DP_TORCHRUN, run_readme_command
 
 pytestmark = pytest.mark.xdist_group("data_parallelism")  # shared module-scoped runs, made once
 
@@ -33,8 +34,9 @@ def prompt_args(prompts):
 def generate(launcher, tmp_path, model, prompts=PROMPTS, *extra, n=2):
     out = tmp_path / "out"
     script_args = ["--model", model, "--output-dir", out, *prompt_args(prompts), *FAST, *extra]
-    if launcher is python:
-        run(python(DATA_PARALLEL, *script_args))
+    if launcher is python:  # one plain process: its main() here, as `python SCRIPT ARGS` runs it (conftest.run_main)
+        result = run_main(DATA_PARALLEL, *script_args)
+        assert result.returncode == 0, result.stderr
     else:
         run(launcher(n, DATA_PARALLEL, *script_args))
     return out
@@ -75,13 +77,15 @@ def diffusers_image(tiny_sd3):
     return image
 
 
-def assert_made_by_diffusers(out, diffusers_image, seed=0):
-    """Every image of the run is the one diffusers makes for its prompt with seed SEED + its index, and the
-    manifest says so."""
+def assert_made_by_diffusers(out, diffusers_image, seed=0, indexes=None):
+    """Every image of the run (or those of these indexes) is the one diffusers makes for its prompt with seed
+    SEED + its index, and the manifest says so."""
     manifest = read_manifest(out)
     assert manifest
     for r in manifest:
         assert r["seed"] == seed + r["index"]
+        if indexes is not None and r["index"] not in indexes:
+            continue
         difference = np.abs(pixels(out / r["file"]) - diffusers_image(r["prompt"], seed + r["index"])).max()
         assert difference <= TOLERANCE, f"{r['file']} differs from diffusers' image by {difference}"
 
@@ -115,17 +119,25 @@ def test_duplicate_prompts_make_two_different_images(one_process):
     assert np.abs(pixels(first) - pixels(second)).max() > 10 * TOLERANCE  # seeds 0 and 3: different noise
 
 
-@pytest.mark.parametrize("launcher", [torchrun, accelerate_launch])
-def test_two_cpu_processes_split_uneven_prompts_and_match_one_process(launcher, tiny_sd3, one_process, tmp_path,
-                                                                      diffusers_image):
-    out = generate(launcher, tmp_path, tiny_sd3)
-    manifest = assert_one_image_per_prompt(out, PROMPTS)
-    # 5 prompts on 2 processes: rank 0 takes prompts 0-2, rank 1 prompts 3-4.
-    assert [r["rank"] for r in manifest] == [0, 0, 0, 1, 1]
-    assert_same_images(out, one_process)
-    assert_made_by_diffusers(out, diffusers_image)
+@pytest.mark.parametrize("line", [DP_TORCHRUN, DP_ACCELERATE_TINY], ids=["torchrun", "accelerate_launch"])
+def test_the_readmes_two_process_launches_give_each_process_a_contiguous_share_of_diffusers_images(
+        line, tiny_sd3, tiny_flux, tmp_path, diffusers_image):
+    """The README's commands for 2 processes, torchrun on its prompts.txt and accelerate launch on the script's
+    default prompts, run as tests/test_readme.py runs every README command: each prompt made once, in order, by the
+    process whose contiguous share it is, and each image the one diffusers makes for its prompt and seed."""
+    run_readme_command(line, {"sd3": tiny_sd3, "flux": tiny_flux}, tmp_path)
+    out = tmp_path / "out"
+    prompts = ([p for p in (ROOT / "prompts.txt").read_text(encoding="utf-8").splitlines() if p.strip()]
+               if "--prompts-file" in line else load_script(DATA_PARALLEL).DEFAULT_PROMPTS)
+    manifest = assert_one_image_per_prompt(out, prompts)
+    # Both README runs have an even number of prompts. Uneven shares: 3 processes for 2 prompts (below), and 5
+    # prompts on 2 processes in tests/test_long_runs.py (a hung process: the other's share is what is left).
+    share = len(prompts) // 2
+    assert [r["rank"] for r in manifest] == [0] * share + [1] * share
+    # Each process's first and last image are diffusers' own (the others: the same code, in the same loop).
+    assert_made_by_diffusers(out, diffusers_image, indexes={0, share - 1, share, len(prompts) - 1})
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["images"], [s["images"] for s in summary["ranks"]]) == (5, [3, 2])
+    assert (summary["images"], [s["images"] for s in summary["ranks"]]) == (len(prompts), [share, share])
 
 
 def test_more_processes_than_prompts_makes_each_image_once(tiny_sd3, one_process, tmp_path, diffusers_image):
@@ -166,8 +178,9 @@ def test_a_second_run_makes_only_the_missing_images_and_batches_make_the_images_
     removed = [read_manifest(out)[i]["file"] for i in (1, 2, 4)]
     for name in removed:
         (out / name).unlink()
-    result = run(python(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, *prompt_args(PROMPTS), *FAST,
-                        "--batch-size", "2"))
+    result = run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, *prompt_args(PROMPTS), *FAST,
+                      "--batch-size", "2")
+    assert result.returncode == 0, result.stderr
     assert "2 of 5 images are already in" in result.stdout
     assert all((out / name).exists() for name in removed)
     assert all(p.stat().st_mtime_ns == made[p.name] for p in out.glob(IMAGES) if p.name not in removed)
@@ -270,10 +283,19 @@ def test_processes_that_formed_no_group_stop_instead_of_each_making_every_image(
 
 
 def test_under_a_launcher_a_bad_input_ends_every_process_and_is_said_once(tmp_path):
-    result = run(torchrun(2, DATA_PARALLEL, "--prompts-file", tmp_path / "nope.txt", "--device", "cpu"), check=False,
-                 timeout=60)
-    assert result.returncode != 0
-    assert result.stderr.count("error: cannot read --prompts-file") == 1
+    """The two processes a launcher starts, each run here as that process (its launcher's variables): both stop
+    before any process group forms (so neither waits for the other, and the launcher ends the job), and the first
+    alone says why. A real launcher's run of a failure, said once: tests/test_long_runs.py (after the group formed,
+    and a process killed)."""
+    said = []
+    for rank in (0, 1):
+        result = run_main(DATA_PARALLEL, "--prompts-file", tmp_path / "nope.txt", "--device", "cpu", "--output-dir",
+                          tmp_path / "out", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                          MASTER_ADDR=None, MASTER_PORT=None)
+        assert result.returncode not in (None, 0) and "Traceback" not in result.stderr
+        said.append(result.stderr)
+    assert said[0].startswith("error: cannot read --prompts-file") and said[0].count("\n") == 1 and said[1] == ""
+    assert not (tmp_path / "out").exists()
 
 
 # --- the parts worth a unit test ---

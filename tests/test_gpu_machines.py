@@ -8,7 +8,6 @@ real commands on the GPUs of the machine, and are skipped (reported as skipped) 
 import argparse
 import json
 import re
-import subprocess
 import sys
 from datetime import timedelta
 
@@ -17,8 +16,8 @@ import pytest
 import torch
 from torch.distributed.constants import default_pg_nccl_timeout, default_pg_timeout
 
-from tests.conftest import (BIN, DATA_PARALLEL, ROOT, accelerator, assert_clear_error, free_port, load_script,
-                            offline_env, pixels, python, read_manifest, run, run_main, torchrun)
+from tests.conftest import (BIN, DATA_PARALLEL, ROOT, accelerator, assert_clear_error, free_port, load_script, pixels,
+                            python, read_manifest, run, run_main, torchrun)
 
 SCRIPTS = [DATA_PARALLEL, ROOT / "model-parallelism-flux.py"]  # both have the "no silent CPU" check
 # ...and so has the context parallel script, whose checks are the data parallel script's own, word for word
@@ -244,21 +243,13 @@ def assert_the_images_are_made(script_path, args):
         assert pixels(args[-1]).shape == (64, 64, 3)
 
 
-def main_on(pci_devices, script_path, *args):
-    """run_on, in this process (tests/conftest.py: run_main): for what ends before anything loads, and for a plain
-    one-process run whose images and own lines the test checks."""
+def main_on(pci_devices, script_path, *args, **env):
+    """Run a script's main() in this process (tests/conftest.py: run_main) on a machine with these PCI devices,
+    their drivers loaded (the fake /dev beside them), and no GPU hidden: for what ends before anything loads, and
+    for a plain one-process run whose images and own lines the test checks."""
     return run_main(script_path, *args, SYSFS_PCI_DEVICES=str(pci_devices),
-                    DEVICE_NODES=str(pci_devices.parent / "dev"), CUDA_VISIBLE_DEVICES=None, ZE_AFFINITY_MASK=None)
-
-
-def run_on(pci_devices, command, **env):
-    """Run a command on a machine with these PCI devices, their drivers loaded (the fake /dev beside them), and no
-    GPU hidden unless `env` hides some."""
-    environment = offline_env(SYSFS_PCI_DEVICES=str(pci_devices), DEVICE_NODES=str(pci_devices.parent / "dev"))
-    for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"):
-        environment.pop(variable, None)
-    return subprocess.run([str(a) for a in command], cwd=ROOT, env={**environment, **env}, capture_output=True,
-                          text=True, timeout=300)
+                    DEVICE_NODES=str(pci_devices.parent / "dev"), CUDA_VISIBLE_DEVICES=None, ZE_AFFINITY_MASK=None,
+                    **env)
 
 
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
@@ -275,9 +266,18 @@ def test_a_gpu_that_torch_cannot_use_stops_the_script_before_it_loads_anything(
 
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
 def test_under_a_launcher_the_gpu_that_torch_cannot_use_is_said_once(tiny_sd3, tmp_path):
-    result = run_on(fake_sysfs(tmp_path, NVIDIA_GPU), torchrun(2, DATA_PARALLEL, "--model", tiny_sd3, *FAST))
-    assert result.returncode != 0
-    assert result.stderr.count("error: this machine has an NVIDIA GPU") == 1
+    """The two processes a launcher starts, each run here as that process (its launcher's variables): both stop,
+    before any process group (so neither waits for the other, and the launcher ends the job), and the first alone
+    says why. (A real launcher's run of a bad input: tests/test_data_parallelism.py.)"""
+    machine, said = fake_sysfs(tmp_path, NVIDIA_GPU), []
+    for rank in (0, 1):
+        result = main_on(machine, DATA_PARALLEL, "--model", tiny_sd3, *FAST, "--output-dir", tmp_path / "out",
+                         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR=None,
+                         MASTER_PORT=None)
+        assert result.returncode not in (None, 0)
+        said.append(result.stderr)
+    assert said[0].count("error: this machine has an NVIDIA GPU") == 1 and said[1] == ""
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")

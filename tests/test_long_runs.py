@@ -11,10 +11,11 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import (BIN, DATA_PARALLEL, IMAGES, ROOT, accelerate_launch, assert_clear_error, offline_env,
-                            pixels, python, read_manifest, run, run_main, torchrun)
+from tests.conftest import (DATA_PARALLEL, IMAGES, ROOT, accelerate_launch, assert_clear_error, offline_env, pixels,
+                            read_manifest, run_main, torchrun)
 
 MANY = [f"prompt number {i}" for i in range(40)]
+KILLED = MANY[:8]  # rank 1 (prompts 4-7) is killed writing its third image: a few made, a few left
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64", "--device", "cpu"]  # CPU on purpose
 SIMULATE = ROOT / "tests" / "simulate"  # sitecustomize.py: KILL_RANK_WRITING, HANG_RANK, PROBE_GROUP_AT_EXIT
 
@@ -67,7 +68,7 @@ def test_a_worker_killed_while_writing_ends_the_job_and_the_next_run_completes_t
     written PNG is a temporary file, not an image the next run would take as made), and the same command again
     makes the rest, and only the rest."""
     out = tmp_path / "out"
-    job = start(launcher(2, DATA_PARALLEL, *script_args(tiny_sd3, out)), PYTHONPATH=str(SIMULATE),
+    job = start(launcher(2, DATA_PARALLEL, *script_args(tiny_sd3, out, KILLED)), PYTHONPATH=str(SIMULATE),
                 KILL_RANK_WRITING="1")
     try:
         log = job.communicate(timeout=120)[0]
@@ -79,23 +80,23 @@ def test_a_worker_killed_while_writing_ends_the_job_and_the_next_run_completes_t
     assert not alive, log  # the other worker was stopped too
 
     before = {p.name: p.stat().st_mtime_ns for p in out.glob(IMAGES)}
-    assert 2 <= len(before) < len(MANY)  # rank 1's first two at least
+    assert 2 <= len(before) < len(KILLED)  # rank 1's first two at least
     assert_everything_on_disk_is_whole(out, killed=True)
 
     # The same command again, with a probe that says so should a process exit still in its process group.
-    result = run_simulated(launcher(2, DATA_PARALLEL, *script_args(tiny_sd3, out)))
+    result = run_simulated(launcher(2, DATA_PARALLEL, *script_args(tiny_sd3, out, KILLED)))
     assert result.returncode == 0, result.stderr
     assert "still in its process group" not in result.stderr
-    assert f"{len(before)} of {len(MANY)} images are already in" in result.stdout
+    assert f"{len(before)} of {len(KILLED)} images are already in" in result.stdout
     assert_everything_on_disk_is_whole(out)
-    assert [r["prompt"] for r in read_manifest(out)] == MANY
+    assert [r["prompt"] for r in read_manifest(out)] == KILLED
     assert all(p.stat().st_mtime_ns == before[p.name] for p in out.glob(IMAGES) if p.name in before)
 
-    # What the user saw of the two runs: one bar for the job, from 0 of 40, and the second run's from the images
-    # already made to all of them, each only going up; no bar for the steps of each pipeline call, nor the
+    # What the user saw of the two runs: one bar for the job, from 0 of all of them, and the second run's from the
+    # images already made to all of them, each only going up; no bar for the steps of each pipeline call, nor the
     # libraries' warning about what the sample never uses.
-    first, second = job_bar(log), job_bar(result.stderr)
-    assert first[0] == (0, len(MANY)) and second[0] == (len(before), len(MANY)) and second[-1] == (40, 40)
+    first, second, total = job_bar(log), job_bar(result.stderr), len(KILLED)
+    assert first[0] == (0, total) and second[0] == (len(before), total) and second[-1] == (total, total)
     for bar in first, second:
         assert [done for done, _ in bar] == sorted(done for done, _ in bar)
     for output in log, result.stderr:
@@ -117,10 +118,17 @@ def test_ctrl_c_to_the_launcher_ends_every_process_cleanly(tiny_sd3, tmp_path):
 
 @pytest.fixture(scope="module")
 def three_images(tiny_sd3, tmp_path_factory):
-    """One plain run of three prompts; each test below works on a copy of its folder."""
+    """One plain run of three prompts; each test below works on a copy of its folder. These runs are one process,
+    no launcher: main() in this process (tests/conftest.py: run_main) writes the same files and lines."""
     out = tmp_path_factory.mktemp("three") / "out"
-    run([BIN / "python", DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:3])])
+    assert plain_run(*script_args(tiny_sd3, out, MANY[:3])).returncode == 0
     return out
+
+
+def plain_run(*args):
+    result = run_main(DATA_PARALLEL, *args)
+    assert result.returncode == 0, result.stderr
+    return result
 
 
 @pytest.mark.xdist_group("three_images")  # one run of the fixture for the three
@@ -130,7 +138,7 @@ def test_a_lost_manifest_line_is_rebuilt_without_making_the_image_again(tiny_sd3
     lost = read_manifest(out)[1]
     made_at = (out / lost["file"]).stat().st_mtime_ns
     (out / "manifest.jsonl").write_text(lines[0] + lines[2] + '{"index": 5, "prom', encoding="utf-8")  # torn line
-    result = run([BIN / "python", DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:3])])
+    result = plain_run(*script_args(tiny_sd3, out, MANY[:3]))
     assert "3 of 3 images are already in" in result.stdout
     manifest = read_manifest(out)
     assert [(r["index"], r["prompt"], r["file"]) for r in manifest] == [
@@ -142,7 +150,7 @@ def test_a_lost_manifest_line_is_rebuilt_without_making_the_image_again(tiny_sd3
 def test_overwrite_makes_every_image_again(tiny_sd3, three_images, tmp_path):
     out = shutil.copytree(three_images, tmp_path / "out")
     before = {p.name: p.stat().st_mtime_ns for p in out.glob(IMAGES)}
-    run([BIN / "python", DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:3]), "--overwrite"])
+    plain_run(*script_args(tiny_sd3, out, MANY[:3]), "--overwrite")
     assert all(p.stat().st_mtime_ns > before[p.name] for p in out.glob(IMAGES))
     assert len(read_manifest(out)) == 3
 
@@ -191,7 +199,7 @@ def test_a_full_disk_is_one_line_and_the_same_command_with_room_makes_the_rest(t
     assert 0 < saved < len(FILL) and len(list(out.glob(IMAGES))) == saved
     assert_everything_on_disk_is_whole(out)
 
-    rerun = run(python(DATA_PARALLEL, *script_args(tiny_sd3, out, FILL)))
+    rerun = plain_run(*script_args(tiny_sd3, out, FILL))
     assert f"{saved} of {len(FILL)} images are already in" in rerun.stdout
     assert [r["prompt"] for r in read_manifest(out)] == FILL
 
@@ -209,15 +217,18 @@ def run_simulated(command, timeout=240, **env):
 def test_a_hung_process_is_named_and_the_job_ends_instead_of_waiting_a_week(hung, tiny_sd3, tmp_path):
     out = tmp_path / "out"
     started = time.monotonic()
-    result = run_simulated(torchrun(2, DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:6]), "--stall-timeout", "3"),
+    result = run_simulated(torchrun(2, DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:5]), "--stall-timeout", "3"),
                            HANG_RANK=str(hung))
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: rank {hung} saved no image for "), result.stderr
-    assert "of 6 images made" in errors[0] and "--stall-timeout" in errors[0]
+    assert "of 5 images made" in errors[0] and "--stall-timeout" in errors[0]
     assert time.monotonic() - started < 180  # seconds after the last image, not the group's week
-    made = {r["rank"] for r in read_manifest(out)}
-    assert made == {1 - hung}  # the other process made its share, and it is kept
+    # The other process made its share, and it is kept: of 5 prompts, rank 0's contiguous share is the first 3
+    # (the first ranks take one more where the prompts do not divide evenly), rank 1's the last 2.
+    manifest = read_manifest(out)
+    assert {r["rank"] for r in manifest} == {1 - hung}
+    assert sorted(r["index"] for r in manifest) == ([0, 1, 2] if hung == 1 else [3, 4])
     assert "still in its process group" not in result.stderr
 
 

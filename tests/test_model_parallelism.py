@@ -108,9 +108,15 @@ def assert_printout_names_where_the_weights_are(stdout, pipeline):
 
 @pytest.fixture(scope="module")
 def resident(tiny_flux, tmp_path_factory):
-    """The tiny Flux made in one go, on the CPU: (image, stdout)."""
+    """The tiny Flux made in one go, on the CPU: (image, stdout). One process, no launcher: main() in this process
+    (tests/conftest.py: run_main; the README's commands run the script as a program)."""
     out = tmp_path_factory.mktemp("resident") / "cat.png"
-    return out, run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, *FAST, *CPU)).stdout
+    return out, made(run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, *FAST, *CPU))
+
+
+def made(result):
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 @pytest.mark.xdist_group("resident")  # one run of the fixture for the four
@@ -184,7 +190,7 @@ def block_range_keys(row):
 @pytest.mark.xdist_group("resident")  # one run of the fixture for the four
 def test_staged_run_with_the_same_seed_gives_the_same_image(resident, tiny_flux, tmp_path):
     out = tmp_path / "staged.png"
-    stdout = run(python(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, "--staged", *FAST, *CPU)).stdout
+    stdout = made(run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, "--staged", *FAST, *CPU))
     assert "text encoders loaded" in stdout
     assert np.array_equal(pixels(out), pixels(resident[0]))
 

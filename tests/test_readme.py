@@ -5,7 +5,11 @@ FLUX.1-dev or SD3.5-medium configs for a --plan), a few steps at 64 px, output i
 127.0.0.1 for the example address of machine 0, and a --plan for two 24 GiB GPUs where a command gives GPU
 memory budgets (on any machine: its GPUs, if any, are not those of the example); the scripts run on the CPU on
 purpose (`--device cpu`), alike on a machine with GPUs. Interactive commands (`accelerate config`, `hf auth login`)
-are run with --help. The two machines of the several-machines example are run together, on loopback.
+are run with --help. The benchmarks run small (a tiny model, a few prompts or steps at 64 px) and without their
+warm-up run, which only makes the first time fair: the test checks that they run, not their times. The two
+machines of the several-machines example are run together, on loopback. A few commands are run by the tests of
+their script, which assert more about the run (RUN_ELSEWHERE), and two commands that become the same run here
+are run once (runs_alike).
 """
 
 import json
@@ -13,6 +17,8 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -36,8 +42,30 @@ def readme_lines():
 def readme_commands():
     """Every `uv run ...` line of the README's bash blocks, without its trailing comment; but the launch commands
     of the one-page programs (`# file: NAME.py` blocks), which tests/test_readme_programs.py runs on the program
-    written out from the README."""
-    return [shlex.split(line, comments=True) for line in readme_lines() if line not in launch_commands(README)]
+    written out from the README, and the commands another test runs itself (RUN_ELSEWHERE)."""
+    elsewhere = {globals()[name] for name in RUN_ELSEWHERE}
+    return [shlex.split(line, comments=True) for line in readme_lines()
+            if line not in launch_commands(README) and line not in elsewhere]
+
+
+# README commands that a test of their script runs itself (run_readme_command), to assert more about the run than
+# that it works: the images, who made which, diffusers' own image. Each is run there, once, and not again here.
+DP_TORCHRUN = "uv run torchrun --nproc-per-node 2 data-parallelism-accelerate.py --prompts-file prompts.txt"
+DP_ACCELERATE_TINY = ("uv run accelerate launch --multi_gpu --num_processes 2 data-parallelism-accelerate.py --model "
+                      "tiny/sd3 --num-inference-steps 2 --output-dir outputs/tiny-sd3")
+CP_TORCHRUN_TINY = ("uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --model tiny/flux --height 64 "
+                    "--width 64 --num-inference-steps 2 --output outputs/tiny-flux-context-parallel.png")
+CP_TORCHRUN_STAGED = "uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --staged"
+RUN_ELSEWHERE = {"DP_TORCHRUN": "test_data_parallelism.py", "DP_ACCELERATE_TINY": "test_data_parallelism.py",
+                 "CP_TORCHRUN_TINY": "test_context_parallelism.py", "CP_TORCHRUN_STAGED": "test_context_parallelism.py"}
+
+
+def run_readme_command(line, tiny, tmp_path, **env):
+    """Run the README's command LINE, which must be in the README as written, as test_every_readme_command_runs
+    runs each (as_test: the tiny pipelines, a few steps at 64 px, on the CPU), with `env` added (a probe); fail the
+    test if it fails. What it makes is in tmp_path: out/ (data parallel) or out.png."""
+    assert line in readme_lines(), f"the README no longer has the command {line!r}"
+    return run(as_test(shlex.split(line, comments=True), tiny, tmp_path, free_port()), timeout=600, env=env)
 
 
 def as_test(argv, tiny, tmp_path, port):
@@ -58,9 +86,9 @@ def as_test(argv, tiny, tmp_path, port):
     elif program == "tests/tiny_pipelines.py":
         args = [str(tmp_path / "tiny")]
     elif program == "benchmarks/scaling.py":
-        args += ["--model", str(tiny["sd3"]), "--prompts", "4", "--size", "64", "--steps", "1"]
+        args += ["--model", str(tiny["sd3"]), "--prompts", "4", "--size", "64", "--steps", "1", "--no-warm-up"]
     elif program == "benchmarks/context_parallel.py":  # a small random FLUX: 2 heads of 64
-        args += ["--hidden", "128", "--size", "64", "--steps", "2", "--repeats", "1"]
+        args += ["--hidden", "128", "--size", "64", "--steps", "2", "--repeats", "1", "--no-warm-up"]
     script = next((a for a in [program, *args] if a in SCRIPTS), None)
     if "--max-memory" in args:  # budgets for GPUs: planned, alike on a machine without GPUs and on one with 1 or 8
         args += ["--plan", "--num-devices", "2", "--device-memory", "24GiB"]
@@ -88,6 +116,13 @@ def test_the_commands_left_to_test_readme_programs_are_the_one_page_programs_lau
     assert left, "the README's one-page programs have no launch commands"
     assert all(set(shlex.split(line, comments=True)) & programs for line in left)
     assert not programs & {word for argv in readme_commands() for word in argv}  # nor run here, on no file
+
+
+def test_each_command_run_elsewhere_is_in_the_readme_and_run_by_its_test_module():
+    for name, module in RUN_ELSEWHERE.items():
+        assert globals()[name] in readme_lines(), name
+        source = (ROOT / "tests" / module).read_text(encoding="utf-8")
+        assert "run_readme_command(" in source and len(re.findall(rf"\b{name}\b", source)) >= 2, name  # imported, used
 
 
 def test_every_image_the_readme_shows_is_in_assets():
@@ -135,8 +170,31 @@ def test_the_readme_table_of_sd35_medium_memory_modes_is_what_the_script_plans(m
         assert f"{plan['needs'][plan['mode']] / 2**30:.2f}" == needs
 
 
-# The "technique on one page" programs (`# file: NAME.py` blocks) are run by tests/test_readme_programs.py.
-SINGLE = [argv for argv in readme_commands() if argv[2] != "pytest" and "--machine_rank" not in argv]
+def runs_alike(argv):
+    """What a README command becomes here (as_test, with stand-ins for the paths and the port): the launcher's words
+    and the options the script parses from its own (argparse keeps a flag's last value). Two commands alike make
+    the same run here: the quick start's tiny Flux command and its section's command for FLUX.1-dev, once the tiny
+    Flux, 64 px and 2 steps replace the real model's settings."""
+    command = [str(a) for a in as_test(argv, {"sd3": "TINY-SD3", "flux": "TINY-FLUX"}, Path("TMP"), 0)]
+    at = next((i for i, word in enumerate(command) if Path(word).name in SCRIPTS), None)
+    if at is None:
+        return tuple(command)
+    with mock.patch.object(sys, "argv", command[at:]):
+        options = vars(load_script(ROOT / Path(command[at]).name).parse_args())
+    return (*command[:at], Path(command[at]).name, *sorted((name, repr(value)) for name, value in options.items()))
+
+
+def commands_run_here():
+    """The README's commands this module runs (the one-page programs are run by tests/test_readme_programs.py; the
+    several machines, together, below): one of each alike, and none alike to one another test runs."""
+    kept = {runs_alike(shlex.split(globals()[name], comments=True)): None for name in RUN_ELSEWHERE}
+    for argv in readme_commands():
+        if argv[2] != "pytest" and "--machine_rank" not in argv:
+            kept.setdefault(runs_alike(argv), argv)
+    return [argv for argv in kept.values() if argv]
+
+
+SINGLE = commands_run_here()
 
 
 @pytest.mark.parametrize("argv", SINGLE, ids=[" ".join(argv[2:5]) for argv in SINGLE])
