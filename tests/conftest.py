@@ -38,6 +38,16 @@ def accelerator(test):
     return pytest.mark.xdist_group("gpu")(pytest.mark.gpu(skip(test)))
 
 
+COLLECTED = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Keep every test collected, before `-m` or `-k` deselect any (tests/test_the_tests.py checks the gpu marker
+    on them)."""
+    config.stash[COLLECTED] = list(items)
+
+
 def offline_env(**extra):
     # SYSFS_PCI_DEVICES: where the scripts look for GPUs that torch cannot use. The tests show them none (a test
     # of that check passes its own fake tree), so that they run alike on a laptop whose Intel GPU PyPI's torch
