@@ -4,7 +4,8 @@ A command is run as written, with these substitutions only: the tiny pipelines f
 FLUX.1-dev or SD3.5-medium configs for a --plan), a few steps at 64 px, output in a temporary folder, a free port, and
 127.0.0.1 for the example address of machine 0, and a --plan for two 24 GiB GPUs where a command gives GPU
 memory budgets (on any machine: its GPUs, if any, are not those of the example); the scripts run on the CPU on
-purpose (`--device cpu`), alike on a machine with GPUs. Interactive commands (`accelerate config`, `hf auth login`)
+purpose (`--device cpu`), alike on a machine with GPUs, and `accelerate launch` gets `--multi_gpu` where the
+line lacks it and there is no GPU (without it Accelerate starts one CPU process). Interactive commands (`accelerate config`, `hf auth login`)
 are run with --help. The benchmarks run small (a tiny model, a few prompts or steps at 64 px) and without their
 warm-up run, which only makes the first time fair: the test checks that they run, not their times. The two
 machines of the several-machines example are run together, on loopback. A few commands are run by the tests of
@@ -21,6 +22,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 
 from tests.conftest import BIN, IMAGES, ROOT, free_port, load_script, offline_env, read_manifest, run, run_main
 from tests.test_readme_programs import launch_commands, readme_programs
@@ -56,8 +58,10 @@ DP_ACCELERATE_TINY = ("uv run accelerate launch --multi_gpu --num_processes 2 da
 CP_TORCHRUN_TINY = ("uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --model tiny/flux --height 64 "
                     "--width 64 --num-inference-steps 2 --output outputs/tiny-flux-context-parallel.png")
 CP_TORCHRUN_STAGED = "uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --staged"
+CP_ACCELERATE = "uv run accelerate launch --num_processes 2 context-parallelism-flux.py"
 RUN_ELSEWHERE = {"DP_TORCHRUN": "test_data_parallelism.py", "DP_ACCELERATE_TINY": "test_data_parallelism.py",
-                 "CP_TORCHRUN_TINY": "test_context_parallelism.py", "CP_TORCHRUN_STAGED": "test_context_parallelism.py"}
+                 "CP_TORCHRUN_TINY": "test_context_parallelism.py", "CP_TORCHRUN_STAGED": "test_context_parallelism.py",
+                 "CP_ACCELERATE": "test_context_parallelism.py"}
 
 
 def run_readme_command(line, tiny, tmp_path, **env):
@@ -78,6 +82,8 @@ def as_test(argv, tiny, tmp_path, port):
     if program == "accelerate":
         command += ["launch", "--main_process_port", str(port)]
         args = args[1:]
+        if not {"--multi_gpu", "--config_file"} & set(args) and not torch.accelerator.is_available():
+            command.append("--multi_gpu")  # N processes, as on the GPUs the command is for (not one CPU process)
         if "--num_machines" in args:
             args[args.index("--main_process_ip") + 1] = "127.0.0.1"
             del args[args.index("--main_process_port"):args.index("--main_process_port") + 2]
