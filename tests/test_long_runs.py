@@ -61,13 +61,11 @@ def assert_everything_on_disk_is_whole(out, killed=False):
     assert len(list(out.glob(".*.tmp"))) == (1 if killed else 0)
 
 
-@pytest.mark.parametrize("launcher", [torchrun, accelerate_launch])
-def test_a_worker_killed_while_writing_ends_the_job_and_the_next_run_completes_the_set(launcher, tiny_sd3, tmp_path):
-    """Rank 1 is killed (SIGKILL) half-way through writing its third image (tests/simulate/sitecustomize.py,
-    KILL_RANK_WRITING): the launcher ends the job, no process of it is left, what is on disk is whole (the half
-    written PNG is a temporary file, not an image the next run would take as made), and the same command again
-    makes the rest, and only the rest."""
-    out = tmp_path / "out"
+def kill_a_worker_while_writing(launcher, tiny_sd3, out):
+    """Start the job with rank 1 to be killed (SIGKILL) half-way through writing its third image
+    (tests/simulate/sitecustomize.py, KILL_RANK_WRITING), and check that the launcher ended the job, that no
+    process of it is left, and that what is on disk is whole (the half written PNG is a temporary file, not an
+    image the next run would take as made). Return what it printed, and the images on disk (name: time)."""
     job = start(launcher(2, DATA_PARALLEL, *script_args(tiny_sd3, out, KILLED)), PYTHONPATH=str(SIMULATE),
                 KILL_RANK_WRITING="1")
     try:
@@ -82,25 +80,39 @@ def test_a_worker_killed_while_writing_ends_the_job_and_the_next_run_completes_t
     before = {p.name: p.stat().st_mtime_ns for p in out.glob(IMAGES)}
     assert 2 <= len(before) < len(KILLED)  # rank 1's first two at least
     assert_everything_on_disk_is_whole(out, killed=True)
+    # What the user saw: one bar for the job, from 0 of all of them, only going up; no bar for the steps of each
+    # pipeline call, nor the libraries' warning about what the sample never uses.
+    bar = job_bar(log)
+    assert bar[0] == (0, len(KILLED)) and [done for done, _ in bar] == sorted(done for done, _ in bar)
+    assert " 2/2 [" not in log and "torchvision" not in log
+    return log, before
+
+
+def test_a_worker_killed_while_writing_ends_the_job_and_the_next_run_completes_the_set(tiny_sd3, tmp_path):
+    """torchrun: the kill (kill_a_worker_while_writing), then the same command again makes the rest, and only the
+    rest."""
+    out = tmp_path / "out"
+    log, before = kill_a_worker_while_writing(torchrun, tiny_sd3, out)
 
     # The same command again, with a probe that says so should a process exit still in its process group.
-    result = run_simulated(launcher(2, DATA_PARALLEL, *script_args(tiny_sd3, out, KILLED)))
+    result = run_simulated(torchrun(2, DATA_PARALLEL, *script_args(tiny_sd3, out, KILLED)))
     assert result.returncode == 0, result.stderr
     assert "still in its process group" not in result.stderr
     assert f"{len(before)} of {len(KILLED)} images are already in" in result.stdout
     assert_everything_on_disk_is_whole(out)
     assert [r["prompt"] for r in read_manifest(out)] == KILLED
     assert all(p.stat().st_mtime_ns == before[p.name] for p in out.glob(IMAGES) if p.name in before)
+    # Its bar: from the images already made to all of them, only going up, and nothing else.
+    bar, total = job_bar(result.stderr), len(KILLED)
+    assert bar[0] == (len(before), total) and bar[-1] == (total, total)
+    assert [done for done, _ in bar] == sorted(done for done, _ in bar)
+    assert " 2/2 [" not in result.stderr and "torchvision" not in result.stderr
 
-    # What the user saw of the two runs: one bar for the job, from 0 of all of them, and the second run's from the
-    # images already made to all of them, each only going up; no bar for the steps of each pipeline call, nor the
-    # libraries' warning about what the sample never uses.
-    first, second, total = job_bar(log), job_bar(result.stderr), len(KILLED)
-    assert first[0] == (0, total) and second[0] == (len(before), total) and second[-1] == (total, total)
-    for bar in first, second:
-        assert [done for done, _ in bar] == sorted(done for done, _ in bar)
-    for output in log, result.stderr:
-        assert " 2/2 [" not in output and "torchvision" not in output
+
+def test_a_worker_killed_while_writing_ends_the_job_under_accelerate_launch_too(tiny_sd3, tmp_path):
+    """accelerate launch (which starts the workers through torchrun's own agent): the same kill, the same end. The
+    next run is the script's own work, whatever started it: the torchrun test above runs it."""
+    kill_a_worker_while_writing(accelerate_launch, tiny_sd3, tmp_path / "out")
 
 
 def test_ctrl_c_to_the_launcher_ends_every_process_cleanly(tiny_sd3, tmp_path):

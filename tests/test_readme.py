@@ -1,16 +1,16 @@
 """The README is true: its images exist, its test command is CI's, and every `uv run` command in it works.
 
 A command is run as written, with these substitutions only: the tiny pipelines for the real models (and the
-FLUX.1-dev or SD3.5-medium configs for a --plan), a few steps at 64 px, output in a temporary folder, a free port, and
-127.0.0.1 for the example address of machine 0, and a --plan for two 24 GiB GPUs where a command gives GPU
+FLUX.1-dev or SD3.5-medium configs for a --plan), a few steps at 64 px, output in a temporary folder, a free port,
+and 127.0.0.1 for the example address of machine 0, and a --plan for two 24 GiB GPUs where a command gives GPU
 memory budgets (on any machine: its GPUs, if any, are not those of the example); the scripts run on the CPU on
-purpose (`--device cpu`), alike on a machine with GPUs, and `accelerate launch` gets `--multi_gpu` where the
-line lacks it and there is no GPU (without it Accelerate starts one CPU process). Interactive commands (`accelerate config`, `hf auth login`)
-are run with --help. The benchmarks run small (a tiny model, a few prompts or steps at 64 px) and without their
-warm-up run, which only makes the first time fair: the test checks that they run, not their times. The two
-machines of the several-machines example are run together, on loopback. A few commands are run by the tests of
-their script, which assert more about the run (RUN_ELSEWHERE), and two commands that become the same run here
-are run once (runs_alike).
+purpose (`--device cpu`), alike on a machine with GPUs, and `accelerate launch` gets `--multi_gpu` where the line
+lacks it and there is no GPU (without it Accelerate starts one CPU process). Interactive commands (`accelerate
+config`, `hf auth login`) are run with --help. The benchmarks run small (a tiny model, a few prompts or steps at 64
+px) and without their warm-up run, which only makes the first time fair: the test checks that they run, not their
+times. The two machines of the several-machines example are run together, on loopback. A few commands are run by the
+tests of their script, which assert more about the run (RUN_ELSEWHERE), and two commands that become the same run
+here are run once (runs_alike).
 """
 
 import json
