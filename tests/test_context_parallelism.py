@@ -205,8 +205,8 @@ def test_too_little_ram_for_every_process_copy_is_refused(refused, tiny_flux, mo
 def test_under_a_launcher_a_bad_input_is_said_once_and_ends_every_process(tiny_flux, tmp_path):
     """The two processes a launcher starts, each run here as that process (its launcher's variables): both stop
     before any process group forms (so neither waits for the other, and the launcher ends the job), and the first
-    alone says why. (A real launcher's run of a bad input: tests/test_data_parallelism.py; `fail` is the same
-    function in both scripts.)"""
+    alone says why. (A real torchrun, both processes failing alike: tests/test_data_parallelism.py, whose `fail`
+    is this script's, word for word.)"""
     said = []
     for rank in (0, 1):
         result = run_main(CONTEXT_PARALLEL, "--model", tiny_flux, "--height", "48", "--width", "48", "--output",
@@ -314,7 +314,7 @@ def test_two_gpus_make_the_image_of_one_faster_per_step(tmp_path):
 
 
 @SHARED_RUNS
-def test_staged_two_processes_free_the_text_encoders_and_make_the_same_image(tiny_flux, tiny_sd3, diffusers_image,
+def test_staged_two_processes_make_the_same_image(tiny_flux, tiny_sd3, diffusers_image,
                                                                               tmp_path):
     """The README's staged command (text encoders first, freed, then the transformer and the VAE) makes the same
     image, diffusers' own for the default seed, 0."""

@@ -268,7 +268,7 @@ def test_a_gpu_that_torch_cannot_use_stops_the_script_before_it_loads_anything(
 def test_under_a_launcher_the_gpu_that_torch_cannot_use_is_said_once(tiny_sd3, tmp_path):
     """The two processes a launcher starts, each run here as that process (its launcher's variables): both stop,
     before any process group (so neither waits for the other, and the launcher ends the job), and the first alone
-    says why. (A real launcher's run of a bad input: tests/test_data_parallelism.py.)"""
+    says why. (A real torchrun, both processes failing alike: tests/test_data_parallelism.py.)"""
     machine, said = fake_sysfs(tmp_path, NVIDIA_GPU), []
     for rank in (0, 1):
         result = main_on(machine, DATA_PARALLEL, "--model", tiny_sd3, *FAST, "--output-dir", tmp_path / "out",

@@ -5,12 +5,13 @@ FLUX.1-dev or SD3.5-medium configs for a --plan), a few steps at 64 px, output i
 and 127.0.0.1 for the example address of machine 0, and a --plan for two 24 GiB GPUs where a command gives GPU
 memory budgets (on any machine: its GPUs, if any, are not those of the example); the scripts run on the CPU on
 purpose (`--device cpu`), alike on a machine with GPUs, and `accelerate launch` gets `--multi_gpu` where the line
-lacks it and there is no GPU (without it Accelerate starts one CPU process). Interactive commands (`accelerate
-config`, `hf auth login`) are run with --help. The benchmarks run small (a tiny model, a few prompts or steps at 64
-px) and without their warm-up run, which only makes the first time fair: the test checks that they run, not their
-times. The two machines of the several-machines example are run together, on loopback. A few commands are run by the
-tests of their script, which assert more about the run (RUN_ELSEWHERE), and two commands that become the same run
-here are run once (runs_alike).
+lacks it (and names no config file): N CPU processes, as on the N GPUs the command is for (without it Accelerate
+starts one process where it finds fewer than 2 GPUs). Interactive commands (`accelerate config`, `hf auth login`)
+are run with --help. The benchmarks run small (a tiny model, a few prompts or steps at 64 px) and without their
+warm-up run, which only makes the first time fair: the test checks that they run, not their times. The two machines
+of the several-machines example are run together, on loopback. A few commands are run by the tests of their script,
+which assert more about the run (RUN_ELSEWHERE), and two commands that become the same run here are run once
+(runs_alike).
 """
 
 import json
@@ -18,11 +19,11 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from unittest import mock
 
 import pytest
-import torch
 
 from tests.conftest import BIN, IMAGES, ROOT, free_port, load_script, offline_env, read_manifest, run, run_main
 from tests.test_readme_programs import launch_commands, readme_programs
@@ -82,8 +83,8 @@ def as_test(argv, tiny, tmp_path, port):
     if program == "accelerate":
         command += ["launch", "--main_process_port", str(port)]
         args = args[1:]
-        if not {"--multi_gpu", "--config_file"} & set(args) and not torch.accelerator.is_available():
-            command.append("--multi_gpu")  # N processes, as on the GPUs the command is for (not one CPU process)
+        if not {"--multi_gpu", "--config_file"} & set(args):  # N CPU processes (--device cpu, below), as on the N
+            command.append("--multi_gpu")  # GPUs the command is for: without it Accelerate starts one on fewer GPUs
         if "--num_machines" in args:
             args[args.index("--main_process_ip") + 1] = "127.0.0.1"
             del args[args.index("--main_process_port"):args.index("--main_process_port") + 2]
@@ -176,27 +177,32 @@ def test_the_readme_table_of_sd35_medium_memory_modes_is_what_the_script_plans(m
         assert f"{plan['needs'][plan['mode']] / 2**30:.2f}" == needs
 
 
-def runs_alike(argv):
-    """What a README command becomes here (as_test, with stand-ins for the paths and the port): the launcher's words
-    and the options the script parses from its own (argparse keeps a flag's last value). Two commands alike make
-    the same run here: the quick start's tiny Flux command and its section's command for FLUX.1-dev, once the tiny
-    Flux, 64 px and 2 steps replace the real model's settings."""
-    command = [str(a) for a in as_test(argv, {"sd3": "TINY-SD3", "flux": "TINY-FLUX"}, Path("TMP"), 0)]
+def runs_alike(argv, folder):
+    """What a README command becomes here (as_test, with stand-ins for the tiny pipelines and the port, and FOLDER,
+    an empty temporary folder, for the test's own): the launcher's words and the options the script parses from its
+    own (argparse keeps a flag's last value). Two commands alike make the same run here: the quick start's tiny Flux
+    command and its section's command for FLUX.1-dev, once the tiny Flux, 64 px and 2 steps replace the real
+    model's settings. A command its script refuses to parse is a run of its own."""
+    command = [str(a) for a in as_test(argv, {"sd3": "TINY-SD3", "flux": "TINY-FLUX"}, folder, 0)]
     at = next((i for i, word in enumerate(command) if Path(word).name in SCRIPTS), None)
     if at is None:
         return tuple(command)
-    with mock.patch.object(sys, "argv", command[at:]):
-        options = vars(load_script(ROOT / Path(command[at]).name).parse_args())
+    try:
+        with mock.patch.object(sys, "argv", command[at:]):
+            options = vars(load_script(ROOT / Path(command[at]).name).parse_args())
+    except SystemExit:
+        return tuple(argv)
     return (*command[:at], Path(command[at]).name, *sorted((name, repr(value)) for name, value in options.items()))
 
 
 def commands_run_here():
     """The README's commands this module runs (the one-page programs are run by tests/test_readme_programs.py; the
     several machines, together, below): one of each alike, and none alike to one another test runs."""
-    kept = {runs_alike(shlex.split(globals()[name], comments=True)): None for name in RUN_ELSEWHERE}
-    for argv in readme_commands():
-        if argv[2] != "pytest" and "--machine_rank" not in argv:
-            kept.setdefault(runs_alike(argv), argv)
+    with tempfile.TemporaryDirectory(prefix="readme-commands-") as folder:
+        kept = {runs_alike(shlex.split(globals()[name], comments=True), Path(folder)): None for name in RUN_ELSEWHERE}
+        for argv in readme_commands():
+            if argv[2] != "pytest" and "--machine_rank" not in argv:
+                kept.setdefault(runs_alike(argv, Path(folder)), argv)
     return [argv for argv in kept.values() if argv]
 
 
