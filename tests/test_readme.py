@@ -180,9 +180,9 @@ def test_the_readme_table_of_sd35_medium_memory_modes_is_what_the_script_plans(m
 def runs_alike(argv, folder):
     """What a README command becomes here (as_test, with stand-ins for the tiny pipelines and the port, and FOLDER,
     an empty temporary folder, for the test's own): the launcher's words and the options the script parses from its
-    own (argparse keeps a flag's last value). Two commands alike make the same run here: the quick start's tiny Flux
-    command and its section's command for FLUX.1-dev, once the tiny Flux, 64 px and 2 steps replace the real
-    model's settings. A command its script refuses to parse is a run of its own."""
+    own (argparse keeps a flag's last value). Two commands alike make the same run here, e.g. the quick start's
+    tiny Flux command and its section's command for FLUX.1-dev, once the tiny Flux, 64 px and 2 steps replace the
+    real model's settings. A command its script refuses to parse is a run of its own."""
     command = [str(a) for a in as_test(argv, {"sd3": "TINY-SD3", "flux": "TINY-FLUX"}, folder, 0)]
     at = next((i for i, word in enumerate(command) if Path(word).name in SCRIPTS), None)
     if at is None:
