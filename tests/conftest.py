@@ -76,9 +76,10 @@ class Result:
     stderr: str
 
 
-def run_main(script, *args, **env):
+def run_main(script, *args, check=False, **env):
     """Run a script's main() in this process, as `python SCRIPT ARGS...` would run it, with the same environment
-    as `run` (plus `env`; a variable given as None is unset): its exit code and what it printed. For what ends
+    as `run` (plus `env`; a variable given as None is unset): its exit code and what it printed; with `check`, fail
+    the test with what it printed if it exits non-zero, as `run` does. For what ends
     before any weight is loaded or any process group is formed (bad input, --plan, the checks): the same
     user-facing result as a subprocess, without its 5-8 s of imports; and for a whole single-process run whose
     files and own lines are what a test checks (no launcher, no process group). The libraries' own log lines go to
@@ -96,7 +97,16 @@ def run_main(script, *args, **env):
             code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
         finally:  # a main() that got as far as PartialState leaves Accelerate's shared state set: not for the next
             PartialState._reset_state()
+    if check and code != 0:
+        pytest.fail(f"{script} {' '.join(map(str, args))} exited {code}\n{stdout.getvalue()}\n{stderr.getvalue()}")
     return Result(code, stdout.getvalue(), stderr.getvalue())
+
+
+def launched_as(rank, processes=2):
+    """The variables a launcher sets in process RANK of PROCESSES on one machine, for run_main to run main() as that
+    process; with no rendezvous address, so that a main() that reached a process group would raise, not wait."""
+    return dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes),
+                MASTER_ADDR=None, MASTER_PORT=None)
 
 
 def assert_clear_error(result, *expected):
@@ -155,3 +165,9 @@ def tiny_sd3(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory):
     return tiny_pipelines.build_flux(tmp_path_factory.mktemp("tiny") / "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_sd3, tiny_flux):
+    """Both tiny pipelines, by the names the README gives them (`tiny/sd3`, `tiny/flux`: tests/test_readme.py)."""
+    return {"sd3": tiny_sd3, "flux": tiny_flux}

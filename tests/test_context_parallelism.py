@@ -16,7 +16,8 @@ import pytest
 import torch
 from diffusers import ContextParallelConfig, FluxPipeline, FluxTransformer2DModel
 
-from tests.conftest import ROOT, accelerator, assert_clear_error, load_script, pixels, run, run_main, torchrun
+from tests.conftest import (ROOT, accelerator, assert_clear_error, launched_as, load_script, pixels, run, run_main,
+                            torchrun)
 from tests.test_readme import CP_ACCELERATE, CP_TORCHRUN_STAGED, CP_TORCHRUN_TINY, run_readme_command
 
 # The tests that share the module-scoped runs below go to one pytest-xdist worker, which makes each run once.
@@ -58,25 +59,25 @@ def with_probe(tmp_path):
 def one_process(tiny_flux, tmp_path_factory):
     """One plain process, no launcher: main() in this process (tests/conftest.py: run_main), with --seed 7."""
     out = tmp_path_factory.mktemp("one") / "out"
-    result = run_main(CONTEXT_PARALLEL, "--model", tiny_flux, *FAST, "--output", out / "cat.png", "--device", "cpu")
-    assert result.returncode == 0, result.stderr
+    result = run_main(CONTEXT_PARALLEL, "--model", tiny_flux, *FAST, "--output", out / "cat.png", "--device", "cpu",
+                      check=True)
     return SimpleNamespace(result=result, out=out, image=out / "cat.png")
 
 
 @pytest.fixture(scope="module")
-def with_torchrun(tiny_flux, tiny_sd3, tmp_path_factory):
+def with_torchrun(tiny, tmp_path_factory):
     """The README's torchrun command for the tiny Flux (seed 0), with PROBE in each process."""
     tmp = tmp_path_factory.mktemp("torchrun")
     env, probes = with_probe(tmp_path_factory.mktemp("probe"))
-    result = run_readme_command(CP_TORCHRUN_TINY, {"sd3": tiny_sd3, "flux": tiny_flux}, tmp, **env)
+    result = run_readme_command(CP_TORCHRUN_TINY, tiny, tmp, **env)
     return SimpleNamespace(result=result, out=tmp, image=tmp / "out.png", probes=probes)
 
 
 @pytest.fixture(scope="module")
-def with_accelerate(tiny_flux, tiny_sd3, tmp_path_factory):
+def with_accelerate(tiny, tmp_path_factory):
     """The README's accelerate launch command for 2 processes (seed 0)."""
     tmp = tmp_path_factory.mktemp("accelerate")
-    result = run_readme_command(CP_ACCELERATE, {"sd3": tiny_sd3, "flux": tiny_flux}, tmp)
+    result = run_readme_command(CP_ACCELERATE, tiny, tmp)
     return SimpleNamespace(result=result, out=tmp, image=tmp / "out.png")
 
 
@@ -210,8 +211,7 @@ def test_under_a_launcher_a_bad_input_is_said_once_and_ends_every_process(tiny_f
     said = []
     for rank in (0, 1):
         result = run_main(CONTEXT_PARALLEL, "--model", tiny_flux, "--height", "48", "--width", "48", "--output",
-                          tmp_path / "x.png", "--device", "cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                          LOCAL_WORLD_SIZE="2", MASTER_ADDR=None, MASTER_PORT=None)
+                          tmp_path / "x.png", "--device", "cpu", **launched_as(rank))
         assert result.returncode not in (None, 0) and "Traceback" not in result.stderr
         said.append(result.stderr)
     assert said[0].startswith("error: a 48x48 image is 9 tokens") and said[0].count("\n") == 1 and said[1] == ""
@@ -314,11 +314,10 @@ def test_two_gpus_make_the_image_of_one_faster_per_step(tmp_path):
 
 
 @SHARED_RUNS
-def test_staged_two_processes_make_the_same_image(tiny_flux, tiny_sd3, diffusers_image,
-                                                                              tmp_path):
+def test_staged_two_processes_make_the_same_image(tiny, diffusers_image, tmp_path):
     """The README's staged command (text encoders first, freed, then the transformer and the VAE) makes the same
     image, diffusers' own for the default seed, 0."""
-    run_readme_command(CP_TORCHRUN_STAGED, {"sd3": tiny_sd3, "flux": tiny_flux}, tmp_path)
+    run_readme_command(CP_TORCHRUN_STAGED, tiny, tmp_path)
     assert np.abs(pixels(tmp_path / "out.png") - diffusers_image(0)).max() <= 1
 
 

@@ -35,8 +35,7 @@ def generate(launcher, tmp_path, model, prompts=PROMPTS, *extra, n=2):
     out = tmp_path / "out"
     script_args = ["--model", model, "--output-dir", out, *prompt_args(prompts), *FAST, *extra]
     if launcher is python:  # one plain process: its main() here, as `python SCRIPT ARGS` runs it (conftest.run_main)
-        result = run_main(DATA_PARALLEL, *script_args)
-        assert result.returncode == 0, result.stderr
+        run_main(DATA_PARALLEL, *script_args, check=True)
     else:
         run(launcher(n, DATA_PARALLEL, *script_args))
     return out
@@ -121,11 +120,11 @@ def test_duplicate_prompts_make_two_different_images(one_process):
 
 @pytest.mark.parametrize("line", [DP_TORCHRUN, DP_ACCELERATE_TINY], ids=["torchrun", "accelerate_launch"])
 def test_the_readmes_two_process_launches_give_each_process_a_contiguous_share_of_diffusers_images(
-        line, tiny_sd3, tiny_flux, tmp_path, diffusers_image):
+        line, tiny, tmp_path, diffusers_image):
     """The README's commands for 2 processes, torchrun on its prompts.txt and accelerate launch on the script's
     default prompts, run as tests/test_readme.py runs every README command: each prompt made once, in order, by the
     process whose contiguous share it is, and each image the one diffusers makes for its prompt and seed."""
-    run_readme_command(line, {"sd3": tiny_sd3, "flux": tiny_flux}, tmp_path)
+    run_readme_command(line, tiny, tmp_path)
     out = tmp_path / "out"
     prompts = ([p for p in (ROOT / "prompts.txt").read_text(encoding="utf-8").splitlines() if p.strip()]
                if "--prompts-file" in line else load_script(DATA_PARALLEL).DEFAULT_PROMPTS)
@@ -155,9 +154,8 @@ def test_another_seed_makes_other_images_the_ones_diffusers_makes_with_it(tiny_s
                                                                          diffusers_image):
     """--seed 11: prompt i is seeded with 11 + i, the manifest says so, and the images change."""
     out = tmp_path / "out"
-    result = run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, *prompt_args(PROMPTS[:2]), *FAST,
-                      "--seed", "11")
-    assert result.returncode == 0, result.stderr
+    run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, *prompt_args(PROMPTS[:2]), *FAST,
+             "--seed", "11", check=True)
     assert_made_by_diffusers(out, diffusers_image, seed=11)
     seed_0 = {r["prompt"]: r["file"] for r in read_manifest(one_process)}
     for r in read_manifest(out):
@@ -180,8 +178,7 @@ def test_a_second_run_makes_only_the_missing_images_and_batches_make_the_images_
     for name in removed:
         (out / name).unlink()
     result = run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, *prompt_args(PROMPTS), *FAST,
-                      "--batch-size", "2")
-    assert result.returncode == 0, result.stderr
+                      "--batch-size", "2", check=True)
     assert "2 of 5 images are already in" in result.stdout
     assert all((out / name).exists() for name in removed)
     assert all(p.stat().st_mtime_ns == made[p.name] for p in out.glob(IMAGES) if p.name not in removed)

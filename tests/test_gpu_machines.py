@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch.distributed.constants import default_pg_nccl_timeout, default_pg_timeout
 
-from tests.conftest import (BIN, DATA_PARALLEL, ROOT, accelerator, assert_clear_error, free_port, load_script, pixels,
-                            python, read_manifest, run, run_main, torchrun)
+from tests.conftest import (BIN, DATA_PARALLEL, ROOT, accelerator, assert_clear_error, free_port, launched_as,
+                            load_script, pixels, python, read_manifest, run, run_main, torchrun)
 
 SCRIPTS = [DATA_PARALLEL, ROOT / "model-parallelism-flux.py"]  # both have the "no silent CPU" check
 # ...and so has the context parallel script, whose checks are the data parallel script's own, word for word
@@ -215,8 +215,7 @@ def test_a_cpu_only_container_on_a_gpu_server_makes_the_images(script_path, requ
     args = model_and_output(script_path, request, tmp_path)
     pci = fake_sysfs(tmp_path, *INTEL_BRIDGES, NVIDIA_GPU, NVIDIA_GPU)
     result = run_main(script_path, *args, *FAST, SYSFS_PCI_DEVICES=str(pci), DEVICE_NODES=str(tmp_path / "no-dev"),
-                      CUDA_VISIBLE_DEVICES=None, ZE_AFFINITY_MASK=None)
-    assert result.returncode == 0, result.stderr
+                      CUDA_VISIBLE_DEVICES=None, ZE_AFFINITY_MASK=None, check=True)
     assert_the_images_are_made(script_path, args)
     assert [line for line in result.stderr.splitlines() if line.startswith(("note:", "error:"))] == [
         f"note: this machine has NVIDIA GPUs but no {tmp_path / 'no-dev' / 'nvidia[0-9]*'} device node to reach them "
@@ -272,8 +271,7 @@ def test_under_a_launcher_the_gpu_that_torch_cannot_use_is_said_once(tiny_sd3, t
     machine, said = fake_sysfs(tmp_path, NVIDIA_GPU), []
     for rank in (0, 1):
         result = main_on(machine, DATA_PARALLEL, "--model", tiny_sd3, *FAST, "--output-dir", tmp_path / "out",
-                         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR=None,
-                         MASTER_PORT=None)
+                         **launched_as(rank))
         assert result.returncode not in (None, 0)
         said.append(result.stderr)
     assert said[0].count("error: this machine has an NVIDIA GPU") == 1 and said[1] == ""
@@ -294,16 +292,14 @@ def test_the_readme_shows_what_the_script_says_without_the_xpu_build(tmp_path):
 @pytest.mark.parametrize("script_path", SCRIPTS, ids=lambda path: path.name)
 def test_device_cpu_makes_the_images_on_a_machine_whose_gpu_torch_cannot_use(script_path, request, tmp_path):
     args = model_and_output(script_path, request, tmp_path)
-    result = main_on(fake_sysfs(tmp_path, NVIDIA_GPU), script_path, *args, *FAST, "--device", "cpu")
-    assert result.returncode == 0, result.stderr
+    main_on(fake_sysfs(tmp_path, NVIDIA_GPU), script_path, *args, *FAST, "--device", "cpu", check=True)
     assert_the_images_are_made(script_path, args)
 
 
 @pytest.mark.parametrize("script_path", SCRIPTS, ids=lambda path: path.name)
 def test_intel_bridges_alone_let_the_script_run_as_before(script_path, request, tmp_path):
     args = model_and_output(script_path, request, tmp_path)
-    result = main_on(fake_sysfs(tmp_path, *INTEL_BRIDGES, *OTHERS), script_path, *args, *FAST)
-    assert result.returncode == 0, result.stderr
+    main_on(fake_sysfs(tmp_path, *INTEL_BRIDGES, *OTHERS), script_path, *args, *FAST, check=True)
     assert_the_images_are_made(script_path, args)
 
 
@@ -484,8 +480,7 @@ def test_one_process_on_a_machine_with_several_gpus_notes_the_command_and_runs(t
                                           "--device-memory", "24GiB"]),
 ], ids=["data-parallelism", "model-parallelism"])
 def test_a_plan_for_other_gpus_runs_on_a_machine_whose_gpu_torch_cannot_use(script_path, plan, tmp_path):
-    result = main_on(fake_sysfs(tmp_path, INTEL_GPU), script_path, "--plan", *plan)
-    assert result.returncode == 0, result.stderr
+    result = main_on(fake_sysfs(tmp_path, INTEL_GPU), script_path, "--plan", *plan, check=True)
     assert "fits: yes" in result.stdout and not result.stderr
 
 

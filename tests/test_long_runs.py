@@ -48,6 +48,16 @@ def job_bar(log):
     return [(int(done), int(total)) for done, total in re.findall(r"^images:.*?(\d+)/(\d+) \[", log, re.MULTILINE)]
 
 
+def assert_one_bar_for_the_job(log, made_before, total, finished):
+    """What the user saw: one bar for the job, from the images already made (0 on a first run) of all of them, only
+    going up, to all of them if the run FINISHED; no bar for the steps of each pipeline call, nor the libraries'
+    warning about what the sample never uses."""
+    bar = job_bar(log)
+    assert bar[0] == (made_before, total) and [done for done, _ in bar] == sorted(done for done, _ in bar)
+    assert bar[-1] == (total, total) if finished else bar[-1][0] < total
+    assert " 2/2 [" not in log and "torchvision" not in log
+
+
 def assert_everything_on_disk_is_whole(out, killed=False):
     """Every image on disk opens whole and has its manifest line, and every line parses. After a kill, a process
     may have been stopped between saving an image and writing its line (the next run writes it), and the killed
@@ -65,7 +75,7 @@ def kill_a_worker_while_writing(launcher, tiny_sd3, out):
     """Start the job with rank 1 to be killed (SIGKILL) half-way through writing its third image
     (tests/simulate/sitecustomize.py, KILL_RANK_WRITING), and check that the launcher ended the job, that no
     process of it is left, and that what is on disk is whole (the half written PNG is a temporary file, not an
-    image the next run would take as made). Return what it printed, and the images on disk (name: time)."""
+    image the next run would take as made). Return the images on disk (name: time)."""
     job = start(launcher(2, DATA_PARALLEL, *script_args(tiny_sd3, out, KILLED)), PYTHONPATH=str(SIMULATE),
                 KILL_RANK_WRITING="1")
     try:
@@ -80,19 +90,15 @@ def kill_a_worker_while_writing(launcher, tiny_sd3, out):
     before = {p.name: p.stat().st_mtime_ns for p in out.glob(IMAGES)}
     assert 2 <= len(before) < len(KILLED)  # rank 1's first two at least
     assert_everything_on_disk_is_whole(out, killed=True)
-    # What the user saw: one bar for the job, from 0 of all of them, only going up; no bar for the steps of each
-    # pipeline call, nor the libraries' warning about what the sample never uses.
-    bar = job_bar(log)
-    assert bar[0] == (0, len(KILLED)) and [done for done, _ in bar] == sorted(done for done, _ in bar)
-    assert " 2/2 [" not in log and "torchvision" not in log
-    return log, before
+    assert_one_bar_for_the_job(log, 0, len(KILLED), finished=False)
+    return before
 
 
 def test_a_worker_killed_while_writing_ends_the_job_and_the_next_run_completes_the_set(tiny_sd3, tmp_path):
     """torchrun: the kill (kill_a_worker_while_writing), then the same command again makes the rest, and only the
     rest."""
     out = tmp_path / "out"
-    log, before = kill_a_worker_while_writing(torchrun, tiny_sd3, out)
+    before = kill_a_worker_while_writing(torchrun, tiny_sd3, out)
 
     # The same command again, with a probe that says so should a process exit still in its process group.
     result = run_simulated(torchrun(2, DATA_PARALLEL, *script_args(tiny_sd3, out, KILLED)))
@@ -102,11 +108,7 @@ def test_a_worker_killed_while_writing_ends_the_job_and_the_next_run_completes_t
     assert_everything_on_disk_is_whole(out)
     assert [r["prompt"] for r in read_manifest(out)] == KILLED
     assert all(p.stat().st_mtime_ns == before[p.name] for p in out.glob(IMAGES) if p.name in before)
-    # Its bar: from the images already made to all of them, only going up, and nothing else.
-    bar, total = job_bar(result.stderr), len(KILLED)
-    assert bar[0] == (len(before), total) and bar[-1] == (total, total)
-    assert [done for done, _ in bar] == sorted(done for done, _ in bar)
-    assert " 2/2 [" not in result.stderr and "torchvision" not in result.stderr
+    assert_one_bar_for_the_job(result.stderr, len(before), len(KILLED), finished=True)
 
 
 def test_a_worker_killed_while_writing_ends_the_job_under_accelerate_launch_too(tiny_sd3, tmp_path):
@@ -133,14 +135,8 @@ def three_images(tiny_sd3, tmp_path_factory):
     """One plain run of three prompts; each test below works on a copy of its folder. These runs are one process,
     no launcher: main() in this process (tests/conftest.py: run_main) writes the same files and lines."""
     out = tmp_path_factory.mktemp("three") / "out"
-    assert plain_run(*script_args(tiny_sd3, out, MANY[:3])).returncode == 0
+    run_main(DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:3]), check=True)
     return out
-
-
-def plain_run(*args):
-    result = run_main(DATA_PARALLEL, *args)
-    assert result.returncode == 0, result.stderr
-    return result
 
 
 @pytest.mark.xdist_group("three_images")  # one run of the fixture for the three
@@ -150,7 +146,7 @@ def test_a_lost_manifest_line_is_rebuilt_without_making_the_image_again(tiny_sd3
     lost = read_manifest(out)[1]
     made_at = (out / lost["file"]).stat().st_mtime_ns
     (out / "manifest.jsonl").write_text(lines[0] + lines[2] + '{"index": 5, "prom', encoding="utf-8")  # torn line
-    result = plain_run(*script_args(tiny_sd3, out, MANY[:3]))
+    result = run_main(DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:3]), check=True)
     assert "3 of 3 images are already in" in result.stdout
     manifest = read_manifest(out)
     assert [(r["index"], r["prompt"], r["file"]) for r in manifest] == [
@@ -162,7 +158,7 @@ def test_a_lost_manifest_line_is_rebuilt_without_making_the_image_again(tiny_sd3
 def test_overwrite_makes_every_image_again(tiny_sd3, three_images, tmp_path):
     out = shutil.copytree(three_images, tmp_path / "out")
     before = {p.name: p.stat().st_mtime_ns for p in out.glob(IMAGES)}
-    plain_run(*script_args(tiny_sd3, out, MANY[:3]), "--overwrite")
+    run_main(DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:3]), "--overwrite", check=True)
     assert all(p.stat().st_mtime_ns > before[p.name] for p in out.glob(IMAGES))
     assert len(read_manifest(out)) == 3
 
@@ -211,7 +207,7 @@ def test_a_full_disk_is_one_line_and_the_same_command_with_room_makes_the_rest(t
     assert 0 < saved < len(FILL) and len(list(out.glob(IMAGES))) == saved
     assert_everything_on_disk_is_whole(out)
 
-    rerun = plain_run(*script_args(tiny_sd3, out, FILL))
+    rerun = run_main(DATA_PARALLEL, *script_args(tiny_sd3, out, FILL), check=True)
     assert f"{saved} of {len(FILL)} images are already in" in rerun.stdout
     assert [r["prompt"] for r in read_manifest(out)] == FILL
 

@@ -236,9 +236,8 @@ def test_plan_on_a_machine_without_a_gpu_uses_the_pipeline_whole_on_the_cpu(scri
 def test_no_t5_makes_images_without_t5_and_the_manifest_says_so(tiny_sd3, tmp_path):
     prompts = [arg for p in PROMPTS for arg in ("--prompt", p)]
     for folder, extra in ("t5", []), ("no-t5", ["--no-t5"]):  # in this process (tests/conftest.py: run_main)
-        result = run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", tmp_path / folder, *prompts, *FAST,
-                          *extra)
-        assert result.returncode == 0, result.stderr
+        run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", tmp_path / folder, *prompts, *FAST,
+                 *extra, check=True)
     for with_t5, without in zip(read_manifest(tmp_path / "t5"), read_manifest(tmp_path / "no-t5")):
         assert (with_t5["t5"], without["t5"]) == (True, False)
         assert with_t5["memory"] == without["memory"] == "whole"  # the CPU holds the pipeline whole

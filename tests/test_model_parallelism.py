@@ -111,12 +111,7 @@ def resident(tiny_flux, tmp_path_factory):
     """The tiny Flux made in one go, on the CPU: (image, stdout). One process, no launcher: main() in this process
     (tests/conftest.py: run_main; the README's commands run the script as a program)."""
     out = tmp_path_factory.mktemp("resident") / "cat.png"
-    return out, made(run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, *FAST, *CPU))
-
-
-def made(result):
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    return out, run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, *FAST, *CPU, check=True).stdout
 
 
 @pytest.mark.xdist_group("resident")  # one run of the fixture for the four
@@ -190,7 +185,7 @@ def block_range_keys(row):
 @pytest.mark.xdist_group("resident")  # one run of the fixture for the four
 def test_staged_run_with_the_same_seed_gives_the_same_image(resident, tiny_flux, tmp_path):
     out = tmp_path / "staged.png"
-    stdout = made(run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, "--staged", *FAST, *CPU))
+    stdout = run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", out, "--staged", *FAST, *CPU, check=True).stdout
     assert "text encoders loaded" in stdout
     assert np.array_equal(pixels(out), pixels(resident[0]))
 
@@ -214,8 +209,7 @@ def test_flux1_dev_is_balanced_within_10_percent_on_the_devices_alone(plan, num_
 @pytest.mark.parametrize("max_memory", ["0=23GiB,1=23.6GiB", "0=23.6GiB,1=23GiB"])
 def test_the_plan_command_of_the_issue_fits_balanced(max_memory):
     result = run_main(MODEL_PARALLEL, "--plan", "--json", "--model", FLUX1_DEV, "--num-devices", "2",
-                      "--device-memory", "24GiB", "--max-memory", max_memory)
-    assert result.returncode == 0, result.stderr
+                      "--device-memory", "24GiB", "--max-memory", max_memory, check=True)
     plan = json.loads(result.stdout)
     weights = list(plan["devices"].values())
     assert plan["fits"] and "cpu" not in plan["devices"] and max(weights) <= 1.10 * sum(weights) / len(weights)
@@ -535,9 +529,9 @@ def test_main_places_the_pipeline_with_the_libraries_balanced_load(monkeypatch, 
     monkeypatch.setattr(diffusers.FluxPipeline, "encode_prompt",
                         lambda self, **kwargs: encoded.append((set(self.components), kwargs)) or encode_prompt(
                             self, **kwargs))
-    result = run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", tmp_path / "x.png", *FAST, *CPU,
-                      "--max-memory", "cpu=1GiB", "--max-sequence-length", "64", *(["--staged"] if staged else []))
-    assert result.returncode == 0, result.stderr
+    run_main(MODEL_PARALLEL, "--model", tiny_flux, "--output", tmp_path / "x.png", *FAST, *CPU,
+             "--max-memory", "cpu=1GiB", "--max-sequence-length", "64", *(["--staged"] if staged else []),
+             check=True)
     stages = [{}] if not staged else [{"transformer": None, "vae": None}, {
         "text_encoder": None, "text_encoder_2": None, "tokenizer": None, "tokenizer_2": None}]
     assert [args for args, _, _ in loads] == [(str(tiny_flux),)] * len(stages)

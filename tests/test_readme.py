@@ -210,16 +210,15 @@ SINGLE = commands_run_here()
 
 
 @pytest.mark.parametrize("argv", SINGLE, ids=[" ".join(argv[2:5]) for argv in SINGLE])
-def test_every_readme_command_runs(argv, tiny_sd3, tiny_flux, tmp_path):
-    command = as_test(argv, {"sd3": tiny_sd3, "flux": tiny_flux}, tmp_path, free_port())
+def test_every_readme_command_runs(argv, tiny, tmp_path):
+    command = as_test(argv, tiny, tmp_path, free_port())
     if command[0] != sys.executable or "--plan" not in command:
         run(command, timeout=600)
         return
     # A plan loads nothing and starts no process: its main() in this process prints what the command prints. It
     # exits 0 whether the plan fits or not: the verdict is what tells. It must fit, but where the README shows
     # the command's printout (test_each_plan_the_readme_shows_is_what_the_command_prints), as shown there.
-    result = run_main(*command[1:])
-    assert result.returncode == 0, result.stderr
+    result = run_main(*command[1:], check=True)
     # The README's capture of this command: the same words, or these and a --model (the capture's own configs).
     shown = [printed for shown_argv, printed in captures() if shown_argv == argv or (
         shown_argv[:len(argv)] == argv and shown_argv[len(argv)] == "--model")]
@@ -231,11 +230,11 @@ def test_every_readme_command_runs(argv, tiny_sd3, tiny_flux, tmp_path):
     assert verdict == expected, result.stdout
 
 
-def test_the_several_machines_example_runs_on_loopback(tiny_sd3, tiny_flux, tmp_path):
+def test_the_several_machines_example_runs_on_loopback(tiny, tmp_path):
     machines = [argv for argv in readme_commands() if "--machine_rank" in argv]
     assert [argv[argv.index("--machine_rank") + 1] for argv in machines] == ["0", "1"]
     port = free_port()
-    jobs = [subprocess.Popen([str(a) for a in as_test(argv, {"sd3": tiny_sd3, "flux": tiny_flux}, tmp_path, port)],
+    jobs = [subprocess.Popen([str(a) for a in as_test(argv, tiny, tmp_path, port)],
                              cwd=ROOT, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for argv in machines]
     outputs = [job.communicate(timeout=300)[0] for job in jobs]
@@ -271,8 +270,7 @@ def test_each_plan_the_readme_shows_is_what_the_command_prints(argv, shown):
         args += ["--model", str(FLUX_DEV_CONFIGS if "flux" in script else SD35_MEDIUM_CONFIGS)]
     model = args[args.index("--model") + 1]
     args[args.index("--model") + 1] = str(ROOT / model)  # as from the repository root, wherever pytest runs
-    result = run_main(ROOT / script, *args)
-    assert result.returncode == 0, result.stderr
+    result = run_main(ROOT / script, *args, check=True)
     printed = result.stdout.replace(str(ROOT / model), hub_id or model).rstrip("\n").splitlines()
     assert printed == shown
     assert re.search(r"fits: (yes|NO)", "\n".join(shown))
