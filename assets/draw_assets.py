@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 ASSETS = Path(__file__).resolve().parent
 ROOT = ASSETS.parent
 sys.path.insert(0, str(ROOT))
-from tests.tiny_pipelines import build_sd3  # noqa: E402
+from utils.tiny_pipelines import build_sd3  # noqa: E402
 
 INK, PAPER, MUTED = "#1f2933", "#ffffff", "#7b8794"
 BLUE, GREEN, ORANGE, PURPLE, GREY = "#d6e4ff", "#d3f2dc", "#ffe3c2", "#eadcff", "#eceff1"

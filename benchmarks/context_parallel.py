@@ -29,7 +29,7 @@ from transformers import CLIPTextModel
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.tiny_pipelines import TEXT_DIM, _clip_config, _t5, _vae, clip_tokenizer, t5_tokenizer  # noqa: E402
+from utils.tiny_pipelines import TEXT_DIM, _clip_config, _t5, _vae, clip_tokenizer, t5_tokenizer  # noqa: E402
 
 SCRIPT = ROOT / "context-parallelism-flux.py"
 

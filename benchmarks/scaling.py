@@ -62,7 +62,7 @@ def measure(args, work):
     model = args.model
     if not model:  # diffusers and transformers imported only for this: the runs import them in their own processes
         sys.path.insert(0, str(ROOT))
-        from tests.tiny_pipelines import build_sd3
+        from utils.tiny_pipelines import build_sd3
         model = str(build_sd3(work / "bench-sd3", num_layers=8, attention_head_dim=64))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # measure what users get: Python caching the libraries' bytecode

@@ -22,7 +22,7 @@ import torch
 from accelerate import PartialState
 from PIL import Image
 
-from tests import tiny_pipelines
+from utils import tiny_pipelines
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the project's virtual environment: accelerate and torchrun live here

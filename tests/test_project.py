@@ -13,7 +13,8 @@ import pytest
 from tests.conftest import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-SOURCES = [*ROOT.glob("*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("assets/*.py")]
+SOURCES = [path for folder in (".", "tests", "benchmarks", "assets", "utils", "dev", "examples")
+           for path in ROOT.glob(f"{folder}/*.py")]
 
 
 def distribution(requirement):
@@ -24,7 +25,7 @@ def distribution(requirement):
 def undeclared_imports(sources, declared):
     """The third-party modules that `sources` import directly but no declared distribution provides."""
     providers = importlib.metadata.packages_distributions()  # module -> the distributions that install it
-    local = {path.stem for path in SOURCES} | {"tests"}
+    local = {path.stem for path in SOURCES} | {"tests", "utils", "dev"}
     missing = {}
     for source in sources:
         for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):

@@ -90,7 +90,7 @@ def as_test(argv, tiny, tmp_path, port):
             del args[args.index("--main_process_port"):args.index("--main_process_port") + 2]
     elif program == "torchrun":
         command += ["--master-port", str(port)]
-    elif program == "tests/tiny_pipelines.py":
+    elif program == "utils/tiny_pipelines.py":
         args = [str(tmp_path / "tiny")]
     elif program == "benchmarks/scaling.py":
         args += ["--model", str(tiny["sd3"]), "--prompts", "4", "--size", "64", "--steps", "1", "--no-warm-up"]
@@ -112,7 +112,7 @@ def as_test(argv, tiny, tmp_path, port):
 def test_the_readme_has_commands_to_check():
     words = {word for argv in readme_commands() for word in argv[2:]}
     assert {"accelerate", "torchrun", "pytest", "data-parallelism-accelerate.py", "model-parallelism-flux.py",
-            "tests/tiny_pipelines.py", "benchmarks/scaling.py", "--machine_rank", "--plan", "--staged",
+            "utils/tiny_pipelines.py", "benchmarks/scaling.py", "--machine_rank", "--plan", "--staged",
             "context-parallelism-flux.py", "benchmarks/context_parallel.py"} <= words
 
 

@@ -11,6 +11,9 @@ environment variable is set:
   process runs after (tests/test_long_runs.py).
 - FULL_DISK_AFTER=N: the disk fills up while the process writes its image N + 1: half of its bytes are on disk,
   then the write fails with ENOSPC, as on a real disk (tests/test_long_runs.py, where no tmpfs can be mounted).
+- STALL_RANK=R: the process of rank R stops in its second denoising step (the flow-matching scheduler's `step`,
+  which SD3, FLUX.1 and QwenImage use, sleeps for an hour), as a process whose GPU stopped responding, while the
+  others wait for it in the next collective (tests of the context parallel and CFG parallel scripts).
 - PROBE_GROUP_AT_EXIT=1: at exit, a process still in a process group says so on stderr.
 """
 
@@ -57,6 +60,21 @@ if _killed or os.environ.get("FULL_DISK_AFTER"):
         return _save(self, fp, *args, **kwargs)
 
     Image.Image.save = _cut_short_while_writing
+
+if os.environ.get("STALL_RANK") is not None and os.environ.get("RANK") == os.environ["STALL_RANK"]:
+    import time
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    _step, _steps = FlowMatchEulerDiscreteScheduler.step, []
+
+    def _stop_at_the_second_step(self, *args, **kwargs):
+        _steps.append(1)
+        if len(_steps) == 2:
+            time.sleep(3600)
+        return _step(self, *args, **kwargs)
+
+    FlowMatchEulerDiscreteScheduler.step = _stop_at_the_second_step
 
 if os.environ.get("PROBE_GROUP_AT_EXIT"):
     import atexit

@@ -6,9 +6,9 @@ tests), and the whole test suite as the README runs it (`uv run pytest`, here `p
 environment). It prints both and their ratio: the suite's time in units of one run of the script. The goal is 40 or
 less; a faster or slower machine moves both times alike.
 
-    uv run benchmarks/suite_time.py                    # the whole suite
-    uv run benchmarks/suite_time.py -- -k readme       # arguments after -- go to pytest
-    uv run benchmarks/suite_time.py --log suite.log -- --durations=30   # and where the time goes
+    uv run dev/suite_time.py                    # the whole suite
+    uv run dev/suite_time.py -- -k readme       # arguments after -- go to pytest
+    uv run dev/suite_time.py --log suite.log -- --durations=30   # and where the time goes
 
 Bytecode is cached first (an untimed run of the script), as on a user's machine after the first run.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.tiny_pipelines import build_sd3  # noqa: E402
+from utils.tiny_pipelines import build_sd3  # noqa: E402
 
 
 def parse_args():

@@ -5,7 +5,7 @@ shape rules (an 8x VAE, sizes in multiples of 16), but a few hundred kilobytes o
 16-34 GB of trained ones. Their pictures are noise; what they are for is trying the scripts, and testing them,
 on any machine without a download:
 
-    uv run tests/tiny_pipelines.py tiny                # writes tiny/sd3 and tiny/flux
+    uv run utils/tiny_pipelines.py tiny                # writes tiny/sd3 and tiny/flux
     uv run accelerate launch --multi_gpu --num_processes 2 data-parallelism-accelerate.py --model tiny/sd3
 
 The tokenizers are built in code from a small vocabulary (every byte for CLIP, letters and digits for T5),
