@@ -1,3 +1,6 @@
+# SPDX-License-Identifier: MIT
+# Follows Accelerate's distributed inference guide:
+#   https://huggingface.co/docs/accelerate/usage_guides/distributed_inference
 """Data parallelism: every GPU holds a whole copy of the pipeline and makes its own share of the images.
 
 Use it when the model fits on one device and you have many prompts: N devices make N images at a time.
@@ -20,6 +23,7 @@ tells beforehand, from the configs alone, which memory mode each process will us
 """
 
 import argparse
+import contextlib
 import gc
 import importlib
 import inspect
@@ -77,96 +81,42 @@ def main():
         check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
     prompts = read_prompts(args)
     check_model(args)  # fail now, not after every process has loaded 16 GB
-    # Know before loading: what the pipeline weighs at this dtype, from its configs alone (built on the meta device,
-    # no weights), and the system RAM free before any process loads. --plan stops here: no processes, no weights.
-    sizes = weigh_pipeline(args)
+    sizes = weigh_pipeline(args)  # from the configs alone (the meta device): what each GPU must hold, and the RAM
     if args.plan:
         return print_plan(args, sizes)
     check_launch(args)  # one process per device, and a torch that can join them into a group
 
-    # 1. One process per device. Accelerate reads the rank and world size the launcher set, picks this
-    #    process's device (xpu:<local rank>, cuda:<local rank>) and joins the process group (xccl on Intel GPUs,
-    #    nccl on NVIDIA). With no accelerator, `cpu=True` makes the processes a gloo group on the CPU: without it
-    #    every CPU process would think it is alone and make every image. The group's timeout is a week, not
-    #    NCCL's 10 minutes: a process that is done waits for the others as long as they make images (below,
-    #    wait_for_the_others), and a failure still ends the job at once (the launcher stops every process on its
-    #    machine when one fails).
+    # 1. One process per device: Accelerate reads what the launcher set, picks this process's device (xpu:<local
+    #    rank>, cuda:<local rank>) and joins the group (xccl on Intel GPUs, nccl on NVIDIA; cpu=True: gloo on the
+    #    CPU). A week's timeout, not NCCL's 10 minutes: a process that is done waits for the others (step 5).
     distributed_state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available(),
                                      timeout=timedelta(days=7))
-    check_group_formed(distributed_state)
-    device = distributed_state.device
-    if device.type == "cpu":  # in a CPU process group Accelerate says "cpu:0": moving the weights from "cpu"
-        device = torch.device("cpu")  # to "cpu:0" would copy every one of them, twice the memory for nothing
-    quiet_libraries(main_process=distributed_state.is_main_process, verbose=args.verbose)
+    device = join_the_group(args, distributed_state)
 
-    # 2. The main process looks at what is already on disk and tells the others what is left to make, so that
-    #    every process splits the same list, even one that starts late, after another has saved images.
+    # 2. The main process finds what is left to make (images already on disk are kept) and tells the others, so
+    #    that every process splits the same list, even one that starts after another has saved images.
     names = image_names(prompts)
     todo = [images_to_make(args, prompts, names) if distributed_state.is_main_process else None]
     todo = broadcast_object_list(todo)[0]
+    progress = JobProgress(args, len(prompts), len(prompts) - len(todo)) if distributed_state.is_main_process else None
 
-    # One bar for the whole job, on the main process: the images that every process has saved, of the total.
-    progress = JobProgress(args.output_dir, len(prompts), len(prompts) - len(todo)) if (
-        distributed_state.is_main_process) else None
-
-    # 3. Split the prompts. With 10 prompts and 4 processes, ranks 0 and 1 get 3 each, ranks 2 and 3 get 2:
-    #    contiguous slices, the extra ones to the first ranks. No padding: nothing below is a tensor collective
-    #    (gather_object takes lists of any length), so a process whose share is shorter, or empty when there
-    #    are more processes than prompts, simply makes fewer images; it never makes a copy to be thrown away.
+    # 3. Split the prompts: with 10 prompts and 4 processes, ranks 0 and 1 get 3 each, ranks 2 and 3 get 2
+    #    (contiguous slices, no padding: a process whose share is shorter, or empty, simply makes fewer images).
     made, generate_seconds = 0, 0.0
     with distributed_state.split_between_processes(todo) as my_share:
         shares = gather_object([[i for i, _ in my_share]])  # every process's share, to name one that stops
-        if my_share:  # an empty share loads nothing and never calls the pipeline (an empty batch crashes it)
-            # Every process loads the whole pipeline onto its own device: whole when it fits with room for the
-            # activations (the fastest), else with diffusers' CPU offload to THIS process's device (xpu:1 for rank 1,
-            # never device 0): the weights stay in this process's RAM and move to its GPU when they are needed.
-            memory = memory_mode(args, device, sizes, announce=distributed_state.is_main_process)
-            pipeline = load_pipeline(args)
-            if memory == "whole":
-                pipeline.to(device)
-            elif memory == "model":  # each component goes to the GPU when it runs, and back when the next one starts
-                pipeline.enable_model_cpu_offload(device=device)
-            else:  # each layer's weights go to the GPU for its forward pass only: slow, and the least memory
-                pipeline.enable_sequential_cpu_offload(device=device)
-            no_fp64_remedy(pipeline, [device], announce=distributed_state.is_main_process)  # FLUX on Arc A-series
-            # Step bars from several processes would overwrite each other, and the job bar says more: --verbose.
-            pipeline.set_progress_bar_config(disable=not (args.verbose and distributed_state.is_main_process))
-            options = pipeline_options(args, pipeline)
-            settings = {"rank": distributed_state.process_index, "device": str(device), "model": args.model,
-                        "dtype": str(pipeline.dtype).removeprefix("torch."), **memory_record(pipeline, memory),
-                        **options}
-            generate_started = time.perf_counter()
-            for start in range(0, len(my_share), args.batch_size):
-                batch = my_share[start:start + args.batch_size]
-                # The picture of prompt i depends only on SEED + i: a CPU generator per prompt makes the same
-                # starting noise on any device and in any batch, so 1 or N processes give the same images.
-                generators = [torch.Generator("cpu").manual_seed(args.seed + i) for i, _ in batch]
-                t0 = time.perf_counter()
-                images = pipeline(prompt=[p for _, p in batch], generator=generators, height=args.height,
-                                  width=args.width, **options).images
-                seconds = round((time.perf_counter() - t0) / len(batch), 3)
-                for (i, prompt), image in zip(batch, images):
-                    # 4. Save: each process writes its own images, and their manifest lines, as they are made.
-                    save(args.output_dir, names[i], image,
-                         {"index": i, "prompt": prompt, "seed": args.seed + i, "seconds": seconds, **settings})
-                    made += 1  # saved whole, with its manifest line
-            generate_seconds = time.perf_counter() - generate_started
+        if my_share:  # an empty share loads nothing (an empty batch crashes the pipeline)
+            pipeline, options, record = load_on_this_device(args, distributed_state, device, sizes)
+            # 4. Each process makes its share, a batch at a time: prompt i's starting noise comes from SEED + i
+            #    alone (a CPU generator), so 1 or N processes make the same images; each is saved as it is made.
+            made, generate_seconds = make_images(args, pipeline, options, record, my_share, names)
 
-    # 5. Wait for the others while they make images, but not for one that has stopped: no image saved anywhere for
-    #    --stall-timeout (and 10x the slowest image) ends the job, naming it. Then gather every process's numbers.
+    # 5. Wait for the others, but not for one that has stopped (--stall-timeout); gather every process's numbers.
     wait_for_the_others(args, distributed_state, shares)
     stats = gather_object([{"rank": distributed_state.process_index, "device": str(device), "images": made,
                             "generate_seconds": generate_seconds, **peak_memory(device)}])
-    if distributed_state.is_main_process:
-        progress.close(done=len(prompts) - len(todo) + sum(s["images"] for s in stats))
-        try:
-            manifest = args.output_dir / "manifest.jsonl"
-            write_manifest(manifest, read_manifest(manifest))  # every process appended its lines: sort them
-            sheet = write_contact_sheet(args.output_dir, names)  # the run's images at a glance
-            # Wall time since this process started, imports and loading included: what the user waited for.
-            report(args, stats, len(prompts) - len(todo), time.time() - psutil.Process().create_time(), sheet)
-        except OSError as e:
-            cannot_write(args.output_dir, e)
+    if distributed_state.is_main_process:  # the manifest in order, the contact sheet, the report
+        finish(args, progress, stats, already=len(prompts) - len(todo), names=names)
     end_process_group()  # and on every other way out: see the end of this file
 
 
@@ -236,29 +186,447 @@ def parse_args():
     return args
 
 
-def fail(message, code=2, every_process=False):
-    """One line on stderr and a non-zero exit, no traceback.
+def read_prompts(args):
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        try:
+            text = args.prompts_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read --prompts-file {args.prompts_file}: {getattr(e, 'strerror', None) or e}")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            fail(f"--prompts-file {args.prompts_file} has no prompts (one prompt a line)")
+        prompts += lines
+    if any(not p.strip() for p in prompts):
+        fail("--prompt is empty: give it some text")
+    return prompts or DEFAULT_PROMPTS
 
-    A bad input fails every process alike, so only the first process of each machine says it; the others wait
-    a moment, so that the launcher, which stops the whole job when one process ends, does not cut that line
-    short. A failure of one process alone (out of memory) is said by that process."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if every_process or local_rank == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+
+def check_model(args):
+    """Fail early, before any process loads weights: the model can be found and can make images of this size."""
+    model = Path(args.model).expanduser()
+    if model.exists() and not (model / "model_index.json").exists():
+        fail(f"--model {args.model} is not a diffusers pipeline folder: it has no model_index.json")
+    if not model.exists() and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", args.model):
+        fail(f"--model {args.model}: no such folder, and not a Hub id (organisation/name)")
+    diffusers.utils.logging.set_verbosity_error()  # a failed Hub look-up is said once, by us, not three times
+    # The configs only, a few kilobytes; the libraries' deprecation notices are not the user's.
+    with explained_load_errors(args.model), warnings.catch_warnings(action="ignore"):
+        components = DiffusionPipeline.load_config(args.model)
+        vae = AutoencoderKL.load_config(args.model, subfolder="vae")
+        patch = AutoencoderKL.load_config(args.model, subfolder="transformer").get("patch_size", 1) if (
+            "transformer" in components) else 1
+    diffusers.utils.logging.set_verbosity_warning()
+    # The VAE shrinks images 8x (2 per block after the first), and a transformer works on 2x2 patches of that
+    # (SD3 says patch_size=2; Flux packs 2x2 latents itself): sizes must be multiples of 16 for both.
+    if "block_out_channels" not in vae:  # not an AutoencoderKL-style VAE: let the pipeline check the size itself
+        return
+    multiple = 2 ** (len(vae["block_out_channels"]) - 1) * (max(2, patch) if "transformer" in components else 1)
+    for flag, size in (("--height", args.height), ("--width", args.width)):
+        if size is not None and size % multiple:
+            fail(f"{flag} {size} does not suit {args.model}: use a multiple of {multiple}, "
+                 f"e.g. {max(multiple, size // multiple * multiple)}")
+
+
+def weigh_pipeline(args):
+    """What each component weighs at the run's dtype, from its config.json alone: the model is built on the meta
+    device (shapes, no weights), as from_pretrained does before it loads them. Plus what the run needs beside the
+    weights: activations for the image size, and the system RAM free before any process has loaded anything."""
+    on_gpu = (args.device != "cpu" and torch.accelerator.is_available()) or args.device_memory is not None
+    dtype = run_dtype(args, on_gpu)
+    with warnings.catch_warnings(action="ignore"):
+        index = DiffusionPipeline.load_config(args.model)
+        transformer = (AutoencoderKL.load_config(args.model, subfolder="transformer")
+                       if "transformer" in index else {})
+        vae = AutoencoderKL.load_config(args.model, subfolder="vae") if "vae" in index else {}
+    if args.no_t5 and "text_encoder_3" not in index:
+        fail(f"--no-t5 is for SD3 pipelines, which have a T5 text encoder (text_encoder_3); {args.model} is a "
+             f"{index.get('_class_name')}")
+    components, buffers, largest_layer = {}, 0, 0
+    for name, spec in index.items():
+        library, class_name = spec if isinstance(spec, list) and len(spec) == 2 else (None, None)
+        if library is None or class_name is None or (name == "text_encoder_3" and args.no_t5):
+            continue
+        # "diffusers" and "transformers", or a pipeline's own module ("stable_diffusion": its safety checker)
+        package = library if library in ("diffusers", "transformers") else f"diffusers.pipelines.{library}"
+        try:
+            cls = getattr(importlib.import_module(package), class_name, None)
+        except ImportError:
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, (diffusers.ModelMixin, transformers.PreTrainedModel))):
+            continue  # tokenizers and schedulers hold no weights
+        # On torch's meta device, as transformers builds it (accelerate's init_empty_weights would untie T5's
+        # input embeddings from its `shared` ones, and count 0.25 GiB twice).
+        with warnings.catch_warnings(action="ignore"), torch.device("meta"):
+            with explained_load_errors(args.model):  # e.g. a local folder without this component's config.json
+                config = (cls.load_config(args.model, subfolder=name) if issubclass(cls, diffusers.ModelMixin) else
+                          transformers.AutoConfig.from_pretrained(args.model, subfolder=name))
+            module = cls.from_config(config) if issubclass(cls, diffusers.ModelMixin) else cls(config)
+        # Under float16, transformers keeps the layers a model names in `_keep_in_fp32_modules` in float32 (T5's
+        # `wo`: 2 GB more for T5-XXL), and diffusers does the same for its models.
+        keep = (getattr(cls, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else []
+        float32 = {n: torch.float32 for n, _ in module.named_parameters() if set(n.split(".")) & set(keep)}
+        components[name] = compute_module_sizes(module, dtype=dtype, special_dtypes=float32)[""]
+        # Sequential offload moves one layer's weights at a time to the GPU, and leaves the buffers there.
+        buffers += compute_module_sizes(module, dtype=dtype, buffers_only=True)[""]
+        largest_layer = max([largest_layer] + [sum(t.numel() for t in m.parameters(recurse=False)) * dtype.itemsize
+                                               for m in module.modules()])
+    # The image size the run makes: as asked, or the model's own (SD3.5: 128 latents x 8 = 1024 pixels).
+    scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    native = transformer.get("sample_size", 128) * scale if isinstance(transformer.get("sample_size"), int) else 1024
+    height, width = args.height or native, args.width or native
+    return {"dtype": str(dtype).removeprefix("torch."), "height": height, "width": width, "components": components,
+            "buffers": buffers, "largest_layer": largest_layer,
+            "reserve": int(RESERVE_AT_1024 * height * width / 1024**2 * args.batch_size),
+            # N processes on this machine, each with its own copy of the weights in RAM when they offload.
+            "processes": int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "ram": psutil.virtual_memory().available}
+
+
+def run_dtype(args, on_gpu=None, announce=False):
+    """The weights' dtype: as asked, or the GPU's (default_dtype), or float32 on the CPU."""
+    if on_gpu is None:
+        on_gpu = args.device != "cpu" and torch.accelerator.is_available()
+    return getattr(torch, args.dtype) if args.dtype != "auto" else default_dtype(on_gpu, announce)
+
+
+def print_plan(args, sizes):
+    """--plan: the memory mode for the GPUs present (the one with the least free memory) or for --device-memory."""
+    if args.device_memory is not None:
+        device, device_memory, planned = "GPU", args.device_memory, True
+    elif args.device != "cpu" and torch.accelerator.is_available():
+        kind = torch.accelerator.current_accelerator().type
+        free = {i: free_memory(torch.device(kind, i)) for i in range(torch.accelerator.device_count())}
+        index = min(free, key=free.get)
+        device, device_memory, planned = f"{kind}:{index}", free[index], False
     else:
-        time.sleep(1)
-    sys.exit(code)
+        device, device_memory, planned = "cpu", sizes["ram"], False
+    ram = None if planned else sizes["ram"]  # a GPU you do not have is in a machine whose RAM we cannot see
+    # The run this plans: one process per GPU present, each with a copy of the weights in RAM if they offload.
+    processes = torch.accelerator.device_count() if device != "cpu" and not planned else sizes["processes"]
+    plan = choose_memory_mode(sizes, device_memory, args.offload, ram, processes)
+    if device == "cpu":  # no offload without an accelerator: the pipeline is used whole, in RAM
+        plan["fits"] = plan["needs"]["whole"] <= device_memory
+        plan["mode"] = "whole"
+    plan |= {"device": device, "dtype": sizes["dtype"], "height": sizes["height"], "width": sizes["width"],
+             "batch_size": args.batch_size, "components": sizes["components"], "t5": not args.no_t5}
+    if args.json:
+        plan.pop("ram_fits")
+        print(json.dumps(plan, indent=2))
+        return
+    where = f"a GPU with {size(device_memory)} free (planned)" if planned else f"{device}, {size(device_memory)} free"
+    print(f"plan for {args.model} in {sizes['dtype']}, {sizes['height']}x{sizes['width']}, batch {args.batch_size}, "
+          f"on {where}:")
+    for name, b in sorted(sizes["components"].items(), key=lambda item: item[1], reverse=True):
+        print(f"  {name:<16} {size(b):>10}")
+    print(f"  {'weights':<16} {size(plan['weights']):>10}, and {size(plan['reserved_for_activations'])} kept free for "
+          f"activations ({size(TEXT_ENCODER_RESERVE)} while a text encoder runs)")
+    names = {"whole": "whole on the GPU", "model": "model CPU offload", "sequential": "sequential CPU offload"}
+    for mode, need in plan["needs"].items() if device != "cpu" else ():
+        ram = "" if mode == "whole" else f", and {size(plan['ram_needed'])} of system RAM"
+        print(f"  {names[mode]:<23} needs {size(need):>10} on the GPU{ram}: "
+              f"{'fits' if need <= device_memory else 'does not fit'}")
+    if device != "cpu" and ram is not None and not plan["ram_fits"]:
+        print(f"  system RAM: {size(plan['ram_needed'])} for {plan['processes']} process(es) offloading, "
+              f"{size(ram)} free: offloading does not fit")
+    if device == "cpu":
+        print(f"  no GPU here: the pipeline runs whole on the CPU, and needs {size(plan['needs']['whole'])} of RAM "
+              "(--device-memory SIZE plans for a GPU)")
+    print(f"  mode: {plan['mode']}, fits: {'yes' if plan['fits'] else 'NO'}")
 
 
-def end_process_group():
-    """Leave the process group, if this process is in one, on every way out (a failure's too): left to the
-    interpreter's exit, gloo now and then aborts the process ("terminate called without an active exception") and
-    NCCL adds its own warning to the script's one line. Garbage goes first: a process group that only garbage
-    still holds (a device mesh's, in a model already dropped) would otherwise be freed during the exit, with the
-    same abort."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        gc.collect()
-        torch.distributed.destroy_process_group()
+def choose_memory_mode(sizes, device_memory, offload="auto", ram=None, processes=1):
+    """The memory mode of one process: the first of whole, model offload and sequential offload that fits its
+    device's free memory (and, offloading, system RAM: one copy of the weights per process), or the mode asked."""
+    components = sizes["components"]
+    weights = sum(components.values())
+    needs = {  # device memory each mode needs at its peak
+        "whole": weights + sizes["reserve"],  # everything at once, while the VAE decodes
+        "model": max((size + (TEXT_ENCODER_RESERVE if name.startswith("text_encoder") else sizes["reserve"])
+                      for name, size in components.items()), default=0),  # the largest component, while it runs
+        "sequential": sizes["buffers"] + sizes["largest_layer"] + sizes["reserve"],  # one layer at a time
+    }
+    ram_needed = processes * weights
+    ram_fits = ram is None or ram_needed <= ram
+    tried = ["whole", "model", "sequential"] if offload == "auto" else [{"none": "whole"}.get(offload, offload)]
+    for mode in tried:
+        fits = needs[mode] <= device_memory and (mode == "whole" or ram_fits)
+        if fits:
+            break
+    return {"mode": mode, "fits": fits, "weights": weights, "largest_component": max(components.values(), default=0),
+            "largest_component_name": max(components, key=components.get, default=None),
+            "device_memory": device_memory, "needs": needs, "reserved_for_activations": sizes["reserve"],
+            "ram_needed": ram_needed, "ram_available": ram, "ram_fits": ram_fits, "processes": processes}
+
+
+def describe_mode(args, plan, device):
+    """One line: the mode, why, what it costs, and how to turn it off."""
+    mode, needs = plan["mode"], plan["needs"]
+    why = (f"{args.model} needs {size(needs['whole'])} whole ({size(plan['weights'])} of weights, "
+           f"{size(plan['reserved_for_activations'])} for activations) and {device} has {size(plan['device_memory'])} "
+           "free")
+    ram = f"{size(plan['weights'])} of system RAM per process"
+    if not plan["fits"]:
+        return (f"memory: --offload {args.offload} needs {size(needs[mode])} on {device}, which has "
+                f"{size(plan['device_memory'])} free: trying anyway")
+    if mode == "model":
+        return (f"memory: model CPU offload on {device}, since {why}: the components take turns on the GPU (at most "
+                f"{size(needs['model'])}), which costs some seconds an image and {ram}; --offload none turns it off")
+    if mode == "sequential":
+        return (f"memory: sequential CPU offload on {device}, since {why}: the weights stream to the GPU layer by "
+                f"layer at every step (at most {size(needs['sequential'])}), many times slower, and {ram}; "
+                "--offload model or none turns it off")
+    return f"memory: the whole pipeline on {device} (--offload none)"
+
+
+def join_the_group(args, distributed_state):
+    """Once PartialState has started: the processes did form one group, the libraries speak once (the main
+    process), a lone process on a machine of several GPUs says how to use them all; and this process's device."""
+    check_group_formed(distributed_state)
+    quiet_libraries(main_process=distributed_state.is_main_process, verbose=args.verbose)
+    if distributed_state.num_processes == 1:
+        idle_devices_note(args)
+    return process_device(distributed_state)
+
+
+def idle_devices_note(args):
+    """One process on a machine with several GPUs uses one of them: say which command uses them all."""
+    if args.device == "cpu" or not torch.accelerator.is_available() or torch.accelerator.device_count() < 2:
+        return
+    devices, kind = torch.accelerator.device_count(), torch.accelerator.current_accelerator().type
+    command = " ".join([f"uv run accelerate launch --multi_gpu --num_processes {devices} {Path(sys.argv[0]).name}",
+                        *map(shlex.quote, sys.argv[1:])])
+    print(f"note: this machine has {devices} {kind} devices and one process uses only one of them: `{command}` "
+          "uses them all", file=sys.stderr, flush=True)
+
+
+def image_names(prompts):
+    """`007-a-red-fox-in-fresh-snow.png`: the prompt's index first, then a file-system-safe slug of its text."""
+    width = max(3, len(str(len(prompts) - 1)))
+    return [image_name(i, p, width) for i, p in enumerate(prompts)]
+
+
+def image_name(index, prompt, width):
+    slug = re.sub(r"\W+", "-", prompt.lower()).strip("-_")[:60].rstrip("-_") or "prompt"
+    return f"{index:0{width}d}-{slug}.png"
+
+
+def images_to_make(args, prompts, names):
+    """The (index, prompt) pairs whose image is not in --output-dir yet (all of them with --overwrite)."""
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        fail(f"--output-dir {args.output_dir} is a file, not a folder")
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--output-dir {args.output_dir}: cannot create it ({e.strerror})")
+    if not os.access(args.output_dir, os.W_OK):
+        fail(f"--output-dir {args.output_dir} is not writable")
+    for tmp in args.output_dir.glob(".*.tmp"):  # left by a process that was killed while writing
+        tmp.unlink()
+    done = set() if args.overwrite else {i for i, name in enumerate(names) if (args.output_dir / name).exists()}
+    # Keep the manifest whole: drop the records of images that are gone or about to be made again, and rebuild
+    # the line of an image whose process died between saving it and writing its line.
+    manifest = args.output_dir / "manifest.jsonl"
+    records = {i: r for i, r in read_manifest(manifest).items() if i in done and r.get("file") == names[i]}
+    # An image made with other settings is not done for this command: say so rather than mix two runs.
+    for i, r in records.items():
+        asked = {"model": args.model, "seed": args.seed + i, "num_inference_steps": args.num_inference_steps,
+                 "guidance_scale": args.guidance_scale, "width": args.width, "height": args.height,
+                 "t5": not args.no_t5}  # SD3 with and without T5 make different pictures
+        differ = [key for key, value in asked.items() if value is not None and key in r and r[key] != value]
+        if differ:
+            fail(f"{args.output_dir / r['file']} was made with another {', '.join(differ)}: add --overwrite to "
+                 "make every image again, or choose another --output-dir")
+    for i in done - records.keys():  # "rebuilt": what this command would have written, not a record of the run
+        records[i] = {"index": i, "prompt": prompts[i], "file": names[i], "seed": args.seed + i, "rank": None,
+                      "rebuilt": True}
+    try:
+        write_manifest(manifest, records)
+        (args.output_dir / "summary.json").unlink(missing_ok=True)  # an earlier run's: this one writes its own
+    except OSError as e:
+        cannot_write(manifest, e)
+    if done:
+        print(f"{len(done)} of {len(prompts)} images are already in {args.output_dir}: making only the missing "
+              "ones (--overwrite makes them all again)", flush=True)
+    return [(i, prompts[i]) for i in range(len(prompts)) if i not in done]
+
+
+def read_manifest(path):
+    """The manifest's records by index; a line cut short by a crash is dropped (its image is made again)."""
+    records = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                records[record["index"]] = record
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass
+    return records
+
+
+def write_manifest(path, records):
+    write_atomically(path, lambda tmp: tmp.write_text(
+        "".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in sorted(records)), encoding="utf-8"))
+
+
+class JobProgress:
+    """One progress bar for the whole job, shown by the main process: the images in the manifest, to which every
+    process (on every machine) appends a line per image. A thread reads it every second, so the bar moves while
+    this process is busy generating, or waiting for the others."""
+
+    def __init__(self, args, total, done):
+        self.manifest = args.output_dir / "manifest.jsonl"
+        tty = sys.stderr.isatty()  # in place on a terminal; in a log file, a line every 30 s
+        self.bar = tqdm(total=total, initial=done, unit="image", desc="images", dynamic_ncols=True,
+                        file=sys.stderr if tty else LogLines(sys.stderr), mininterval=0.5 if tty else 30)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+
+    def watch(self):
+        while not self.stop.wait(1):
+            self.bar.update(len(read_manifest(self.manifest)) - self.bar.n)
+
+    def close(self, done):
+        self.stop.set()
+        self.thread.join()
+        self.bar.update(done - self.bar.n)
+        self.bar.close()
+
+
+class LogLines:
+    """tqdm redraws its bar in place with a carriage return; where that is a file, write each redraw as a line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        if text.strip():
+            self.stream.write(text.replace("\r", "").rstrip() + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def load_on_this_device(args, distributed_state, device, sizes):
+    """Every process loads the whole pipeline onto its own device: whole when it fits with room for the
+    activations (the fastest), else with diffusers' CPU offload to THIS process's device (xpu:1 for rank 1, never
+    device 0): the weights stay in this process's RAM and move to its GPU when they are needed. Returns the
+    pipeline, the call's options and what the manifest records of the settings."""
+    memory = memory_mode(args, device, sizes, announce=distributed_state.is_main_process)
+    pipeline = load_pipeline(args)
+    if memory == "whole":
+        pipeline.to(device)
+    elif memory == "model":  # each component goes to the GPU when it runs, and back when the next one starts
+        pipeline.enable_model_cpu_offload(device=device)
+    else:  # each layer's weights go to the GPU for its forward pass only: slow, and the least memory
+        pipeline.enable_sequential_cpu_offload(device=device)
+    no_fp64_remedy(pipeline, [device], announce=distributed_state.is_main_process)  # FLUX on Intel Arc A-series
+    # Step bars from several processes would overwrite each other, and the job bar says more: --verbose.
+    pipeline.set_progress_bar_config(disable=not (args.verbose and distributed_state.is_main_process))
+    options = pipeline_options(args, pipeline)
+    record = {"rank": distributed_state.process_index, "device": str(device), "model": args.model,
+              "dtype": str(pipeline.dtype).removeprefix("torch."), **memory_record(pipeline, memory), **options}
+    return pipeline, options, record
+
+
+def memory_mode(args, device, sizes, announce):
+    """How this process's device holds the pipeline: "whole", "model" or "sequential" (offload); say it once."""
+    if device.type == "cpu":  # offload moves weights between RAM and a GPU: on the CPU there is nothing to move
+        return "whole"
+    plan = choose_memory_mode(sizes, free_memory(device), args.offload, sizes["ram"], sizes["processes"])
+    mode = plan["mode"]
+    if not plan["ram_fits"] and mode != "whole":  # not the kernel's out-of-memory killer, half-way through loading
+        fail(f"{plan['processes']} processes offloading to their GPUs each keep a copy of the weights in system RAM: "
+             f"{size(plan['ram_needed'])}, and {size(plan['ram_available'])} is free: run fewer processes on this "
+             "machine (--num_processes), add --no-t5, or free some memory", code=1, every_process=True)
+    if not plan["fits"] and args.offload == "auto":
+        fail(f"{args.model} does not fit on {device} even layer by layer: that needs {size(plan['needs'][mode])} "
+             f"free, it has {size(plan['device_memory'])}: make smaller images (--height/--width), add --no-t5, or "
+             "use a GPU with more memory", code=1, every_process=True)
+    if announce and (mode != "whole" or not plan["fits"]):
+        print(describe_mode(args, plan, device), flush=True)
+    return mode
+
+
+def load_pipeline(args):
+    dtype = run_dtype(args, announce=True)
+    # diffusers documents SD3 without T5: text_encoder_3=None, tokenizer_3=None (its prompt embeddings are zeros).
+    without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if args.no_t5 else {}
+    with explained_load_errors(args.model):  # e.g. the configs came from the cache but the weights cannot be fetched
+        return DiffusionPipeline.from_pretrained(args.model, dtype=dtype, **without_t5)
+
+
+def pipeline_options(args, pipeline):
+    """Steps and guidance as asked, or the pipeline's own defaults (28 and 7.0 for SD3, 28 and 3.5 for Flux)."""
+    defaults = inspect.signature(pipeline.__call__).parameters
+    return {name: value if value is not None else defaults[name].default for name, value in (
+        ("num_inference_steps", args.num_inference_steps), ("guidance_scale", args.guidance_scale))}
+
+
+def memory_record(pipeline, mode):
+    """What the manifest says about memory: the mode, and for SD3 whether T5 read the prompts."""
+    return {"memory": mode, **({"t5": pipeline.text_encoder_3 is not None} if "text_encoder_3" in pipeline.components
+                               else {})}
+
+
+def make_images(args, pipeline, options, record, my_share, names):
+    """This process's share, --batch-size prompts a call; each image saved whole, with its manifest line, as soon
+    as it is made. Returns how many were saved, and the seconds it took."""
+    made, started = 0, time.perf_counter()
+    for start in range(0, len(my_share), args.batch_size):
+        batch = my_share[start:start + args.batch_size]
+        # The picture of prompt i depends only on SEED + i: a CPU generator per prompt makes the same starting
+        # noise on any device and in any batch, so 1 or N processes give the same images.
+        generators = [torch.Generator("cpu").manual_seed(args.seed + i) for i, _ in batch]
+        t0 = time.perf_counter()
+        images = pipeline(prompt=[p for _, p in batch], generator=generators, height=args.height, width=args.width,
+                          **options).images
+        seconds = round((time.perf_counter() - t0) / len(batch), 3)
+        for (i, prompt), image in zip(batch, images):
+            save(args.output_dir, names[i], image,
+                 {"index": i, "prompt": prompt, "seed": args.seed + i, "seconds": seconds, **record})
+            made += 1  # saved whole, with its manifest line
+    return made, time.perf_counter() - started
+
+
+def save(folder, name, image, record):
+    """Save one image whole, then its manifest line; a full disk (or any error writing) is one line, not a traceback."""
+    try:
+        write_atomically(folder / name, lambda tmp: image.save(tmp, format="PNG"))
+    except OSError as e:
+        cannot_write(folder / name, e)
+    try:
+        append_line(folder / "manifest.jsonl", {**record, "file": name, "width": image.width, "height": image.height})
+    except OSError as e:
+        cannot_write(folder / "manifest.jsonl", e)
+
+
+def write_atomically(path, write):
+    """Write to a temporary name in the same folder, then rename: a file on disk is always whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def append_line(path, record):
+    """Append one manifest line in a single write: lines from several processes never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def cannot_write(path, error):
+    """Stop on a write that failed (a full disk, most often): say where, what is saved, and how to go on."""
+    folder = path if path.is_dir() else path.parent
+    saved = len(list(folder.glob("[0-9]*-*.png")))
+    fail(f"cannot write {path} ({error.strerror or error}): {saved} images are saved whole in {folder}; make room "
+         "(or choose another --output-dir) and run the same command again to make the rest", code=1,
+         every_process=True)
 
 
 def wait_for_the_others(args, distributed_state, shares):
@@ -289,67 +657,81 @@ def wait_for_the_others(args, distributed_state, shares):
         time.sleep(0.25)
 
 
-def check_group_formed(distributed_state):
-    """Several processes that formed no group would each make every image: stop instead."""
-    if distributed_state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
-        fail(f"the launcher started {os.environ['WORLD_SIZE']} processes but they formed no group, so each would "
-             f"make every image: on Intel GPUs this torch ({torch.__version__}) lacks the xccl backend (install "
-             "the XPU build of torch 2.8 or newer)")
+def finish(args, progress, stats, already, names):
+    """The main process, once every process is done: the job's bar to its end, the manifest in prompt order (every
+    process appended its lines as it went), the contact sheet, the report."""
+    progress.close(done=already + sum(s["images"] for s in stats))
+    try:
+        manifest = args.output_dir / "manifest.jsonl"
+        write_manifest(manifest, read_manifest(manifest))
+        sheet = write_contact_sheet(args.output_dir, names)  # the run's images at a glance
+        # Wall time since this process started, imports and loading included: what the user waited for.
+        report(args, stats, already, time.time() - psutil.Process().create_time(), sheet)
+    except OSError as e:
+        cannot_write(args.output_dir, e)
 
 
-def quiet_libraries(main_process, verbose):
-    """One copy of the libraries' warnings is enough (the main process's); and their loading bars would cut
-    through the job's progress bar, so they show only with --verbose."""
-    for library in (diffusers, transformers):
-        if not main_process:
-            library.utils.logging.set_verbosity_error()
-        if not (verbose and main_process):
-            library.utils.logging.disable_progress_bar()
+def write_contact_sheet(folder, names):
+    """A grid of thumbnails of the prompts' images, in prompt order (the first 64 of them): the run at a glance."""
+    files = [folder / name for name in names if (folder / name).exists()][:SHEET_IMAGES]
+    if not files:
+        return None
+    thumbnails = []
+    for path in files:
+        with Image.open(path) as image:
+            image.thumbnail((THUMBNAIL, THUMBNAIL))  # shrinks only: small images keep every pixel
+            thumbnails.append(image.convert("RGB"))
+    cols = math.ceil(math.sqrt(len(thumbnails)))
+    rows = math.ceil(len(thumbnails) / cols)
+    blank = Image.new("RGB", thumbnails[0].size, "white")  # make_image_grid wants a full grid
+    sheet = make_image_grid(thumbnails + [blank] * (rows * cols - len(thumbnails)), rows=rows, cols=cols)
+    write_atomically(folder / CONTACT_SHEET, lambda tmp: sheet.save(tmp, format="PNG"))
+    return folder / CONTACT_SHEET
 
 
-def check_model(args):
-    """Fail early, before any process loads weights: the model can be found and can make images of this size."""
-    model = Path(args.model).expanduser()
-    if model.exists() and not (model / "model_index.json").exists():
-        fail(f"--model {args.model} is not a diffusers pipeline folder: it has no model_index.json")
-    if not model.exists() and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", args.model):
-        fail(f"--model {args.model}: no such folder, and not a Hub id (organisation/name)")
-    diffusers.utils.logging.set_verbosity_error()  # a failed Hub look-up is said once, by us, not three times
-    try:  # the configs only: a few kilobytes
-        with warnings.catch_warnings(action="ignore"):  # the libraries' deprecation notices are not the user's
-            components = DiffusionPipeline.load_config(args.model)
-            vae = AutoencoderKL.load_config(args.model, subfolder="vae")
-            patch = AutoencoderKL.load_config(args.model, subfolder="transformer").get("patch_size", 1) if (
-                "transformer" in components) else 1
-    except (OSError, ValueError) as e:
-        fail(cannot_load(args.model, e))
-    diffusers.utils.logging.set_verbosity_warning()
-    # The VAE shrinks images 8x (2 per block after the first), and a transformer works on 2x2 patches of that
-    # (SD3 says patch_size=2; Flux packs 2x2 latents itself): sizes must be multiples of 16 for both.
-    if "block_out_channels" not in vae:  # not an AutoencoderKL-style VAE: let the pipeline check the size itself
-        return
-    multiple = 2 ** (len(vae["block_out_channels"]) - 1) * (max(2, patch) if "transformer" in components else 1)
-    for flag, size in (("--height", args.height), ("--width", args.width)):
-        if size is not None and size % multiple:
-            fail(f"{flag} {size} does not suit {args.model}: use a multiple of {multiple}, "
-                 f"e.g. {max(multiple, size // multiple * multiple)}")
+def report(args, stats, already, wall_seconds, sheet):
+    made = sum(s["images"] for s in stats)  # the images saved whole in this run, as each process counted them
+    generate_seconds = max(s["generate_seconds"] for s in stats)
+    print(f"\nmade {made} images ({already} already there) with {len(stats)} process(es) "
+          f"in {wall_seconds:.1f} s: {made / wall_seconds:.2f} images/s overall, "
+          f"{made / generate_seconds if generate_seconds else 0:.2f} images/s while generating")
+    for s in stats:
+        memory = f"peak RSS {s['peak_rss_gib']:.2f} GiB" + (
+            f", peak device memory {s['peak_device_allocated_gib']:.2f} GiB allocated, "
+            f"{s['peak_device_reserved_gib']:.2f} GiB reserved" if "peak_device_reserved_gib" in s else "")
+        print(f"  rank {s['rank']} on {s['device']}: {s['images']} images in {s['generate_seconds']:.1f} s, {memory}")
+    print(f"images and manifest.jsonl in {args.output_dir}/" + (f"; all at a glance in {sheet}" if sheet else ""))
+    write_atomically(args.output_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(
+        {"processes": len(stats), "images": made, "already_there": already, "wall_seconds": wall_seconds,
+         "contact_sheet": sheet and sheet.name, "generate_seconds": generate_seconds, "ranks": stats}, indent=2)))
 
 
-def cannot_load(model, error):
-    """One line for a model that cannot be loaded, with what went wrong and what to do."""
-    reason = None
-    while reason is None and error is not None:  # diffusers wraps the Hub's error: look down the chain
-        if isinstance(error, GatedRepoError):
-            reason = "it is gated, and this account has not been granted access"
-        elif isinstance(error, RepositoryNotFoundError):
-            reason = "no such model on the Hub, or it is private"
-        elif isinstance(error, (OfflineModeIsEnabled, ConnectionError)) or "Name or service not known" in str(error):
-            reason = "it is not in the local cache, and the Hub cannot be reached"
-        elif error.__cause__ is None and error.__context__ is None:
-            reason = str(error).splitlines()[0]
-        error = error.__cause__ or error.__context__
-    return (f"cannot load --model {model} ({reason}). If it is gated, accept its licence on "
-            f"https://huggingface.co/{model} and run `hf auth login`; or pass --model PATH to a local copy")
+# --- The guards every script has, copied word for word: utils/check_copies.py keeps the copies identical ---
+
+
+def fail(message, code=2, every_process=False):
+    """One line on stderr and a non-zero exit, no traceback.
+
+    A bad input fails every process alike, so only the first process of each machine says it; the others wait
+    a moment, so that the launcher, which stops the whole job when one process ends, does not cut that line
+    short. A failure of one process alone (out of memory) is said by that process."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if every_process or local_rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(1)
+    sys.exit(code)
+
+
+def end_process_group():
+    """Leave the process group, if this process is in one, on every way out (a failure's too): left to the
+    interpreter's exit, gloo now and then aborts the process ("terminate called without an active exception") and
+    NCCL adds its own warning to the script's one line. Garbage goes first: a process group that only garbage
+    still holds (a device mesh's, in a model already dropped) would otherwise be freed during the exit, with the
+    same abort."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
+        torch.distributed.destroy_process_group()
 
 
 def check_torch_can_use_the_gpus(device):
@@ -420,6 +802,113 @@ def why_hidden(maker, count):
     return None
 
 
+def check_launch(args):
+    """Launch mistakes, caught before any process joins a group, each said by the first process of each machine."""
+    if args.device == "cpu" or not torch.accelerator.is_available():
+        return  # CPU processes share the CPU: any number of them is fine
+    kind = torch.accelerator.current_accelerator().type  # "xpu" or "cuda"
+    devices = torch.accelerator.device_count()
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this machine's processes (torchrun and accelerate set it)
+    script = Path(sys.argv[0]).name
+    # --multi_gpu: without it, an accelerate config that says "no distributed training" would start one process.
+    launch = f"uv run accelerate launch --multi_gpu --num_processes {devices} {script}" if devices > 1 else (
+        f"uv run {script}")
+    # A launcher (or the user) may give each process GPUs of its own with CUDA_VISIBLE_DEVICES or ZE_AFFINITY_MASK:
+    # then each sees fewer devices than there are processes here, and Accelerate picks one it sees. A mask is the
+    # user's choice: one that gives two processes the same GPU is NCCL's "Duplicate GPU" error at the first collective.
+    masked = any(os.environ.get(variable) for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"))
+    if here > devices and not masked:  # two processes on one device: NCCL stops at its first collective
+        fail(f"{here} processes on this machine, but it has {devices} {kind} device(s): start one process per "
+             f"device, e.g. `{launch}` (torchrun: --nproc-per-node {devices})")
+    backend = torch.distributed.Backend.default_device_backend_map.get(kind)  # xpu: xccl, cuda: nccl
+    if backend and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
+            torch.distributed.is_available() and torch.distributed.is_backend_available(backend)):
+        fix = {"xccl": "install the XPU build of torch 2.8 or newer: `uv pip install --reinstall torch "
+                       "--index-url https://download.pytorch.org/whl/xpu`",
+               "nccl": "torch has NCCL on Linux only: run on Linux (or WSL), or run one process"}.get(
+                   backend, f"install a torch built with {backend}")
+        fail(f"this torch ({torch.__version__}) lacks the {backend} backend that processes on {kind} devices need "
+             f"to work as a group: {fix}")
+
+
+def check_group_formed(distributed_state):
+    """Several processes that formed no group would each do the whole job alone: stop instead."""
+    if distributed_state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+        fail(f"the launcher started {os.environ['WORLD_SIZE']} processes but they formed no group, so each would "
+             f"do the whole job alone: on Intel GPUs this torch ({torch.__version__}) lacks the xccl backend "
+             "(install the XPU build of torch 2.8 or newer)")
+
+
+def quiet_libraries(main_process, verbose):
+    """One copy of the libraries' warnings is enough (the main process's); their loading bars, which would cut
+    through the script's own lines, show with --verbose."""
+    for library in (diffusers, transformers):
+        if not main_process:
+            library.utils.logging.set_verbosity_error()
+        if not (verbose and main_process):
+            library.utils.logging.disable_progress_bar()
+
+
+def process_device(distributed_state):
+    """This process's device. In a CPU process group Accelerate says "cpu:0": moving the weights from "cpu" to
+    "cpu:0" would copy every one of them, twice the memory for nothing."""
+    device = distributed_state.device
+    return torch.device("cpu") if device.type == "cpu" else device
+
+
+@contextlib.contextmanager
+def explained_load_errors(model):
+    """A model that cannot be loaded: one line with what went wrong and what to do, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        reason = None
+        while reason is None and error is not None:  # diffusers wraps the Hub's error: look down the chain
+            if isinstance(error, GatedRepoError):
+                reason = "it is gated, and this account has not been granted access"
+            elif isinstance(error, RepositoryNotFoundError):
+                reason = "no such model on the Hub, or it is private"
+            elif (isinstance(error, (OfflineModeIsEnabled, ConnectionError))
+                  or "Name or service not known" in str(error)):
+                reason = "it is not in the local cache, and the Hub cannot be reached"
+            elif error.__cause__ is None and error.__context__ is None:
+                reason = str(error).splitlines()[0]
+            error = error.__cause__ or error.__context__
+        fail(f"cannot load --model {model} ({reason}). If it is gated, accept its licence on "
+             f"https://huggingface.co/{model} and run `hf auth login` (black-forest-labs/FLUX.1-schnell is not "
+             f"gated); or pass --model PATH to a local copy")
+
+
+def default_dtype(on_gpu, announce=False):
+    """--dtype auto: float32 on the CPU (bfloat16 is slow there). On GPUs bfloat16 where they compute it natively
+    (NVIDIA Ampere and newer, Intel's GPUs), else float16: NVIDIA GPUs before Ampere (Turing, Volta, Pascal)
+    emulate bfloat16 slowly or not at all. A plan for GPUs this machine does not have takes bfloat16."""
+    if not on_gpu:
+        return torch.float32
+    if not torch.accelerator.is_available():
+        return torch.bfloat16
+    gpus = torch.get_device_module(torch.accelerator.current_accelerator())
+    if gpus.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    if announce and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"note: {gpus.get_device_name()} has no fast bfloat16: using float16 (--dtype bfloat16 to override)",
+              file=sys.stderr, flush=True)
+    return torch.float16
+
+
+def free_memory(device):
+    """Free memory of this one device (bytes). Asking every device would open a context, and take memory, on each.
+    Where it cannot be read (some Intel GPUs), its total memory, and a note that says so."""
+    get_memory_info = getattr(torch.accelerator, "get_memory_info", None)  # torch 2.10 or newer
+    try:
+        return (get_memory_info or getattr(torch, device.type).mem_get_info)(device)[0]
+    except RuntimeError:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"note: the free memory of {device} cannot be read: counting on the total memory instead",
+                  file=sys.stderr, flush=True)
+        return torch.get_device_module(device).get_device_properties(device).total_memory
+
+
 def no_fp64_remedy(pipeline, devices, announce=True):
     """FLUX builds its rotary position embedding in float64 on the device (diffusers' FluxPosEmbed; diffusers falls
     back to float32 on mps and npu only), and Intel's Arc A-series GPUs (A310 to A770, and the Arc graphics of Core
@@ -450,88 +939,6 @@ class OnTheCPU(torch.nn.Module):
         return tuple(output.to(ids.device) for output in self.module(ids.cpu()))
 
 
-def check_launch(args):
-    """Launch mistakes, caught before any process joins a group, each said by the first process of each machine."""
-    if args.device == "cpu" or not torch.accelerator.is_available():
-        return  # CPU processes share the CPU: any number of them is fine
-    kind = torch.accelerator.current_accelerator().type  # "xpu" or "cuda"
-    devices = torch.accelerator.device_count()
-    here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this machine's processes (torchrun and accelerate set it)
-    script = Path(sys.argv[0]).name
-    # --multi_gpu: without it, an accelerate config that says "no distributed training" would start one process.
-    launch = f"uv run accelerate launch --multi_gpu --num_processes {devices} {script}" if devices > 1 else (
-        f"uv run {script}")
-    # A launcher (or the user) may give each process GPUs of its own with CUDA_VISIBLE_DEVICES or ZE_AFFINITY_MASK:
-    # then each sees fewer devices than there are processes here, and Accelerate picks one it sees. A mask is the
-    # user's choice: one that gives two processes the same GPU is NCCL's "Duplicate GPU" error at the first collective.
-    masked = any(os.environ.get(variable) for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"))
-    if here > devices and not masked:  # two processes on one device: NCCL stops at its first collective
-        fail(f"{here} processes on this machine, but it has {devices} {kind} device(s): start one process per "
-             f"device, e.g. `{launch}` (torchrun: --nproc-per-node {devices})")
-    backend = torch.distributed.Backend.default_device_backend_map.get(kind)  # xpu: xccl, cuda: nccl
-    if backend and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
-            torch.distributed.is_available() and torch.distributed.is_backend_available(backend)):
-        fix = {"xccl": "install the XPU build of torch 2.8 or newer: `uv pip install --reinstall torch "
-                       "--index-url https://download.pytorch.org/whl/xpu`",
-               "nccl": "torch has NCCL on Linux only: run on Linux (or WSL), or run one process"}.get(
-                   backend, f"install a torch built with {backend}")
-        fail(f"this torch ({torch.__version__}) lacks the {backend} backend that processes on {kind} devices need "
-             f"to work as a group: {fix}")
-    if here == 1 and devices > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        command = " ".join([launch, *map(shlex.quote, sys.argv[1:])])
-        print(f"note: this machine has {devices} {kind} devices and one process uses only one of them: `{command}` "
-              "uses them all", file=sys.stderr, flush=True)
-
-
-def read_prompts(args):
-    prompts = list(args.prompt)
-    if args.prompts_file is not None:
-        try:
-            text = args.prompts_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"cannot read --prompts-file {args.prompts_file}: {getattr(e, 'strerror', None) or e}")
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        if not lines:
-            fail(f"--prompts-file {args.prompts_file} has no prompts (one prompt a line)")
-        prompts += lines
-    if any(not p.strip() for p in prompts):
-        fail("--prompt is empty: give it some text")
-    return prompts or DEFAULT_PROMPTS
-
-
-def image_name(index, prompt, width):
-    slug = re.sub(r"\W+", "-", prompt.lower()).strip("-_")[:60].rstrip("-_") or "prompt"
-    return f"{index:0{width}d}-{slug}.png"
-
-
-def write_atomically(path, write):
-    """Write to a temporary name in the same folder, then rename: a file on disk is always whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def read_manifest(path):
-    """The manifest's records by index; a line cut short by a crash is dropped (its image is made again)."""
-    records = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-                records[record["index"]] = record
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass
-    return records
-
-
-def write_manifest(path, records):
-    write_atomically(path, lambda tmp: tmp.write_text(
-        "".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in sorted(records)), encoding="utf-8"))
-
-
 def peak_memory(device):
     """Peak resident memory of this process and, on a GPU, the peak memory it allocated and reserved there (GiB)."""
     if sys.platform == "win32":
@@ -557,382 +964,8 @@ def gpu_memory(device, peak=False):
     return torch.accelerator.memory_allocated(device), torch.accelerator.memory_reserved(device)
 
 
-def run_dtype(args, on_gpu=None, announce=False):
-    """The weights' dtype: as asked, or the GPU's (default_dtype), or float32 on the CPU."""
-    if on_gpu is None:
-        on_gpu = args.device != "cpu" and torch.accelerator.is_available()
-    return getattr(torch, args.dtype) if args.dtype != "auto" else default_dtype(on_gpu, announce)
-
-
-def default_dtype(on_gpu, announce=False):
-    """--dtype auto: float32 on the CPU (bfloat16 is slow there). On GPUs bfloat16 where they compute it natively
-    (NVIDIA Ampere and newer, Intel's GPUs), else float16: NVIDIA GPUs before Ampere (Turing, Volta, Pascal)
-    emulate bfloat16 slowly or not at all. A plan for GPUs this machine does not have takes bfloat16."""
-    if not on_gpu:
-        return torch.float32
-    if not torch.accelerator.is_available():
-        return torch.bfloat16
-    gpus = torch.get_device_module(torch.accelerator.current_accelerator())
-    if gpus.is_bf16_supported(including_emulation=False):
-        return torch.bfloat16
-    if announce and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        print(f"note: {gpus.get_device_name()} has no fast bfloat16: using float16 (--dtype bfloat16 to override)",
-              file=sys.stderr, flush=True)
-    return torch.float16
-
-
-def load_pipeline(args):
-    dtype = run_dtype(args, announce=True)
-    # diffusers documents SD3 without T5: text_encoder_3=None, tokenizer_3=None (its prompt embeddings are zeros).
-    without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if args.no_t5 else {}
-    try:
-        return DiffusionPipeline.from_pretrained(args.model, dtype=dtype, **without_t5)
-    except (OSError, ValueError) as e:  # e.g. the configs came from the cache but the weights cannot be fetched
-        fail(cannot_load(args.model, e))
-
-
-def pipeline_options(args, pipeline):
-    """Steps and guidance as asked, or the pipeline's own defaults (28 and 7.0 for SD3, 28 and 3.5 for Flux)."""
-    defaults = inspect.signature(pipeline.__call__).parameters
-    return {name: value if value is not None else defaults[name].default for name, value in (
-        ("num_inference_steps", args.num_inference_steps), ("guidance_scale", args.guidance_scale))}
-
-
-def weigh_pipeline(args):
-    """What each component weighs at the run's dtype, from its config.json alone: the model is built on the meta
-    device (shapes, no weights), as from_pretrained does before it loads them. Plus what the run needs beside the
-    weights: activations for the image size, and the system RAM free before any process has loaded anything."""
-    on_gpu = (args.device != "cpu" and torch.accelerator.is_available()) or args.device_memory is not None
-    dtype = run_dtype(args, on_gpu)
-    with warnings.catch_warnings(action="ignore"):
-        index = DiffusionPipeline.load_config(args.model)
-        transformer = (AutoencoderKL.load_config(args.model, subfolder="transformer")
-                       if "transformer" in index else {})
-        vae = AutoencoderKL.load_config(args.model, subfolder="vae") if "vae" in index else {}
-    if args.no_t5 and "text_encoder_3" not in index:
-        fail(f"--no-t5 is for SD3 pipelines, which have a T5 text encoder (text_encoder_3); {args.model} is a "
-             f"{index.get('_class_name')}")
-    components, buffers, largest_layer = {}, 0, 0
-    for name, spec in index.items():
-        library, class_name = spec if isinstance(spec, list) and len(spec) == 2 else (None, None)
-        if library is None or class_name is None or (name == "text_encoder_3" and args.no_t5):
-            continue
-        # "diffusers" and "transformers", or a pipeline's own module ("stable_diffusion": its safety checker)
-        package = library if library in ("diffusers", "transformers") else f"diffusers.pipelines.{library}"
-        try:
-            cls = getattr(importlib.import_module(package), class_name, None)
-        except ImportError:
-            continue
-        if not (isinstance(cls, type) and issubclass(cls, (diffusers.ModelMixin, transformers.PreTrainedModel))):
-            continue  # tokenizers and schedulers hold no weights
-        # On torch's meta device, as transformers builds it (accelerate's init_empty_weights would untie T5's
-        # input embeddings from its `shared` ones, and count 0.25 GiB twice).
-        with warnings.catch_warnings(action="ignore"), torch.device("meta"):
-            try:
-                config = (cls.load_config(args.model, subfolder=name) if issubclass(cls, diffusers.ModelMixin) else
-                          transformers.AutoConfig.from_pretrained(args.model, subfolder=name))
-            except (OSError, ValueError) as e:  # e.g. a local folder without this component's config.json
-                fail(cannot_load(args.model, e))
-            module = cls.from_config(config) if issubclass(cls, diffusers.ModelMixin) else cls(config)
-        # Under float16, transformers keeps the layers a model names in `_keep_in_fp32_modules` in float32 (T5's
-        # `wo`: 2 GB more for T5-XXL), and diffusers does the same for its models.
-        keep = (getattr(cls, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else []
-        float32 = {n: torch.float32 for n, _ in module.named_parameters() if set(n.split(".")) & set(keep)}
-        components[name] = compute_module_sizes(module, dtype=dtype, special_dtypes=float32)[""]
-        # Sequential offload moves one layer's weights at a time to the GPU, and leaves the buffers there.
-        buffers += compute_module_sizes(module, dtype=dtype, buffers_only=True)[""]
-        largest_layer = max([largest_layer] + [sum(t.numel() for t in m.parameters(recurse=False)) * dtype.itemsize
-                                               for m in module.modules()])
-    # The image size the run makes: as asked, or the model's own (SD3.5: 128 latents x 8 = 1024 pixels).
-    scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-    native = transformer.get("sample_size", 128) * scale if isinstance(transformer.get("sample_size"), int) else 1024
-    height, width = args.height or native, args.width or native
-    return {"dtype": str(dtype).removeprefix("torch."), "height": height, "width": width, "components": components,
-            "buffers": buffers, "largest_layer": largest_layer,
-            "reserve": int(RESERVE_AT_1024 * height * width / 1024**2 * args.batch_size),
-            # N processes on this machine, each with its own copy of the weights in RAM when they offload.
-            "processes": int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "ram": psutil.virtual_memory().available}
-
-
-def choose_memory_mode(sizes, device_memory, offload="auto", ram=None, processes=1):
-    """The memory mode of one process: the first of whole, model offload and sequential offload that fits its
-    device's free memory (and, offloading, system RAM: one copy of the weights per process), or the mode asked."""
-    components = sizes["components"]
-    weights = sum(components.values())
-    needs = {  # device memory each mode needs at its peak
-        "whole": weights + sizes["reserve"],  # everything at once, while the VAE decodes
-        "model": max((size + (TEXT_ENCODER_RESERVE if name.startswith("text_encoder") else sizes["reserve"])
-                      for name, size in components.items()), default=0),  # the largest component, while it runs
-        "sequential": sizes["buffers"] + sizes["largest_layer"] + sizes["reserve"],  # one layer at a time
-    }
-    ram_needed = processes * weights
-    ram_fits = ram is None or ram_needed <= ram
-    tried = ["whole", "model", "sequential"] if offload == "auto" else [{"none": "whole"}.get(offload, offload)]
-    for mode in tried:
-        fits = needs[mode] <= device_memory and (mode == "whole" or ram_fits)
-        if fits:
-            break
-    return {"mode": mode, "fits": fits, "weights": weights, "largest_component": max(components.values(), default=0),
-            "largest_component_name": max(components, key=components.get, default=None),
-            "device_memory": device_memory, "needs": needs, "reserved_for_activations": sizes["reserve"],
-            "ram_needed": ram_needed, "ram_available": ram, "ram_fits": ram_fits, "processes": processes}
-
-
-def memory_mode(args, device, sizes, announce):
-    """How this process's device holds the pipeline: "whole", "model" or "sequential" (offload); say it once."""
-    if device.type == "cpu":  # offload moves weights between RAM and a GPU: on the CPU there is nothing to move
-        return "whole"
-    plan = choose_memory_mode(sizes, free_memory(device), args.offload, sizes["ram"], sizes["processes"])
-    mode = plan["mode"]
-    if not plan["ram_fits"] and mode != "whole":  # not the kernel's out-of-memory killer, half-way through loading
-        fail(f"{plan['processes']} processes offloading to their GPUs each keep a copy of the weights in system RAM: "
-             f"{size(plan['ram_needed'])}, and {size(plan['ram_available'])} is free: run fewer processes on this "
-             "machine (--num_processes), add --no-t5, or free some memory", code=1, every_process=True)
-    if not plan["fits"] and args.offload == "auto":
-        fail(f"{args.model} does not fit on {device} even layer by layer: that needs {size(plan['needs'][mode])} "
-             f"free, it has {size(plan['device_memory'])}: make smaller images (--height/--width), add --no-t5, or "
-             "use a GPU with more memory", code=1, every_process=True)
-    if announce and (mode != "whole" or not plan["fits"]):
-        print(describe_mode(args, plan, device), flush=True)
-    return mode
-
-
-def memory_record(pipeline, mode):
-    """What the manifest says about memory: the mode, and for SD3 whether T5 read the prompts."""
-    return {"memory": mode, **({"t5": pipeline.text_encoder_3 is not None} if "text_encoder_3" in pipeline.components
-                               else {})}
-
-
-def free_memory(device):
-    """Free memory of this one device (bytes). Asking every device would open a context, and take memory, on each.
-    Where it cannot be read (some Intel GPUs), its total memory, and a note that says so."""
-    get_memory_info = getattr(torch.accelerator, "get_memory_info", None)  # torch 2.10 or newer
-    try:
-        return (get_memory_info or getattr(torch, device.type).mem_get_info)(device)[0]
-    except RuntimeError:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"note: the free memory of {device} cannot be read: counting on the total memory instead",
-                  file=sys.stderr, flush=True)
-        return torch.get_device_module(device).get_device_properties(device).total_memory
-
-
-def describe_mode(args, plan, device):
-    """One line: the mode, why, what it costs, and how to turn it off."""
-    mode, needs = plan["mode"], plan["needs"]
-    why = (f"{args.model} needs {size(needs['whole'])} whole ({size(plan['weights'])} of weights, "
-           f"{size(plan['reserved_for_activations'])} for activations) and {device} has {size(plan['device_memory'])} "
-           "free")
-    ram = f"{size(plan['weights'])} of system RAM per process"
-    if not plan["fits"]:
-        return (f"memory: --offload {args.offload} needs {size(needs[mode])} on {device}, which has "
-                f"{size(plan['device_memory'])} free: trying anyway")
-    if mode == "model":
-        return (f"memory: model CPU offload on {device}, since {why}: the components take turns on the GPU (at most "
-                f"{size(needs['model'])}), which costs some seconds an image and {ram}; --offload none turns it off")
-    if mode == "sequential":
-        return (f"memory: sequential CPU offload on {device}, since {why}: the weights stream to the GPU layer by "
-                f"layer at every step (at most {size(needs['sequential'])}), many times slower, and {ram}; "
-                "--offload model or none turns it off")
-    return f"memory: the whole pipeline on {device} (--offload none)"
-
-
 def size(b):
     return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.1f} MiB"
-
-
-def print_plan(args, sizes):
-    """--plan: the memory mode for the GPUs present (the one with the least free memory) or for --device-memory."""
-    if args.device_memory is not None:
-        device, device_memory, planned = "GPU", args.device_memory, True
-    elif args.device != "cpu" and torch.accelerator.is_available():
-        kind = torch.accelerator.current_accelerator().type
-        free = {i: free_memory(torch.device(kind, i)) for i in range(torch.accelerator.device_count())}
-        index = min(free, key=free.get)
-        device, device_memory, planned = f"{kind}:{index}", free[index], False
-    else:
-        device, device_memory, planned = "cpu", sizes["ram"], False
-    ram = None if planned else sizes["ram"]  # a GPU you do not have is in a machine whose RAM we cannot see
-    # The run this plans: one process per GPU present, each with a copy of the weights in RAM if they offload.
-    processes = torch.accelerator.device_count() if device != "cpu" and not planned else sizes["processes"]
-    plan = choose_memory_mode(sizes, device_memory, args.offload, ram, processes)
-    if device == "cpu":  # no offload without an accelerator: the pipeline is used whole, in RAM
-        plan["fits"] = plan["needs"]["whole"] <= device_memory
-        plan["mode"] = "whole"
-    plan |= {"device": device, "dtype": sizes["dtype"], "height": sizes["height"], "width": sizes["width"],
-             "batch_size": args.batch_size, "components": sizes["components"], "t5": not args.no_t5}
-    if args.json:
-        plan.pop("ram_fits")
-        print(json.dumps(plan, indent=2))
-        return
-    where = f"a GPU with {size(device_memory)} free (planned)" if planned else f"{device}, {size(device_memory)} free"
-    print(f"plan for {args.model} in {sizes['dtype']}, {sizes['height']}x{sizes['width']}, batch {args.batch_size}, "
-          f"on {where}:")
-    for name, b in sorted(sizes["components"].items(), key=lambda item: item[1], reverse=True):
-        print(f"  {name:<16} {size(b):>10}")
-    print(f"  {'weights':<16} {size(plan['weights']):>10}, and {size(plan['reserved_for_activations'])} kept free for "
-          f"activations ({size(TEXT_ENCODER_RESERVE)} while a text encoder runs)")
-    names = {"whole": "whole on the GPU", "model": "model CPU offload", "sequential": "sequential CPU offload"}
-    for mode, need in plan["needs"].items() if device != "cpu" else ():
-        ram = "" if mode == "whole" else f", and {size(plan['ram_needed'])} of system RAM"
-        print(f"  {names[mode]:<23} needs {size(need):>10} on the GPU{ram}: "
-              f"{'fits' if need <= device_memory else 'does not fit'}")
-    if device != "cpu" and ram is not None and not plan["ram_fits"]:
-        print(f"  system RAM: {size(plan['ram_needed'])} for {plan['processes']} process(es) offloading, "
-              f"{size(ram)} free: offloading does not fit")
-    if device == "cpu":
-        print(f"  no GPU here: the pipeline runs whole on the CPU, and needs {size(plan['needs']['whole'])} of RAM "
-              "(--device-memory SIZE plans for a GPU)")
-    print(f"  mode: {plan['mode']}, fits: {'yes' if plan['fits'] else 'NO'}")
-
-
-def image_names(prompts):
-    """`007-a-red-fox-in-fresh-snow.png`: the prompt's index first, then a file-system-safe slug of its text."""
-    width = max(3, len(str(len(prompts) - 1)))
-    return [image_name(i, p, width) for i, p in enumerate(prompts)]
-
-
-def images_to_make(args, prompts, names):
-    """The (index, prompt) pairs whose image is not in --output-dir yet (all of them with --overwrite)."""
-    if args.output_dir.exists() and not args.output_dir.is_dir():
-        fail(f"--output-dir {args.output_dir} is a file, not a folder")
-    try:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--output-dir {args.output_dir}: cannot create it ({e.strerror})")
-    if not os.access(args.output_dir, os.W_OK):
-        fail(f"--output-dir {args.output_dir} is not writable")
-    for tmp in args.output_dir.glob(".*.tmp"):  # left by a process that was killed while writing
-        tmp.unlink()
-    done = set() if args.overwrite else {i for i, name in enumerate(names) if (args.output_dir / name).exists()}
-    # Keep the manifest whole: drop the records of images that are gone or about to be made again, and rebuild
-    # the line of an image whose process died between saving it and writing its line.
-    manifest = args.output_dir / "manifest.jsonl"
-    records = {i: r for i, r in read_manifest(manifest).items() if i in done and r.get("file") == names[i]}
-    # An image made with other settings is not done for this command: say so rather than mix two runs.
-    for i, r in records.items():
-        asked = {"model": args.model, "seed": args.seed + i, "num_inference_steps": args.num_inference_steps,
-                 "guidance_scale": args.guidance_scale, "width": args.width, "height": args.height,
-                 "t5": not args.no_t5}  # SD3 with and without T5 make different pictures
-        differ = [key for key, value in asked.items() if value is not None and key in r and r[key] != value]
-        if differ:
-            fail(f"{args.output_dir / r['file']} was made with another {', '.join(differ)}: add --overwrite to "
-                 "make every image again, or choose another --output-dir")
-    for i in done - records.keys():  # "rebuilt": what this command would have written, not a record of the run
-        records[i] = {"index": i, "prompt": prompts[i], "file": names[i], "seed": args.seed + i, "rank": None,
-                      "rebuilt": True}
-    try:
-        write_manifest(manifest, records)
-        (args.output_dir / "summary.json").unlink(missing_ok=True)  # an earlier run's: this one writes its own
-    except OSError as e:
-        cannot_write(manifest, e)
-    if done:
-        print(f"{len(done)} of {len(prompts)} images are already in {args.output_dir}: making only the missing "
-              "ones (--overwrite makes them all again)", flush=True)
-    return [(i, prompts[i]) for i in range(len(prompts)) if i not in done]
-
-
-def append_line(path, record):
-    """Append one manifest line in a single write: lines from several processes never interleave."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-    finally:
-        os.close(fd)
-
-
-def save(folder, name, image, record):
-    """Save one image whole, then its manifest line; a full disk (or any error writing) is one line, not a traceback."""
-    try:
-        write_atomically(folder / name, lambda tmp: image.save(tmp, format="PNG"))
-    except OSError as e:
-        cannot_write(folder / name, e)
-    try:
-        append_line(folder / "manifest.jsonl", {**record, "file": name, "width": image.width, "height": image.height})
-    except OSError as e:
-        cannot_write(folder / "manifest.jsonl", e)
-
-
-def cannot_write(path, error):
-    """Stop on a write that failed (a full disk, most often): say where, what is saved, and how to go on."""
-    folder = path if path.is_dir() else path.parent
-    saved = len(list(folder.glob("[0-9]*-*.png")))
-    fail(f"cannot write {path} ({error.strerror or error}): {saved} images are saved whole in {folder}; make room "
-         "(or choose another --output-dir) and run the same command again to make the rest", code=1,
-         every_process=True)
-
-
-class JobProgress:
-    """One progress bar for the whole job, shown by the main process: the images in the manifest, to which every
-    process (on every machine) appends a line per image. A thread reads it every second, so the bar moves while
-    this process is busy generating, or waiting for the others."""
-
-    def __init__(self, folder, total, done):
-        self.manifest = folder / "manifest.jsonl"
-        tty = sys.stderr.isatty()  # in place on a terminal; in a log file, a line every 30 s
-        self.bar = tqdm(total=total, initial=done, unit="image", desc="images", dynamic_ncols=True,
-                        file=sys.stderr if tty else LogLines(sys.stderr), mininterval=0.5 if tty else 30)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.watch, daemon=True)
-        self.thread.start()
-
-    def watch(self):
-        while not self.stop.wait(1):
-            self.bar.update(len(read_manifest(self.manifest)) - self.bar.n)
-
-    def close(self, done):
-        self.stop.set()
-        self.thread.join()
-        self.bar.update(done - self.bar.n)
-        self.bar.close()
-
-
-class LogLines:
-    """tqdm redraws its bar in place with a carriage return; where that is a file, write each redraw as a line."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text):
-        if text.strip():
-            self.stream.write(text.replace("\r", "").rstrip() + "\n")
-
-    def flush(self):
-        self.stream.flush()
-
-
-def write_contact_sheet(folder, names):
-    """A grid of thumbnails of the prompts' images, in prompt order (the first 64 of them): the run at a glance."""
-    files = [folder / name for name in names if (folder / name).exists()][:SHEET_IMAGES]
-    if not files:
-        return None
-    thumbnails = []
-    for path in files:
-        with Image.open(path) as image:
-            image.thumbnail((THUMBNAIL, THUMBNAIL))  # shrinks only: small images keep every pixel
-            thumbnails.append(image.convert("RGB"))
-    cols = math.ceil(math.sqrt(len(thumbnails)))
-    rows = math.ceil(len(thumbnails) / cols)
-    blank = Image.new("RGB", thumbnails[0].size, "white")  # make_image_grid wants a full grid
-    sheet = make_image_grid(thumbnails + [blank] * (rows * cols - len(thumbnails)), rows=rows, cols=cols)
-    write_atomically(folder / CONTACT_SHEET, lambda tmp: sheet.save(tmp, format="PNG"))
-    return folder / CONTACT_SHEET
-
-
-def report(args, stats, already, wall_seconds, sheet):
-    made = sum(s["images"] for s in stats)  # the images saved whole in this run, as each process counted them
-    generate_seconds = max(s["generate_seconds"] for s in stats)
-    print(f"\nmade {made} images ({already} already there) with {len(stats)} process(es) "
-          f"in {wall_seconds:.1f} s: {made / wall_seconds:.2f} images/s overall, "
-          f"{made / generate_seconds if generate_seconds else 0:.2f} images/s while generating")
-    for s in stats:
-        memory = f"peak RSS {s['peak_rss_gib']:.2f} GiB" + (
-            f", peak device memory {s['peak_device_allocated_gib']:.2f} GiB allocated, "
-            f"{s['peak_device_reserved_gib']:.2f} GiB reserved" if "peak_device_reserved_gib" in s else "")
-        print(f"  rank {s['rank']} on {s['device']}: {s['images']} images in {s['generate_seconds']:.1f} s, {memory}")
-    print(f"images and manifest.jsonl in {args.output_dir}/" + (f"; all at a glance in {sheet}" if sheet else ""))
-    write_atomically(args.output_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(
-        {"processes": len(stats), "images": made, "already_there": already, "wall_seconds": wall_seconds,
-         "contact_sheet": sheet and sheet.name, "generate_seconds": generate_seconds, "ranks": stats}, indent=2)))
 
 
 if __name__ == "__main__":

@@ -1,3 +1,6 @@
+# SPDX-License-Identifier: MIT
+# Follows diffusers' distributed inference guide (model sharding):
+#   https://huggingface.co/docs/diffusers/training/distributed_inference
 """Model parallelism (sharding): one FLUX.1 pipeline spread over several devices, for a model that fits on none.
 
 FLUX.1-dev in bfloat16 is 31.4 GiB as loaded: transformer 22.2 GiB, T5-XXL text encoder 8.9 GiB, CLIP-L 0.23 GiB,
@@ -68,82 +71,51 @@ def main():
     args = parse_args()
     if not args.plan:  # a plan loads nothing: it may be for GPUs this machine does not have
         check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
-    components = check_model(args)
+    components = check_flux_model(args)
     on_gpu = args.planned or (args.device != "cpu" and torch.accelerator.is_available())
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else default_dtype(on_gpu, announce=True)
 
     # 1. Plan: how much each device may hold, and where each component (or each block of one too big for any
     #    device) goes, computed by the calls the load makes, on the model built on the meta device.
     plan = make_plan(args, components, device_memory(args), dtype)
+    print_plan(args, plan)  # with --json, as one JSON document
     if args.plan:
-        if args.json:
-            print(json.dumps({k: plan[k] for k in ("fits", "devices", "placement", "components", "bytes", "unplaced",
-                                                   "budgets", "reserved_per_device", "dtype", "staged")}, indent=2))
-        else:
-            print_plan(args, plan)
         return
-    print_plan(args, plan)
-    if not plan["fits"]:
-        fail(f"{args.model} does not fit: it needs {size(plan['needed'])} of weights at once, the devices have "
-             f"{size(sum(plan['usable'].values()))} for them after keeping {size(plan['reserved_per_device'])} each "
-             f"for activations{plan['hint']}, or add cpu=SIZE to --max-memory to let the CPU hold the rest (slow)",
-             code=1)
+    check_fits(args, plan)
 
     # 2. Load, one stage at a time: the whole pipeline, or with --staged the text encoders and then the rest.
-    inputs = dict(prompt=args.prompt)
-    started = time.perf_counter()
+    inputs, started = dict(prompt=args.prompt), time.perf_counter()
     for stage in plan["stages"]:
         with explained_load_errors(args.model):
             # A component that fits on no device whole: the model's own from_pretrained loads it split between its
             # blocks, each on the device accelerate's infer_auto_device_map chose for it in the plan...
             split = {name: AutoModel.from_pretrained(args.model, subfolder=name, device_map=stage["device_maps"][name],
                                                      dtype=dtype) for name in stage["split"]}
-            for name in split:  # all on one device after all: it still needs the hook that brings its inputs
-                if len(set(stage["device_maps"][name].values())) == 1:  # there, as "balanced" gives
-                    dispatch_model(split[name], device_map=stage["device_maps"][name], force_hooks=True)
+            hook_the_unsplit(split, stage)
             # ...and hands it to the pipeline, which puts every other component whole on a device: "balanced" takes
             # them largest first, each to the next device in turn. Accelerate's hooks then move the activations from
             # device to device as the pipeline runs: the devices take turns on one image, they do not work at once.
             pipeline = DiffusionPipeline.from_pretrained(args.model, device_map="balanced",
                                                          max_memory=stage["max_memory"], dtype=dtype, **split,
                                                          **left_out(stage["names"]))
-        print(f"{'text encoders' if stage['names'] == TEXT_STAGE else 'pipeline'} loaded "
-              f"({time.perf_counter() - started:.1f} s from the start):")
-        devices = print_placement(pipeline, split)
-        no_fp64_remedy(pipeline, [device_name(d) for d in devices])  # FLUX on Intel Arc A-series GPUs
+        devices = show_the_stage(pipeline, split, stage, started)
         if stage["names"] == TEXT_STAGE:  # --staged: the text encoders make the prompt embeddings, and are freed
-            with torch.no_grad():
-                prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
-                    prompt=args.prompt, prompt_2=None, max_sequence_length=args.max_sequence_length)
-            inputs = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
-            pipeline.remove_all_hooks()  # drop every reference to their weights (no loop variable keeps a split
-            del pipeline, split  # one either), then give the memory back
+            inputs = encode_prompt(args, pipeline)
+            pipeline.remove_all_hooks()  # drop every reference to their weights, split ones too, and free them
+            del pipeline, split
             clear_device_cache(garbage_collection=True)
 
     # 3. Generate one image, timing each step, then save it and report the peak memory of every device. The
     #    starting noise comes from a CPU generator: the same seed gives the same image on any device.
-    for d in devices:
-        if d != "cpu":
-            torch.accelerator.reset_peak_memory_stats(d)
-    step_times = []
-    t0 = time.perf_counter()
+    reset_peak_memory(devices)
+    step_times, t0 = [], time.perf_counter()
     image = pipeline(**inputs, height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
                      guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
                      generator=torch.Generator("cpu").manual_seed(args.seed),
                      callback_on_step_end=lambda *a: step_times.append(time.perf_counter()) or {}).images[0]
     seconds = time.perf_counter() - t0
-    tmp = args.output.with_name(f".{args.output.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, args.output)  # written whole, then renamed: never half an image on disk
-    except OSError as e:  # a full disk, most often
-        fail(f"cannot write {args.output} ({e.strerror or e}): make room, or choose another --output", code=1)
-    finally:
-        tmp.unlink(missing_ok=True)
-    per_step = (step_times[-1] - t0) / len(step_times) if step_times else seconds
-    peak = memory_in_use(devices, peak=True)
-    print(f"made {args.output} ({image.width}x{image.height}) in {seconds:.1f} s, {per_step:.2f} s per step; "
-          "peak memory: " + "; ".join(memory_text(d, peak[d]) for d in devices))
+    save(image, args.output)
+    report(args, image, seconds, step_times, t0, devices)
 
 
 def parse_args():
@@ -198,128 +170,7 @@ def parse_args():
     return args
 
 
-def fail(message, code=2):
-    """One line on stderr and a non-zero exit, no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def default_dtype(on_gpu, announce=False):
-    """--dtype auto: float32 on the CPU (bfloat16 is slow there). On GPUs bfloat16 where they compute it natively
-    (NVIDIA Ampere and newer, Intel's GPUs), else float16: NVIDIA GPUs before Ampere (Turing, Volta, Pascal)
-    emulate bfloat16 slowly or not at all. A plan for GPUs this machine does not have takes bfloat16."""
-    if not on_gpu:
-        return torch.float32
-    if not torch.accelerator.is_available():
-        return torch.bfloat16
-    gpus = torch.get_device_module(torch.accelerator.current_accelerator())
-    if gpus.is_bf16_supported(including_emulation=False):
-        return torch.bfloat16
-    if announce and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        print(f"note: {gpus.get_device_name()} has no fast bfloat16: using float16 (--dtype bfloat16 to override)",
-              file=sys.stderr, flush=True)
-    return torch.float16
-
-
-def check_torch_can_use_the_gpus(device):
-    """No silent CPU run: where this machine has GPUs that the installed torch cannot use, stop before anything
-    is loaded, with the likely cause and the fix. Without this, PyPI's torch (no XPU support) on an Intel GPU, or
-    its CUDA 13 build under an older NVIDIA driver, runs everything on the CPU, for hours, without a word."""
-    if device == "cpu" or torch.accelerator.is_available():
-        return
-    gpus = gpus_on_the_pci_bus()
-    hidden = {maker: why for maker in gpus if (why := why_hidden(maker, gpus[maker]))}
-    if hidden and not set(gpus) - set(hidden):  # hidden on purpose, or not in this container: nothing to fix
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"note: {'; '.join(hidden.values())}: running on the CPU", file=sys.stderr, flush=True)
-        return
-    keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (README: Set-up); or pass --device cpu to run on "
-            "the CPU on purpose")
-    if "NVIDIA" in gpus and "NVIDIA" not in hidden:  # first: a laptop may have an Intel GPU for the screen
-        cuda = torch.version.cuda  # "13.2"; None in a torch built without CUDA
-        # The oldest driver each CUDA major version runs on (NVIDIA's "minor version compatibility" table).
-        driver = {"11": "450", "12": "525", "13": "580"}.get(str(cuda).split(".")[0])
-        needs = f"NVIDIA driver {driver} or newer" if driver else f"an NVIDIA driver for CUDA {cuda}"
-        cause = "it is not a CUDA build: install one" if cuda is None else (
-            f"it is built for CUDA {cuda}, which needs {needs} (`nvidia-smi` shows yours): update the driver, or "
-            "install a torch built for an older CUDA")
-        fail(f"this machine has an NVIDIA GPU, but this torch ({torch.__version__}) cannot use it: {cause}: "
-             f"`uv pip install --reinstall torch --index-url https://download.pytorch.org/whl/cu128`, {keep}")
-    if "Intel" in gpus and "Intel" not in hidden:
-        fail(f"this machine has an Intel GPU, but this torch ({torch.__version__}) cannot use it: it is not the XPU "
-             "build (PyPI's torch has no XPU support): `uv pip install --reinstall torch --index-url "
-             f"https://download.pytorch.org/whl/xpu`, {keep}")
-
-
-def gpus_on_the_pci_bus():
-    """The makers of this machine's GPUs and how many each, read from the PCI devices Linux lists (what `lspci`
-    reads): a display device (PCI class 0x03....) from NVIDIA (vendor 0x10de) or Intel (0x8086). Intel's bridges
-    and other controllers are no GPU. Empty where there is no such folder (Windows, macOS): there, nothing is
-    checked. A container sees its host's PCI bus, GPUs it was not given included. Tests point SYSFS_PCI_DEVICES
-    at a fake tree."""
-    makers = {"0x10de": "NVIDIA", "0x8086": "Intel"}
-    found = Counter()
-    for pci_device in Path(os.environ.get("SYSFS_PCI_DEVICES", "/sys/bus/pci/devices")).glob("*"):
-        try:
-            vendor, pci_class = ((pci_device / name).read_text().strip().lower() for name in ("vendor", "class"))
-        except OSError:  # not a device folder, or unreadable
-            continue
-        if vendor in makers and pci_class.startswith("0x03"):
-            found[makers[vendor]] += 1
-    return found
-
-
-def why_hidden(maker, count):
-    """Why torch cannot see this maker's GPUs where that is meant, not a torch to fix (None where it is not): the
-    user hid them all (CUDA_VISIBLE_DEVICES="" or -1; ZE_AFFINITY_MASK naming none of the `count` GPUs), or this
-    process has none of their device nodes (/dev/nvidia0..., /dev/dri/renderD...): a container given no GPU, or
-    no driver loaded. Tests point DEVICE_NODES at a fake /dev."""
-    variable, nodes = {"NVIDIA": ("CUDA_VISIBLE_DEVICES", "nvidia[0-9]*"),
-                       "Intel": ("ZE_AFFINITY_MASK", "dri/renderD*")}[maker]
-    mask = os.environ.get(variable)
-    if mask is not None and (mask.strip() or maker == "NVIDIA"):  # an empty ZE_AFFINITY_MASK hides nothing
-        # CUDA stops reading its list at the first entry that names no GPU; Level Zero skips such entries.
-        entries = [e.strip().split(".")[0] for e in mask.split(",")][:1 if maker == "NVIDIA" else None]
-        if not any(e.startswith(("GPU-", "MIG-")) or e.isdigit() and int(e) < count for e in entries):
-            return f"{variable}={mask} hides every {maker} GPU"
-    dev = Path(os.environ.get("DEVICE_NODES", "/dev"))
-    if not any(dev.glob(nodes)):
-        return (f"this machine has {maker} GPUs but no {dev / nodes} device node to reach them (a container given "
-                "none, or no driver loaded)")
-    return None
-
-
-def no_fp64_remedy(pipeline, devices, announce=True):
-    """FLUX builds its rotary position embedding in float64 on the device (diffusers' FluxPosEmbed; diffusers falls
-    back to float32 on mps and npu only), and Intel's Arc A-series GPUs (A310 to A770, and the Arc graphics of Core
-    Ultra "Meteor Lake" laptops) have no FP64: torch stops with "Required aspect fp64 is not supported on the
-    device". Where a device of the run reports no FP64, compute that embedding on the CPU (a few hundred KB once a
-    step: the same float64 numbers) and hand it to the device; elsewhere change nothing. Returns those devices."""
-    lacking = [torch.device(d) for d in devices if torch.device(d).type not in ("cpu", "meta") and not getattr(
-        torch.get_device_module(torch.device(d)).get_device_properties(torch.device(d)), "has_fp64", True)]
-    pos_embed = getattr(getattr(pipeline, "transformer", None), "pos_embed", None)
-    if not lacking or pos_embed is None:
-        return []
-    remove_hook_from_module(pos_embed)  # accelerate's hook would move its input back to the device first
-    pipeline.transformer.pos_embed = OnTheCPU(pos_embed)
-    if announce:
-        print(f"note: {', '.join(map(str, lacking))} has no FP64 (Intel Arc A-series): FLUX's rotary position "
-              "embedding, built in float64, is computed on the CPU", file=sys.stderr, flush=True)
-    return lacking
-
-
-class OnTheCPU(torch.nn.Module):
-    """Runs a module that holds no weights on the CPU, and hands its outputs to the device its input came from."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, ids):
-        return tuple(output.to(ids.device) for output in self.module(ids.cpu()))
-
-
-def check_model(args):
+def check_flux_model(args):
     """Fail early, before loading weights: the model can be found, is a FLUX.1 pipeline, and takes this size."""
     model = Path(args.model).expanduser()
     if model.exists() and not (model / "model_index.json").exists():
@@ -345,27 +196,30 @@ def check_model(args):
     return components
 
 
-@contextlib.contextmanager
-def explained_load_errors(model):
-    """A model that cannot be loaded: one line with what went wrong and what to do, not a traceback."""
-    try:
-        yield
-    except (OSError, ValueError) as error:
-        reason = None
-        while reason is None and error is not None:  # diffusers wraps the Hub's error: look down the chain
-            if isinstance(error, GatedRepoError):
-                reason = "it is gated, and this account has not been granted access"
-            elif isinstance(error, RepositoryNotFoundError):
-                reason = "no such model on the Hub, or it is private"
-            elif (isinstance(error, (OfflineModeIsEnabled, ConnectionError))
-                  or "Name or service not known" in str(error)):
-                reason = "it is not in the local cache, and the Hub cannot be reached"
-            elif error.__cause__ is None and error.__context__ is None:
-                reason = str(error).splitlines()[0]
-            error = error.__cause__ or error.__context__
-        fail(f"cannot load --model {model} ({reason}). If it is gated, accept its licence on "
-             f"https://huggingface.co/{model} and run `hf auth login` (black-forest-labs/FLUX.1-schnell is not "
-             f"gated); or pass --model PATH to a local copy")
+def device_memory(args):
+    """The memory each device may use, in bytes: {0: ..., 1: ...}, plus "cpu" where the user adds it."""
+    if args.planned:  # hardware the user does not have: --plan --num-devices 2 --device-memory 24GiB
+        # The devices present are measured only to give the planned ones their size: --device-memory gives it.
+        measure = args.device_memory is None and torch.accelerator.is_available()
+        present = free_memory_of_each_device() if measure else {}
+        if args.device_memory is None and not present:
+            fail("--num-devices needs --device-memory SIZE here: this machine has no accelerator to measure")
+        try:
+            each = convert_file_size_to_int(args.device_memory) if args.device_memory else min(present.values())
+        except ValueError:
+            fail(f"--device-memory {args.device_memory}: write a size like 16GiB or 24GB")
+        budgets = dict.fromkeys(range(args.num_devices or len(present) or 1), each)
+    elif args.device != "cpu" and torch.accelerator.is_available():
+        budgets = free_memory_of_each_device()
+    else:  # no accelerator (or --device cpu): the CPU is the one device, with the RAM that is free
+        budgets = {"cpu": psutil.virtual_memory().available}
+    if args.max_memory:
+        asked = parse_memory(args.max_memory, list(budgets))
+        unknown = [d for d in asked if d not in budgets and d != "cpu"]
+        if unknown:
+            fail(f"--max-memory names device {unknown[0]}, but the devices are {', '.join(map(str, budgets))}")
+        budgets |= asked  # cpu=SIZE adds the CPU to the devices, it does not replace them
+    return budgets
 
 
 def parse_memory(text, devices):
@@ -379,32 +233,7 @@ def parse_memory(text, devices):
         fail(f"--max-memory {text}: write sizes like 16GiB or 24GB, for every device or as 0=10GiB,1=16GiB")
 
 
-def device_memory(args):
-    """The memory each device may use, in bytes: {0: ..., 1: ...}, plus "cpu" where the user adds it."""
-    if args.planned:  # hardware the user does not have: --plan --num-devices 2 --device-memory 24GiB
-        # The devices present are measured only to give the planned ones their size: --device-memory gives it.
-        present = free_memory() if args.device_memory is None and torch.accelerator.is_available() else {}
-        if args.device_memory is None and not present:
-            fail("--num-devices needs --device-memory SIZE here: this machine has no accelerator to measure")
-        try:
-            each = convert_file_size_to_int(args.device_memory) if args.device_memory else min(present.values())
-        except ValueError:
-            fail(f"--device-memory {args.device_memory}: write a size like 16GiB or 24GB")
-        budgets = dict.fromkeys(range(args.num_devices or len(present) or 1), each)
-    elif args.device != "cpu" and torch.accelerator.is_available():
-        budgets = free_memory()
-    else:  # no accelerator (or --device cpu): the CPU is the one device, with the RAM that is free
-        budgets = {"cpu": psutil.virtual_memory().available}
-    if args.max_memory:
-        asked = parse_memory(args.max_memory, list(budgets))
-        unknown = [d for d in asked if d not in budgets and d != "cpu"]
-        if unknown:
-            fail(f"--max-memory names device {unknown[0]}, but the devices are {', '.join(map(str, budgets))}")
-        budgets |= asked  # cpu=SIZE adds the CPU to the devices, it does not replace them
-    return budgets
-
-
-def free_memory():
+def free_memory_of_each_device():
     """Free memory of each accelerator, as Accelerate measures it. Accelerate leaves out, without a word, a device
     it cannot query: one that cannot be used (a GPU busy in exclusive-process mode) stays out, and the note says
     so; one that works but cannot tell its free memory (some Intel GPUs) counts with its total memory."""
@@ -427,38 +256,34 @@ def free_memory():
     return dict(sorted(free.items()))
 
 
-def empty_model(model, name, library, class_name, dtype):
-    """A component built on the meta device from its config.json alone, as diffusers builds it to place it, with
-    the weights transformers or diffusers keep in float32 at this dtype (T5's `wo` in float16): no weights."""
-    cls = getattr(importlib.import_module(library), class_name)
-    with explained_load_errors(model), warnings.catch_warnings(action="ignore"), init_empty_weights():
-        if issubclass(cls, transformers.PreTrainedModel):
-            module = cls(transformers.AutoConfig.from_pretrained(model, subfolder=name)).to(dtype)
-            keep = set(module._keep_in_fp32_modules or []) if dtype == torch.float16 else set()
-            if dtype in (torch.float16, torch.bfloat16):
-                keep |= set(module._keep_in_fp32_modules_strict or [])
-        else:
-            module = cls.from_config(cls.load_config(model, subfolder=name)).to(dtype)
-            keep = set(module._keep_in_fp32_modules or [])
-    for path, submodule in module.named_modules():
-        if keep & set(path.split(".")):
-            submodule.to(torch.float32)
-    return module
-
-
-def balanced(sizes, max_memory):
-    """Where `DiffusionPipeline.from_pretrained(device_map="balanced", max_memory=...)` puts each whole component:
-    largest first, each on the next device of d0, d1, ..., d1, d0 (most memory first); one that does not fit on its
-    turn's device goes to the CPU. (tests/test_model_parallelism.py checks this against diffusers' own code.)"""
-    devices = sorted(sorted(d for d in max_memory if d != "cpu"), key=max_memory.get, reverse=True)
-    room, turn, where = dict(max_memory), 0, {}
-    for name in sorted(sizes, key=sizes.get, reverse=True):
-        device = (devices + devices[::-1])[turn % (2 * len(devices))] if devices else "cpu"
-        if device == "cpu" or sizes[name] > room[device]:
-            where[name] = "cpu"
-            continue
-        where[name], room[device], turn = device, room[device] - sizes[name], turn + 1
-    return where
+def make_plan(args, components, budgets, dtype, staged=None):
+    """The whole plan, for the run as asked (staged or not): each stage, bytes per device, and whether it fits."""
+    staged = args.staged if staged is None else staged
+    reserve = int(RESERVE_AT_1024 * args.height * args.width / 1024**2)
+    # Each device keeps the activations' reserve; so does the CPU when it is the one device, not an overflow.
+    usable = {d: max(0, m - reserve) if d != "cpu" or len(budgets) == 1 else m for d, m in budgets.items()}
+    if not any(usable.values()):
+        fail(f"no device has room for weights beyond the {size(reserve)} each keeps for activations at "
+             f"{args.height}x{args.width}: give them more memory (--max-memory, --device-memory), make smaller "
+             "images, or add cpu=SIZE to --max-memory (slow)")
+    stages = []
+    for names in ([TEXT_STAGE, IMAGE_STAGE] if staged else [TEXT_STAGE + IMAGE_STAGE]):
+        modules = {name: empty_model(args.model, name, *components[name], dtype) for name in names}
+        stages.append(plan_stage(modules, usable, dtype))
+    # A staged run frees each stage before the next: a device's peak is its busiest stage.
+    peak = {d: max(s["held"].get(d, 0) for s in stages) for s in stages for d in s["held"]}
+    plan = {"fits": "disk" not in peak and all(b <= usable.get(d, 0) for d, b in peak.items()), "staged": staged,
+            "devices": {str(d): b for d, b in sorted(peak.items(), key=lambda i: str(i[0])) if d != "disk" and b},
+            "placement": {(f"{n}.{k}" if k else n): str(d) for s in stages for n, m in s["device_maps"].items()
+                          for k, d in m.items()},
+            "components": {n: int(b) for s in stages for n, b in s["components"].items()},
+            "bytes": {k: int(b) for s in stages for k, b in s["bytes"].items()}, "unplaced": int(peak.get("disk", 0)),
+            "budgets": {str(d): int(b) for d, b in budgets.items()}, "reserved_per_device": reserve,
+            "dtype": str(dtype).removeprefix("torch."), "stages": stages, "usable": usable,
+            "needed": max(sum(s["held"].values()) for s in stages), "hint": ""}
+    if not plan["fits"] and not staged and make_plan(args, components, budgets, dtype, staged=True)["fits"]:
+        plan["hint"] = "; it fits with --staged (text encoders first, freed, then the transformer and VAE)"
+    return plan
 
 
 def plan_stage(modules, usable, dtype):
@@ -509,41 +334,46 @@ def plan_stage(modules, usable, dtype):
             "bytes": {f"{n}.{k}" if k else n: sizes[n][k] for n, m in device_maps.items() for k in m}}
 
 
-def make_plan(args, components, budgets, dtype, staged=None):
-    """The whole plan, for the run as asked (staged or not): each stage, bytes per device, and whether it fits."""
-    staged = args.staged if staged is None else staged
-    reserve = int(RESERVE_AT_1024 * args.height * args.width / 1024**2)
-    # Each device keeps the activations' reserve; so does the CPU when it is the one device, not an overflow.
-    usable = {d: max(0, m - reserve) if d != "cpu" or len(budgets) == 1 else m for d, m in budgets.items()}
-    if not any(usable.values()):
-        fail(f"no device has room for weights beyond the {size(reserve)} each keeps for activations at "
-             f"{args.height}x{args.width}: give them more memory (--max-memory, --device-memory), make smaller "
-             "images, or add cpu=SIZE to --max-memory (slow)")
-    stages = []
-    for names in ([TEXT_STAGE, IMAGE_STAGE] if staged else [TEXT_STAGE + IMAGE_STAGE]):
-        modules = {name: empty_model(args.model, name, *components[name], dtype) for name in names}
-        stages.append(plan_stage(modules, usable, dtype))
-    # A staged run frees each stage before the next: a device's peak is its busiest stage.
-    peak = {d: max(s["held"].get(d, 0) for s in stages) for s in stages for d in s["held"]}
-    plan = {"fits": "disk" not in peak and all(b <= usable.get(d, 0) for d, b in peak.items()), "staged": staged,
-            "devices": {str(d): b for d, b in sorted(peak.items(), key=lambda i: str(i[0])) if d != "disk" and b},
-            "placement": {(f"{n}.{k}" if k else n): str(d) for s in stages for n, m in s["device_maps"].items()
-                          for k, d in m.items()},
-            "components": {n: int(b) for s in stages for n, b in s["components"].items()},
-            "bytes": {k: int(b) for s in stages for k, b in s["bytes"].items()}, "unplaced": int(peak.get("disk", 0)),
-            "budgets": {str(d): int(b) for d, b in budgets.items()}, "reserved_per_device": reserve,
-            "dtype": str(dtype).removeprefix("torch."), "stages": stages, "usable": usable,
-            "needed": max(sum(s["held"].values()) for s in stages), "hint": ""}
-    if not plan["fits"] and not staged and make_plan(args, components, budgets, dtype, staged=True)["fits"]:
-        plan["hint"] = "; it fits with --staged (text encoders first, freed, then the transformer and VAE)"
-    return plan
+def balanced(sizes, max_memory):
+    """Where `DiffusionPipeline.from_pretrained(device_map="balanced", max_memory=...)` puts each whole component:
+    largest first, each on the next device of d0, d1, ..., d1, d0 (most memory first); one that does not fit on its
+    turn's device goes to the CPU. (tests/test_model_parallelism.py checks this against diffusers' own code.)"""
+    devices = sorted(sorted(d for d in max_memory if d != "cpu"), key=max_memory.get, reverse=True)
+    room, turn, where = dict(max_memory), 0, {}
+    for name in sorted(sizes, key=sizes.get, reverse=True):
+        device = (devices + devices[::-1])[turn % (2 * len(devices))] if devices else "cpu"
+        if device == "cpu" or sizes[name] > room[device]:
+            where[name] = "cpu"
+            continue
+        where[name], room[device], turn = device, room[device] - sizes[name], turn + 1
+    return where
 
 
-def size(b):
-    return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.1f} MiB"
+def empty_model(model, name, library, class_name, dtype):
+    """A component built on the meta device from its config.json alone, as diffusers builds it to place it, with
+    the weights transformers or diffusers keep in float32 at this dtype (T5's `wo` in float16): no weights."""
+    cls = getattr(importlib.import_module(library), class_name)
+    with explained_load_errors(model), warnings.catch_warnings(action="ignore"), init_empty_weights():
+        if issubclass(cls, transformers.PreTrainedModel):
+            module = cls(transformers.AutoConfig.from_pretrained(model, subfolder=name)).to(dtype)
+            keep = set(module._keep_in_fp32_modules or []) if dtype == torch.float16 else set()
+            if dtype in (torch.float16, torch.bfloat16):
+                keep |= set(module._keep_in_fp32_modules_strict or [])
+        else:
+            module = cls.from_config(cls.load_config(model, subfolder=name)).to(dtype)
+            keep = set(module._keep_in_fp32_modules or [])
+    for path, submodule in module.named_modules():
+        if keep & set(path.split(".")):
+            submodule.to(torch.float32)
+    return module
 
 
 def print_plan(args, plan):
+    """Where everything goes and whether it fits; with --json, the plan as one JSON document."""
+    if args.json:
+        print(json.dumps({k: plan[k] for k in ("fits", "devices", "placement", "components", "bytes", "unplaced",
+                                               "budgets", "reserved_per_device", "dtype", "staged")}, indent=2))
+        return
     where = "planned" if args.planned else "on this machine"
     print(f"plan for {args.model} in {plan['dtype']}, {args.height}x{args.width}, "
           f"{'staged' if plan['staged'] else 'all components resident at once'}, devices {where}:")
@@ -594,22 +424,37 @@ def block_ranges(device_map):
     return [(f"{p}.{a}" + (f"-{b}" if b != a else "") if a else p, d) for p, a, b, d in rows]
 
 
+def check_fits(args, plan):
+    """A real run whose plan does not fit stops before loading anything, with what would make it fit."""
+    if not plan["fits"]:
+        fail(f"{args.model} does not fit: it needs {size(plan['needed'])} of weights at once, the devices have "
+             f"{size(sum(plan['usable'].values()))} for them after keeping {size(plan['reserved_per_device'])} each "
+             f"for activations{plan['hint']}, or add cpu=SIZE to --max-memory to let the CPU hold the rest (slow)",
+             code=1)
+
+
+def hook_the_unsplit(split, stage):
+    """A component the plan split that lands on one device after all still needs the hook that brings its inputs
+    there, as "balanced" gives the whole ones."""
+    for name in split:
+        if len(set(stage["device_maps"][name].values())) == 1:
+            dispatch_model(split[name], device_map=stage["device_maps"][name], force_hooks=True)
+
+
 def left_out(names):
     """The pipeline's components that are not in this stage, and not loaded (tokenizers go with the text encoders)."""
     out = {n: None for n in TEXT_STAGE + IMAGE_STAGE if n not in names}
     return out | ({"tokenizer": None, "tokenizer_2": None} if "text_encoder" not in names else {})
 
 
-def placement(pipeline, split):
-    """Where the libraries put each component, and each range of a split one's blocks, from their own record
-    (`hf_device_map`): [(name, device)]. With no accelerator there is no record: the component's own device."""
-    record = pipeline.hf_device_map or {}
-    rows = []
-    for name, module in pipeline.components.items():
-        if isinstance(module, torch.nn.Module):
-            device_map = split[name].hf_device_map if name in split else {"": record.get(name, module.device.type)}
-            rows += [(name + ("." + key if key else ""), d) for key, d in block_ranges(device_map)]
-    return rows
+def show_the_stage(pipeline, split, stage, started):
+    """Where the stage's components went, and the memory in use; the FP64 fix where a device lacks it. Returns
+    the devices in use."""
+    print(f"{'text encoders' if stage['names'] == TEXT_STAGE else 'pipeline'} loaded "
+          f"({time.perf_counter() - started:.1f} s from the start):")
+    devices = print_placement(pipeline, split)
+    no_fp64_remedy(pipeline, [device_name(d) for d in devices])  # FLUX on Intel Arc A-series GPUs
+    return devices
 
 
 def print_placement(pipeline, split):
@@ -625,6 +470,18 @@ def print_placement(pipeline, split):
     used = memory_in_use(devices)
     print("  memory in use: " + "; ".join(memory_text(d, used[d]) for d in devices))
     return devices
+
+
+def placement(pipeline, split):
+    """Where the libraries put each component, and each range of a split one's blocks, from their own record
+    (`hf_device_map`): [(name, device)]. With no accelerator there is no record: the component's own device."""
+    record = pipeline.hf_device_map or {}
+    rows = []
+    for name, module in pipeline.components.items():
+        if isinstance(module, torch.nn.Module):
+            device_map = split[name].hf_device_map if name in split else {"": record.get(name, module.device.type)}
+            rows += [(name + ("." + key if key else ""), d) for key, d in block_ranges(device_map)]
+    return rows
 
 
 def memory_in_use(devices, peak=False):
@@ -649,6 +506,195 @@ def memory_text(d, used):
     return f"{device_name(d)} {used / GiB:.2f} GiB"
 
 
+def device_name(d):
+    return f"{torch.accelerator.current_accelerator().type}:{d}" if isinstance(d, int) else str(d)
+
+
+def encode_prompt(args, pipeline):
+    """--staged: the text encoders' prompt embeddings, which the image stage takes in place of the prompt."""
+    with torch.no_grad():
+        prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
+            prompt=args.prompt, prompt_2=None, max_sequence_length=args.max_sequence_length)
+    return dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
+
+
+def reset_peak_memory(devices):
+    for d in devices:
+        if d != "cpu":
+            torch.accelerator.reset_peak_memory_stats(d)
+
+
+def report(args, image, seconds, step_times, t0, devices):
+    per_step = (step_times[-1] - t0) / len(step_times) if step_times else seconds
+    peak = memory_in_use(devices, peak=True)
+    print(f"made {args.output} ({image.width}x{image.height}) in {seconds:.1f} s, {per_step:.2f} s per step; "
+          "peak memory: " + "; ".join(memory_text(d, peak[d]) for d in devices))
+
+
+# --- The guards every script has, copied word for word: utils/check_copies.py keeps the copies identical ---
+
+
+# Copied from data-parallelism-accelerate.py::fail
+def fail(message, code=2, every_process=False):
+    """One line on stderr and a non-zero exit, no traceback.
+
+    A bad input fails every process alike, so only the first process of each machine says it; the others wait
+    a moment, so that the launcher, which stops the whole job when one process ends, does not cut that line
+    short. A failure of one process alone (out of memory) is said by that process."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if every_process or local_rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(1)
+    sys.exit(code)
+
+
+# Copied from data-parallelism-accelerate.py::check_torch_can_use_the_gpus
+def check_torch_can_use_the_gpus(device):
+    """No silent CPU run: where this machine has GPUs that the installed torch cannot use, stop before anything
+    is loaded, with the likely cause and the fix. Without this, PyPI's torch (no XPU support) on an Intel GPU, or
+    its CUDA 13 build under an older NVIDIA driver, runs everything on the CPU, for hours, without a word."""
+    if device == "cpu" or torch.accelerator.is_available():
+        return
+    gpus = gpus_on_the_pci_bus()
+    hidden = {maker: why for maker in gpus if (why := why_hidden(maker, gpus[maker]))}
+    if hidden and not set(gpus) - set(hidden):  # hidden on purpose, or not in this container: nothing to fix
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"note: {'; '.join(hidden.values())}: running on the CPU", file=sys.stderr, flush=True)
+        return
+    keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (README: Set-up); or pass --device cpu to run on "
+            "the CPU on purpose")
+    if "NVIDIA" in gpus and "NVIDIA" not in hidden:  # first: a laptop may have an Intel GPU for the screen
+        cuda = torch.version.cuda  # "13.2"; None in a torch built without CUDA
+        # The oldest driver each CUDA major version runs on (NVIDIA's "minor version compatibility" table).
+        driver = {"11": "450", "12": "525", "13": "580"}.get(str(cuda).split(".")[0])
+        needs = f"NVIDIA driver {driver} or newer" if driver else f"an NVIDIA driver for CUDA {cuda}"
+        cause = "it is not a CUDA build: install one" if cuda is None else (
+            f"it is built for CUDA {cuda}, which needs {needs} (`nvidia-smi` shows yours): update the driver, or "
+            "install a torch built for an older CUDA")
+        fail(f"this machine has an NVIDIA GPU, but this torch ({torch.__version__}) cannot use it: {cause}: "
+             f"`uv pip install --reinstall torch --index-url https://download.pytorch.org/whl/cu128`, {keep}")
+    if "Intel" in gpus and "Intel" not in hidden:
+        fail(f"this machine has an Intel GPU, but this torch ({torch.__version__}) cannot use it: it is not the XPU "
+             "build (PyPI's torch has no XPU support): `uv pip install --reinstall torch --index-url "
+             f"https://download.pytorch.org/whl/xpu`, {keep}")
+
+
+# Copied from data-parallelism-accelerate.py::gpus_on_the_pci_bus
+def gpus_on_the_pci_bus():
+    """The makers of this machine's GPUs and how many each, read from the PCI devices Linux lists (what `lspci`
+    reads): a display device (PCI class 0x03....) from NVIDIA (vendor 0x10de) or Intel (0x8086). Intel's bridges
+    and other controllers are no GPU. Empty where there is no such folder (Windows, macOS): there, nothing is
+    checked. A container sees its host's PCI bus, GPUs it was not given included. Tests point SYSFS_PCI_DEVICES
+    at a fake tree."""
+    makers = {"0x10de": "NVIDIA", "0x8086": "Intel"}
+    found = Counter()
+    for pci_device in Path(os.environ.get("SYSFS_PCI_DEVICES", "/sys/bus/pci/devices")).glob("*"):
+        try:
+            vendor, pci_class = ((pci_device / name).read_text().strip().lower() for name in ("vendor", "class"))
+        except OSError:  # not a device folder, or unreadable
+            continue
+        if vendor in makers and pci_class.startswith("0x03"):
+            found[makers[vendor]] += 1
+    return found
+
+
+# Copied from data-parallelism-accelerate.py::why_hidden
+def why_hidden(maker, count):
+    """Why torch cannot see this maker's GPUs where that is meant, not a torch to fix (None where it is not): the
+    user hid them all (CUDA_VISIBLE_DEVICES="" or -1; ZE_AFFINITY_MASK naming none of the `count` GPUs), or this
+    process has none of their device nodes (/dev/nvidia0..., /dev/dri/renderD...): a container given no GPU, or
+    no driver loaded. Tests point DEVICE_NODES at a fake /dev."""
+    variable, nodes = {"NVIDIA": ("CUDA_VISIBLE_DEVICES", "nvidia[0-9]*"),
+                       "Intel": ("ZE_AFFINITY_MASK", "dri/renderD*")}[maker]
+    mask = os.environ.get(variable)
+    if mask is not None and (mask.strip() or maker == "NVIDIA"):  # an empty ZE_AFFINITY_MASK hides nothing
+        # CUDA stops reading its list at the first entry that names no GPU; Level Zero skips such entries.
+        entries = [e.strip().split(".")[0] for e in mask.split(",")][:1 if maker == "NVIDIA" else None]
+        if not any(e.startswith(("GPU-", "MIG-")) or e.isdigit() and int(e) < count for e in entries):
+            return f"{variable}={mask} hides every {maker} GPU"
+    dev = Path(os.environ.get("DEVICE_NODES", "/dev"))
+    if not any(dev.glob(nodes)):
+        return (f"this machine has {maker} GPUs but no {dev / nodes} device node to reach them (a container given "
+                "none, or no driver loaded)")
+    return None
+
+
+# Copied from data-parallelism-accelerate.py::explained_load_errors
+@contextlib.contextmanager
+def explained_load_errors(model):
+    """A model that cannot be loaded: one line with what went wrong and what to do, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        reason = None
+        while reason is None and error is not None:  # diffusers wraps the Hub's error: look down the chain
+            if isinstance(error, GatedRepoError):
+                reason = "it is gated, and this account has not been granted access"
+            elif isinstance(error, RepositoryNotFoundError):
+                reason = "no such model on the Hub, or it is private"
+            elif (isinstance(error, (OfflineModeIsEnabled, ConnectionError))
+                  or "Name or service not known" in str(error)):
+                reason = "it is not in the local cache, and the Hub cannot be reached"
+            elif error.__cause__ is None and error.__context__ is None:
+                reason = str(error).splitlines()[0]
+            error = error.__cause__ or error.__context__
+        fail(f"cannot load --model {model} ({reason}). If it is gated, accept its licence on "
+             f"https://huggingface.co/{model} and run `hf auth login` (black-forest-labs/FLUX.1-schnell is not "
+             f"gated); or pass --model PATH to a local copy")
+
+
+# Copied from data-parallelism-accelerate.py::default_dtype
+def default_dtype(on_gpu, announce=False):
+    """--dtype auto: float32 on the CPU (bfloat16 is slow there). On GPUs bfloat16 where they compute it natively
+    (NVIDIA Ampere and newer, Intel's GPUs), else float16: NVIDIA GPUs before Ampere (Turing, Volta, Pascal)
+    emulate bfloat16 slowly or not at all. A plan for GPUs this machine does not have takes bfloat16."""
+    if not on_gpu:
+        return torch.float32
+    if not torch.accelerator.is_available():
+        return torch.bfloat16
+    gpus = torch.get_device_module(torch.accelerator.current_accelerator())
+    if gpus.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    if announce and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"note: {gpus.get_device_name()} has no fast bfloat16: using float16 (--dtype bfloat16 to override)",
+              file=sys.stderr, flush=True)
+    return torch.float16
+
+
+# Copied from data-parallelism-accelerate.py::no_fp64_remedy
+def no_fp64_remedy(pipeline, devices, announce=True):
+    """FLUX builds its rotary position embedding in float64 on the device (diffusers' FluxPosEmbed; diffusers falls
+    back to float32 on mps and npu only), and Intel's Arc A-series GPUs (A310 to A770, and the Arc graphics of Core
+    Ultra "Meteor Lake" laptops) have no FP64: torch stops with "Required aspect fp64 is not supported on the
+    device". Where a device of the run reports no FP64, compute that embedding on the CPU (a few hundred KB once a
+    step: the same float64 numbers) and hand it to the device; elsewhere change nothing. Returns those devices."""
+    lacking = [torch.device(d) for d in devices if torch.device(d).type not in ("cpu", "meta") and not getattr(
+        torch.get_device_module(torch.device(d)).get_device_properties(torch.device(d)), "has_fp64", True)]
+    pos_embed = getattr(getattr(pipeline, "transformer", None), "pos_embed", None)
+    if not lacking or pos_embed is None:
+        return []
+    remove_hook_from_module(pos_embed)  # accelerate's hook would move its input back to the device first
+    pipeline.transformer.pos_embed = OnTheCPU(pos_embed)
+    if announce:
+        print(f"note: {', '.join(map(str, lacking))} has no FP64 (Intel Arc A-series): FLUX's rotary position "
+              "embedding, built in float64, is computed on the CPU", file=sys.stderr, flush=True)
+    return lacking
+
+
+# Copied from data-parallelism-accelerate.py::OnTheCPU
+class OnTheCPU(torch.nn.Module):
+    """Runs a module that holds no weights on the CPU, and hands its outputs to the device its input came from."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, ids):
+        return tuple(output.to(ids.device) for output in self.module(ids.cpu()))
+
+
+# Copied from data-parallelism-accelerate.py::gpu_memory
 def gpu_memory(device, peak=False):
     """The memory of one GPU that this process holds (or its peak), in bytes: (allocated, reserved). Allocated is
     what torch's tensors hold; reserved is what torch's caching allocator holds from the GPU, allocated or not:
@@ -658,8 +704,22 @@ def gpu_memory(device, peak=False):
     return torch.accelerator.memory_allocated(device), torch.accelerator.memory_reserved(device)
 
 
-def device_name(d):
-    return f"{torch.accelerator.current_accelerator().type}:{d}" if isinstance(d, int) else str(d)
+# Copied from data-parallelism-accelerate.py::size
+def size(b):
+    return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.1f} MiB"
+
+
+# Copied from context-parallelism-flux.py::save
+def save(image, path):
+    """Written whole under a temporary name, then renamed: never half an image on disk."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, most often
+        fail(f"cannot write {path} ({e.strerror or e}): make room, or choose another --output", code=1)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

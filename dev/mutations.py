@@ -74,8 +74,8 @@ MUTATIONS = [
     Mutation("sharding-does-not-fit-check-removed", MP, '    if not plan["fits"]:\n        fail(f"{args.model} does '
              'not fit', '    if False:\n        fail(f"{args.model} does not fit',
              ("tests/test_model_parallelism.py", "-k", "does_not_fit_stops")),
-    Mutation("sharding-text-stage-kept-while-the-next-loads", MP, "            del pipeline, split  #",
-             "            pass  #", ("tests/test_model_parallelism.py", "-k", "keeps_nothing")),
+    Mutation("sharding-text-stage-kept-while-the-next-loads", MP, "            del pipeline, split\n",
+             "            pass\n", ("tests/test_model_parallelism.py", "-k", "keeps_nothing")),
     Mutation("sharding-balanced-without-the-budgets", MP, 'max_memory=stage["max_memory"], dtype=dtype, **split',
              "dtype=dtype, **split", ("tests/test_model_parallelism.py", "-k", "balanced_load")),
     # --- context-parallelism-flux.py ---

@@ -314,7 +314,8 @@ def data_parallel():
 def launch(data_parallel, monkeypatch, capsys, kind="cuda", devices=1, processes=1, machines=1, local_rank=0,
            backends=("nccl", "xccl", "gloo"), device="auto", **masks):
     """Run the script's launch check on `devices` GPUs with `processes` per machine, and the GPU masks given
-    (CUDA_VISIBLE_DEVICES=..., none by default): (stderr, exit code or None)."""
+    (CUDA_VISIBLE_DEVICES=..., none by default), and for a lone process the note join_the_group gives it once the
+    group has formed: (stderr, exit code or None)."""
     for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"):
         monkeypatch.delenv(variable, raising=False)
     for variable, mask in masks.items():
@@ -333,6 +334,8 @@ def launch(data_parallel, monkeypatch, capsys, kind="cuda", devices=1, processes
             monkeypatch.delenv(name, raising=False)
     try:
         data_parallel.check_launch(argparse.Namespace(device=device))
+        if processes * machines == 1:
+            data_parallel.idle_devices_note(argparse.Namespace(device=device))
         code = None
     except SystemExit as e:
         code = e.code

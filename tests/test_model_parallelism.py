@@ -895,7 +895,7 @@ def test_the_plan_says_a_component_wholly_on_the_cpu_runs_there(script, capsys):
             "dtype": "bfloat16", "components": {},
             "placement": {"transformer": "0", "text_encoder_2.shared": "cpu", "text_encoder_2.encoder.block": "cpu"},
             "bytes": {"transformer": 9 * GiB, "text_encoder_2.shared": GiB, "text_encoder_2.encoder.block": 8 * GiB}}
-    script.print_plan(types.SimpleNamespace(planned=True, model="m", height=1024, width=1024), plan)
+    script.print_plan(types.SimpleNamespace(planned=True, json=False, model="m", height=1024, width=1024), plan)
     notes = [line for line in capsys.readouterr().out.splitlines() if "NOTE" in line]
     assert len(notes) == 1 and notes[0].startswith("  NOTE: text_encoder_2 wholly on the CPU: Accelerate runs it there")
     assert "streamed" not in notes[0]
