@@ -161,7 +161,7 @@ def test_a_gpu_that_torch_can_use_is_no_problem(script, monkeypatch, capsys, tmp
     assert refusal(script, monkeypatch, capsys, tmp_path, [INTEL_GPU], torch_sees_a_gpu=True) == ("", None)
 
 
-# --- GPUs hidden on purpose, or not in this container: run on the CPU, and say so (issue 15, item 5) ---
+# --- GPUs hidden on purpose (CUDA_VISIBLE_DEVICES, ZE_AFFINITY_MASK), or not in this container: run on the CPU ---
 
 
 @pytest.mark.parametrize("gpu, variable, mask", [
@@ -484,7 +484,7 @@ def test_a_plan_for_other_gpus_runs_on_a_machine_whose_gpu_torch_cannot_use(scri
     assert "fits: yes" in result.stdout and not result.stderr
 
 
-# --- bfloat16 only where the GPU computes it natively (issue 15, item 10) ---
+# --- bfloat16 only where the GPU computes it natively: float16 on NVIDIA GPUs before Ampere ---
 
 
 def simulate_nvidia(monkeypatch, name, native_bfloat16):
@@ -527,7 +527,7 @@ def test_the_run_on_a_v100_is_in_float16_unless_asked(script_path, plan, asked, 
     assert json.loads(capsys.readouterr().out)["dtype"] == dtype
 
 
-# --- peak memory as nvidia-smi and xpu-smi see it: reserved, not only allocated (issue 15, item 11) ---
+# --- peak memory as nvidia-smi and xpu-smi see it: reserved, not only allocated ---
 
 
 @pytest.fixture
