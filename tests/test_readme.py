@@ -57,9 +57,9 @@ def page_commands():
 # that it works: the images, who made which, diffusers' own image. Each is run there, once, and not again here.
 DP_TORCHRUN = "uv run torchrun --nproc-per-node 2 data-parallelism-accelerate.py --prompts-file prompts.txt"
 DP_ACCELERATE_TINY = ("uv run accelerate launch --multi_gpu --num_processes 2 data-parallelism-accelerate.py --model "
-                      "tiny/sd3 --num-inference-steps 2 --output-dir outputs/tiny-sd3")
+                      "tiny/sd3 --num-inference-steps 2 --output-dir outputs/tiny-sd3 --device cpu")
 CP_TORCHRUN_TINY = ("uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --model tiny/flux --height 64 "
-                    "--width 64 --num-inference-steps 2 --output outputs/tiny-flux-context-parallel.png")
+                    "--width 64 --num-inference-steps 2 --output outputs/tiny-flux-context-parallel.png --device cpu")
 CP_TORCHRUN_STAGED = "uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --staged"
 CP_ACCELERATE = "uv run accelerate launch --num_processes 2 context-parallelism-flux.py"
 RUN_ELSEWHERE = {"DP_TORCHRUN": "test_data_parallelism.py", "DP_ACCELERATE_TINY": "test_data_parallelism.py",
