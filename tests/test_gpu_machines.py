@@ -161,7 +161,7 @@ def test_a_gpu_that_torch_can_use_is_no_problem(script, monkeypatch, capsys, tmp
     assert refusal(script, monkeypatch, capsys, tmp_path, [INTEL_GPU], torch_sees_a_gpu=True) == ("", None)
 
 
-# --- GPUs hidden on purpose, or not in this container: run on the CPU, and say so (issue 15, item 5) ---
+# --- GPUs hidden on purpose (CUDA_VISIBLE_DEVICES, ZE_AFFINITY_MASK), or not in this container: run on the CPU ---
 
 
 @pytest.mark.parametrize("gpu, variable, mask", [
@@ -280,11 +280,11 @@ def test_under_a_launcher_the_gpu_that_torch_cannot_use_is_said_once(tiny_sd3, t
 
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")
 def test_the_readme_shows_what_the_script_says_without_the_xpu_build(tmp_path):
-    readme = (ROOT / "README.md").read_text(encoding="utf-8").split("### Intel GPUs", 1)[1].split("\n### ", 1)[0]
+    readme = (ROOT / "docs" / "setup.md").read_text(encoding="utf-8").split("## Intel GPUs", 1)[1].split("\n## ", 1)[0]
     shown = re.search(r"```text\n\s*(error: .*)\n", readme).group(1)
     result = main_on(fake_sysfs(tmp_path, *INTEL_BRIDGES, INTEL_GPU), DATA_PARALLEL)
     said = result.stderr.strip()
-    # The same line, but for torch's version: the README's comes from our build machine.
+    # The same line, but for torch's version: the page shows the one PyPI's torch 2.15 gives.
     assert re.sub(r"this torch \([^)]*\)", "", said) == re.sub(r"this torch \([^)]*\)", "", shown)
 
 
@@ -487,7 +487,7 @@ def test_a_plan_for_other_gpus_runs_on_a_machine_whose_gpu_torch_cannot_use(scri
     assert "fits: yes" in result.stdout and not result.stderr
 
 
-# --- bfloat16 only where the GPU computes it natively (issue 15, item 10) ---
+# --- bfloat16 only where the GPU computes it natively: float16 on NVIDIA GPUs before Ampere ---
 
 
 def simulate_nvidia(monkeypatch, name, native_bfloat16):
@@ -530,7 +530,7 @@ def test_the_run_on_a_v100_is_in_float16_unless_asked(script_path, plan, asked, 
     assert json.loads(capsys.readouterr().out)["dtype"] == dtype
 
 
-# --- peak memory as nvidia-smi and xpu-smi see it: reserved, not only allocated (issue 15, item 11) ---
+# --- peak memory as nvidia-smi and xpu-smi see it: reserved, not only allocated ---
 
 
 @pytest.fixture

@@ -212,7 +212,7 @@ def test_a_full_disk_is_one_line_and_the_same_command_with_room_makes_the_rest(t
     assert [r["prompt"] for r in read_manifest(out)] == FILL
 
 
-# --- a process that hangs: the others do not wait a week, and every process leaves its group (issue 15, item 9) ---
+# --- a process that hangs: the others stop the job after --stall-timeout, and every process leaves its group ---
 
 
 def run_simulated(command, timeout=240, **env):

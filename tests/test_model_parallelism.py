@@ -738,7 +738,7 @@ def test_an_output_that_is_a_folder_is_refused_before_anything_loads(tiny_flux, 
     assert_clear_error(result, f"--output {tmp_path} is a folder")
 
 
-# --- --staged frees the text encoders, split ones too (issue 15, item 2) ---
+# --- --staged frees the text encoders before the transformer loads, split ones too ---
 
 
 def test_a_staged_run_keeps_nothing_of_a_split_t5_into_the_second_stage(script, main, monkeypatch, tiny_flux, tmp_path):
@@ -788,7 +788,7 @@ def test_a_staged_run_keeps_nothing_of_a_split_t5_into_the_second_stage(script, 
     assert handed == [True, False]
 
 
-# --- FLUX on GPUs without FP64 (Intel Arc A-series), simulated (issue 15, item 1) ---
+# --- FLUX on GPUs without FP64 (Intel Arc A-series), simulated: the rotary embedding on the CPU ---
 
 
 def simulate_device_properties(monkeypatch, **properties):
@@ -866,7 +866,7 @@ def test_gpus_without_fp64_as_simulated_the_image_is_the_one_with_fp64(main, scr
     assert np.abs(pixels(tmp_path / "fp64.png") - pixels(tmp_path / "cpu-rope.png")).max() <= 2
 
 
-# --- a split component that ends up wholly on the CPU runs there: said as such (issue 15, item 7) ---
+# --- a split component that ends up wholly on the CPU runs there: said as such ---
 
 
 def test_a_split_component_wholly_on_the_cpu_is_said_to_run_there(script, monkeypatch, capsys):
@@ -901,7 +901,7 @@ def test_the_plan_says_a_component_wholly_on_the_cpu_runs_there(script, capsys):
     assert "streamed" not in notes[0]
 
 
-# --- a GPU Accelerate cannot query: left out when it cannot be used at all (issue 15, item 8) ---
+# --- a GPU that cannot be used (busy in exclusive-process mode): left out of the plan, not counted as free ---
 
 
 def simulate_usable_devices(monkeypatch, kind, usable):

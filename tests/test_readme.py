@@ -1,4 +1,5 @@
-"""The README is true: its images exist, its test command is CI's, and every `uv run` command in it works.
+"""The pages are true (README.md, docs/*.md, CONTRIBUTING.md): their images and links exist, the README's test
+command is CI's, and every `uv run` command of their bash blocks works.
 
 A command is run as written, with these substitutions only: the tiny pipelines for the real models (and the
 FLUX.1-dev or SD3.5-medium configs for a --plan), a few steps at 64 px, output in a temporary folder, a free port,
@@ -7,11 +8,14 @@ memory budgets (on any machine: its GPUs, if any, are not those of the example);
 purpose (`--device cpu`), alike on a machine with GPUs, and `accelerate launch` gets `--multi_gpu` where the line
 lacks it (and names no config file): N CPU processes, as on the N GPUs the command is for (without it Accelerate
 starts one process where it finds fewer than 2 GPUs). Interactive commands (`accelerate config`, `hf auth login`)
-are run with --help. The benchmarks run small (a tiny model, a few prompts or steps at 64 px) and without their
-warm-up run, which only makes the first time fair: the test checks that they run, not their times. The two machines
-of the several-machines example are run together, on loopback. A few commands are run by the tests of their script,
-which assert more about the run (RUN_ELSEWHERE), and two commands that become the same run here are run once
-(runs_alike).
+are run with --help, and so are the maintainers' tools in dev/, which run the whole suite themselves; a pytest
+command with a selection is collected (--collect-only: it must select a test), and the plain `uv run pytest` is CI's
+command (test_the_readme_test_command_is_what_ci_runs), not run inside the suite it is. The benchmarks run small (a
+tiny model, a few prompts or steps at 64 px) and without their warm-up run, which only makes the first time fair:
+the test checks that they run, not their times. The two machines of the several-machines example are run together,
+on loopback. A command that appears in several pages is run once. A few commands are run by the tests of their
+script, which assert more about the run (RUN_ELSEWHERE), two commands that become the same run here are run once
+(runs_alike), and the one-page programs' commands are run by tests/test_readme_programs.py.
 """
 
 import json
@@ -26,9 +30,8 @@ from unittest import mock
 import pytest
 
 from tests.conftest import BIN, IMAGES, ROOT, free_port, load_script, offline_env, read_manifest, run, run_main
-from tests.test_readme_programs import launch_commands, readme_programs
+from tests.test_readme_programs import PAGES, README, bash_lines, launch_commands, programs
 
-README = (ROOT / "README.md").read_text(encoding="utf-8")
 FLUX_DEV_CONFIGS = ROOT / "tests" / "fixtures" / "flux1-dev"
 SD35_MEDIUM_CONFIGS = ROOT / "tests" / "fixtures" / "sd3.5-medium"
 SCRIPTS = {"data-parallelism-accelerate.py": "sd3", "model-parallelism-flux.py": "flux",
@@ -36,28 +39,27 @@ SCRIPTS = {"data-parallelism-accelerate.py": "sd3", "model-parallelism-flux.py":
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
 
 
-def readme_lines():
-    """Every `uv run ...` line of the README's bash blocks."""
-    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)
-    return [line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("uv run ")]
+def page_lines():
+    """Every `uv run ...` line of the pages' bash blocks, each once (a command in two pages is one), in page order."""
+    return list(dict.fromkeys(line for text in PAGES.values() for line in bash_lines(text)))
 
 
-def readme_commands():
-    """Every `uv run ...` line of the README's bash blocks, without its trailing comment; but the launch commands
-    of the one-page programs (`# file: NAME.py` blocks), which tests/test_readme_programs.py runs on the program
-    written out from the README, and the commands another test runs itself (RUN_ELSEWHERE)."""
+def page_commands():
+    """Every `uv run ...` line of the pages' bash blocks, without its trailing comment; but the launch commands of
+    the one-page programs (examples/), which tests/test_readme_programs.py runs, and the commands another test runs
+    itself (RUN_ELSEWHERE)."""
     elsewhere = {globals()[name] for name in RUN_ELSEWHERE}
-    return [shlex.split(line, comments=True) for line in readme_lines()
-            if line not in launch_commands(README) and line not in elsewhere]
+    return [shlex.split(line, comments=True) for line in page_lines()
+            if line not in launch_commands() and line not in elsewhere]
 
 
-# README commands that a test of their script runs itself (run_readme_command), to assert more about the run than
+# The pages' commands that a test of their script runs itself (run_readme_command), to assert more about the run than
 # that it works: the images, who made which, diffusers' own image. Each is run there, once, and not again here.
 DP_TORCHRUN = "uv run torchrun --nproc-per-node 2 data-parallelism-accelerate.py --prompts-file prompts.txt"
 DP_ACCELERATE_TINY = ("uv run accelerate launch --multi_gpu --num_processes 2 data-parallelism-accelerate.py --model "
-                      "tiny/sd3 --num-inference-steps 2 --output-dir outputs/tiny-sd3")
+                      "tiny/sd3 --num-inference-steps 2 --output-dir outputs/tiny-sd3 --device cpu")
 CP_TORCHRUN_TINY = ("uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --model tiny/flux --height 64 "
-                    "--width 64 --num-inference-steps 2 --output outputs/tiny-flux-context-parallel.png")
+                    "--width 64 --num-inference-steps 2 --output outputs/tiny-flux-context-parallel.png --device cpu")
 CP_TORCHRUN_STAGED = "uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --staged"
 CP_ACCELERATE = "uv run accelerate launch --num_processes 2 context-parallelism-flux.py"
 RUN_ELSEWHERE = {"DP_TORCHRUN": "test_data_parallelism.py", "DP_ACCELERATE_TINY": "test_data_parallelism.py",
@@ -66,19 +68,24 @@ RUN_ELSEWHERE = {"DP_TORCHRUN": "test_data_parallelism.py", "DP_ACCELERATE_TINY"
 
 
 def run_readme_command(line, tiny, tmp_path, **env):
-    """Run the README's command LINE, which must be in the README as written, as test_every_readme_command_runs
-    runs each (as_test: the tiny pipelines, a few steps at 64 px, on the CPU), with `env` added (a probe); fail the
-    test if it fails. What it makes is in tmp_path: out/ (data parallel) or out.png."""
-    assert line in readme_lines(), f"the README no longer has the command {line!r}"
+    """Run the command LINE, which must be in a page (the README or docs/) as written, as
+    test_every_readme_command_runs runs each (as_test: the tiny pipelines, a few steps at 64 px, on the CPU), with
+    `env` added (a probe); fail the test if it fails. What it makes is in tmp_path: out/ (data parallel) or out.png."""
+    assert line in page_lines(), f"no page has the command {line!r} any more"
     return run(as_test(shlex.split(line, comments=True), tiny, tmp_path, free_port()), timeout=600, env=env)
 
 
 def as_test(argv, tiny, tmp_path, port):
-    """The README's command, runnable here (see the module's docstring)."""
+    """A page's command, runnable here (see the module's docstring)."""
     argv = [a.replace("tiny/sd3", str(tiny["sd3"])).replace("tiny/flux", str(tiny["flux"])) for a in argv[2:]]
     program, args = argv[0], argv[1:]
     if program in ("accelerate", "hf") and args[:1] in (["config"], ["auth"]):
         return [BIN / program, *args, "--help"]
+    if program.startswith("dev/"):  # the maintainers' tools run the whole suite: a test cannot run it inside it
+        return [sys.executable, ROOT / program, "--help"]
+    if program == "pytest":  # a selection of the suite: it must select a test (pytest exits 5 if none)
+        assert args, "the plain `uv run pytest` is CI's command, not run inside the suite"
+        return [BIN / "pytest", *args, "--collect-only", "-q", "-p", "no:cacheprovider"]
     command = [sys.executable, ROOT / program] if program.endswith(".py") else [BIN / program]
     if program == "accelerate":
         command += ["launch", "--main_process_port", str(port)]
@@ -109,37 +116,70 @@ def as_test(argv, tiny, tmp_path, port):
     return command + args
 
 
-def test_the_readme_has_commands_to_check():
-    words = {word for argv in readme_commands() for word in argv[2:]}
+def test_the_pages_have_commands_to_check():
+    words = {word for argv in page_commands() for word in argv[2:]}
     assert {"accelerate", "torchrun", "pytest", "data-parallelism-accelerate.py", "model-parallelism-flux.py",
             "utils/tiny_pipelines.py", "benchmarks/scaling.py", "--machine_rank", "--plan", "--staged",
             "context-parallelism-flux.py", "benchmarks/context_parallel.py"} <= words
 
 
 def test_the_commands_left_to_test_readme_programs_are_the_one_page_programs_launch_commands():
-    """Not one README command is skipped: those not run here name a program the README itself writes out."""
-    programs = {program.name for program in readme_programs(README)}
-    left = [line for line in readme_lines() if line in launch_commands(README)]
-    assert left, "the README's one-page programs have no launch commands"
-    assert all(set(shlex.split(line, comments=True)) & programs for line in left)
-    assert not programs & {word for argv in readme_commands() for word in argv}  # nor run here, on no file
+    """Not one page command is skipped: those not run here launch a program in examples/, which
+    tests/test_readme_programs.py runs with them."""
+    names = {program.name for program in programs()}
+    left = [line for line in page_lines() if line in launch_commands()]
+    assert left, "the one-page programs have no launch commands"
+    assert all(set(shlex.split(line, comments=True)) & names for line in left)
+    assert not names & {word for argv in page_commands() for word in argv}  # nor run here
 
 
-def test_each_command_run_elsewhere_is_in_the_readme_and_run_by_its_test_module():
+def test_each_command_run_elsewhere_is_in_a_page_and_run_by_its_test_module():
     for name, module in RUN_ELSEWHERE.items():
-        assert globals()[name] in readme_lines(), name
+        assert globals()[name] in page_lines(), name
         source = (ROOT / "tests" / module).read_text(encoding="utf-8")
         assert "run_readme_command(" in source and len(re.findall(rf"\b{name}\b", source)) >= 2, name  # imported, used
 
 
-def test_every_image_the_readme_shows_is_in_assets():
-    images = re.findall(r'src="\./(assets/[^"]+)"', README)
-    assert len(images) >= 5
+def headings(text):
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces to hyphens, -1, -2... for
+    a repeat. Headings in code blocks are not headings."""
+    anchors = []
+    for title in re.findall(r"^#{1,6} (.+?)\s*$", re.sub(r"^```.*?^```", "", text, flags=re.M | re.S), flags=re.M):
+        anchor = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        anchors.append(anchor if anchor not in anchors else f"{anchor}-{anchors.count(anchor)}")
+    return anchors
+
+
+def test_headings_get_the_anchors_github_gives_them():
+    assert headings("# Set-up\n## Intel GPUs (XPU)\n```\n# not a heading\n```\n## Memory: 12 and 16 GB cards\n"
+                    "## Run it\n## Run it\n") == ["set-up", "intel-gpus-xpu", "memory-12-and-16-gb-cards", "run-it",
+                                                  "run-it-1"]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_image_and_link_of_the_page_is_there(page):
+    """Images (`src="..."`) and links (`[...](target)`) to files of the repository, and to headings of a page,
+    from where the page is, but in comments and code; links to the web are left to the reader (no network here)."""
+    shown = re.sub(r"<!--.*?-->|^[ \t]*```.*?^[ \t]*```|`[^`]*`", "", PAGES[page], flags=re.S | re.M)  # not code
+    text, folder = shown, (ROOT / page).parent
+    images = re.findall(r'src="([^"]+)"', text)
     for image in images:
-        assert (ROOT / image).is_file(), image
-    links = re.findall(r"\]\(((?:assets|accelerate-configs|benchmarks|tests)/[^)#]+)\)", README)
-    for link in links:
-        assert (ROOT / link).exists(), link
+        assert (folder / image).resolve().is_file(), f"{page}: no image {image}"
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"\w+://|mailto:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (folder / path).resolve() if path else ROOT / page
+        assert linked.exists(), f"{page}: the link to {target} leads nowhere"
+        if anchor:
+            assert linked.suffix == ".md" and anchor in headings(linked.read_text(encoding="utf-8")), (
+                f"{page}: {path or page} has no heading #{anchor}")
+
+
+def test_the_pages_show_the_images_in_assets():
+    shown = {(ROOT / page).parent.joinpath(image).resolve() for page, text in PAGES.items()
+             for image in re.findall(r'src="([^"]+)"', text)}
+    assert {path.resolve() for path in (ROOT / "assets").glob("*.png")} <= shown, "an image in assets/ no page shows"
 
 
 def test_the_readme_test_command_is_what_ci_runs():
@@ -147,12 +187,14 @@ def test_the_readme_test_command_is_what_ci_runs():
     command = re.search(r"```bash\n(.*?)\n```", tests_section, flags=re.DOTALL).group(1).strip()
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert ci_lines[-1] == command
-    assert command in README.split("## Set-up", 1)[0]  # the quick start gives the same one
+    quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert command in [" ".join(shlex.split(line, comments=True)) for line in bash_lines(quick_start)]  # its too
 
 
 def test_the_readme_table_of_flux1_dev_plans_is_what_the_script_plans(monkeypatch, capsys):
     script = load_script(ROOT / "model-parallelism-flux.py")
-    rows = re.findall(r"^\| (\d) x (\d+) GiB( `--staged`)? \| (yes|\*\*no\*\*) \|", README, flags=re.MULTILINE)
+    rows = re.findall(r"^\| (\d) x (\d+) GiB( `--staged`)? \| (yes|\*\*no\*\*) \|", PAGES["docs/model-parallelism.md"],
+                      flags=re.MULTILINE)
     assert len(rows) >= 4
     for num_devices, memory, staged, fits in rows:
         monkeypatch.setattr("sys.argv", ["model-parallelism-flux.py", "--plan", "--json", "--model",
@@ -165,7 +207,7 @@ def test_the_readme_table_of_flux1_dev_plans_is_what_the_script_plans(monkeypatc
 def test_the_readme_table_of_sd35_medium_memory_modes_is_what_the_script_plans(monkeypatch, capsys):
     script = load_script(ROOT / "data-parallelism-accelerate.py")
     rows = re.findall(r"^\| (\d+) GiB \| (whole|model|sequential) \| (yes|\*\*no\*\*) \| ([\d.]+) GiB \| ([\d.]+) GiB "
-                      r"\| ([\d.]+) GiB \|", README, flags=re.MULTILINE)
+                      r"\| ([\d.]+) GiB \|", PAGES["docs/data-parallelism.md"], flags=re.MULTILINE)
     assert len(rows) == 5
     for memory, mode, fits, weights, largest, needs in rows:
         monkeypatch.setattr("sys.argv", ["data-parallelism-accelerate.py", "--plan", "--json", "--model",
@@ -178,7 +220,7 @@ def test_the_readme_table_of_sd35_medium_memory_modes_is_what_the_script_plans(m
 
 
 def runs_alike(argv, folder):
-    """What a README command becomes here (as_test, with stand-ins for the tiny pipelines and the port, and FOLDER,
+    """What a page's command becomes here (as_test, with stand-ins for the tiny pipelines and the port, and FOLDER,
     an empty temporary folder, for the test's own): the launcher's words and the options the script parses from its
     own (argparse keeps a flag's last value). Two commands alike make the same run here, e.g. the quick start's
     tiny Flux command and its section's command for FLUX.1-dev, once the tiny Flux, 64 px and 2 steps replace the
@@ -196,17 +238,32 @@ def runs_alike(argv, folder):
 
 
 def commands_run_here():
-    """The README's commands this module runs (the one-page programs are run by tests/test_readme_programs.py; the
-    several machines, together, below): one of each alike, and none alike to one another test runs."""
+    """The pages' commands this module runs (the one-page programs are run by tests/test_readme_programs.py; the
+    several machines, together, below; the plain `uv run pytest` is CI's): one of each alike, and none alike to one
+    another test runs."""
     with tempfile.TemporaryDirectory(prefix="readme-commands-") as folder:
         kept = {runs_alike(shlex.split(globals()[name], comments=True), Path(folder)): None for name in RUN_ELSEWHERE}
-        for argv in readme_commands():
-            if argv[2] != "pytest" and "--machine_rank" not in argv:
+        for argv in page_commands():
+            if argv[2:] != ["pytest"] and "--machine_rank" not in argv:
                 kept.setdefault(runs_alike(argv, Path(folder)), argv)
     return [argv for argv in kept.values() if argv]
 
 
 SINGLE = commands_run_here()
+
+
+def test_every_page_command_is_run_by_a_test():
+    """None is skipped silently: each is run here (or one that makes the same run), by its script's tests
+    (RUN_ELSEWHERE), by tests/test_readme_programs.py (a one-page program), together with the other machine's, or it
+    is CI's own command."""
+    with tempfile.TemporaryDirectory(prefix="readme-commands-") as folder:
+        run = {runs_alike(argv, Path(folder)) for argv in SINGLE} | {
+            runs_alike(shlex.split(globals()[name], comments=True), Path(folder)) for name in RUN_ELSEWHERE}
+        for line in page_lines():
+            argv = shlex.split(line, comments=True)
+            if line in launch_commands() or "--machine_rank" in argv or argv[2:] == ["pytest"]:
+                continue
+            assert runs_alike(argv, Path(folder)) in run, f"no test runs `{line}`"
 
 
 @pytest.mark.parametrize("argv", SINGLE, ids=[" ".join(argv[2:5]) for argv in SINGLE])
@@ -216,10 +273,10 @@ def test_every_readme_command_runs(argv, tiny, tmp_path):
         run(command, timeout=600)
         return
     # A plan loads nothing and starts no process: its main() in this process prints what the command prints. It
-    # exits 0 whether the plan fits or not: the verdict is what tells. It must fit, but where the README shows
+    # exits 0 whether the plan fits or not: the verdict is what tells. It must fit, but where a page shows
     # the command's printout (test_each_plan_the_readme_shows_is_what_the_command_prints), as shown there.
     result = run_main(*command[1:], check=True)
-    # The README's capture of this command: the same words, or these and a --model (the capture's own configs).
+    # A page's capture of this command: the same words, or these and a --model (the capture's own configs).
     shown = [printed for shown_argv, printed in captures() if shown_argv == argv or (
         shown_argv[:len(argv)] == argv and shown_argv[len(argv)] == "--model")]
     expected = re.findall(r"fits: (yes|NO)", "\n".join(shown[0]))[-1] if shown else "yes"
@@ -231,7 +288,7 @@ def test_every_readme_command_runs(argv, tiny, tmp_path):
 
 
 def test_the_several_machines_example_runs_on_loopback(tiny, tmp_path):
-    machines = [argv for argv in readme_commands() if "--machine_rank" in argv]
+    machines = [argv for argv in page_commands() if "--machine_rank" in argv]
     assert [argv[argv.index("--machine_rank") + 1] for argv in machines] == ["0", "1"]
     port = free_port()
     jobs = [subprocess.Popen([str(a) for a in as_test(argv, tiny, tmp_path, port)],
@@ -250,8 +307,8 @@ def test_the_several_machines_example_runs_on_loopback(tiny, tmp_path):
     assert [r["rank"] for r in manifest] == [rank for rank in range(4) for _ in range(share + (rank < extra))]
 
 
-def captures(text=README):
-    """The README's captures of a plan: a ```text block whose first line is `$ uv run SCRIPT --plan ...`, and the
+def captures(text="\n".join(PAGES.values())):
+    """The pages' captures of a plan: a ```text block whose first line is `$ uv run SCRIPT --plan ...`, and the
     lines printed under it."""
     blocks = re.findall(r"```text\n\$ (uv run [^\n]*--plan[^\n]*)\n(.*?)```", text, flags=re.DOTALL)
     return [(shlex.split(command), printed.rstrip("\n").splitlines()) for command, printed in blocks]
@@ -259,9 +316,9 @@ def captures(text=README):
 
 @pytest.mark.parametrize("argv, shown", captures(), ids=[" ".join(argv[2:4]) for argv, _ in captures()])
 def test_each_plan_the_readme_shows_is_what_the_command_prints(argv, shown):
-    """A plan in the README is the command's printout, line for line, its verdict ("fits: yes" or "fits: NO")
-    included: a plan command exits 0 either way, so its exit code alone would not show a README gone stale. Where
-    the README leaves out --model (the Hub id, which is not reachable here), the same configs come from
+    """A plan a page shows is the command's printout, line for line, its verdict ("fits: yes" or "fits: NO")
+    included: a plan command exits 0 either way, so its exit code alone would not show a page gone stale. Where
+    the page leaves out --model (the Hub id, which is not reachable here), the same configs come from
     tests/fixtures."""
     script, args = argv[2], argv[3:]
     hub_id = None

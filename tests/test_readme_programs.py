@@ -1,13 +1,14 @@
-"""The README's "technique on one page" programs run as written, and do what they claim.
+"""The one-page programs in examples/ run with the commands the pages show, do what they claim, and are what the
+README shows.
 
-Convention (LESSON-CONVENTION.md): in a technique's section, a ```python block whose first line is exactly
-`# file: NAME.py` is a complete program; the ```bash block directly above it holds its launch commands (the
-`uv run ...` lines that name NAME.py). Every such program is found here automatically, written as written into a
-temporary folder, and run with each of its commands, with one substitution: the real model's Hub id becomes the
-path of the tiny pipeline of the same family (SD3 or FLUX). The launchers are the real ones, offline, on a free
-port; `accelerate launch` gets `--multi_gpu` where the README line lacks it and there is no GPU (without it
-Accelerate starts one CPU process). Where a command starts more processes than this machine has GPUs (one
-process a GPU), it is skipped with the reason.
+The README shows each program verbatim in a ```python block directly under a line that links to its file
+(`[...](examples/NAME.py)`); the launch commands are the `uv run ...` lines of any page's bash blocks (README.md,
+docs/*.md, CONTRIBUTING.md) that name `examples/NAME.py`. Each program is written as it is into a temporary folder
+(as examples/NAME.py) and run there with each of its commands, with one substitution: the real model's Hub id
+becomes the path of the tiny pipeline of the same family (SD3 or FLUX). The launchers are the real ones, offline, on a
+free port; `accelerate launch` gets `--multi_gpu` where the line lacks it and there is no GPU (without it
+Accelerate starts one CPU process). Where a command starts more processes than this machine has GPUs (one process
+a GPU), it is skipped with the reason.
 
 What a program did is observed, not re-made: a `sitecustomize` probe on the program's PYTHONPATH records every
 image saved (`PIL.Image.Image.save`) and the rank of the process that saved it. The images are checked against
@@ -33,12 +34,16 @@ from tests.conftest import BIN, ROOT, free_port, offline_env, pixels
 
 pytestmark = pytest.mark.xdist_group("readme_programs")  # shared module-scoped runs, made once
 
-README = (ROOT / "README.md").read_text(encoding="utf-8")
-MAX_LINES = 32  # "at most about 30 lines", the `# file:` line included
+# The pages a user or a maintainer reads, by their path in the repository: each one's commands are tests.
+PAGES = {path.relative_to(ROOT).as_posix(): path.read_text(encoding="utf-8")
+         for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "CONTRIBUTING.md"]}
+README = PAGES["README.md"]
+EXAMPLES = ROOT / "examples"
+MAX_LINES = 32  # "at most about 30 lines"
 TINY = {"stable-diffusion-3": "tiny_sd3", "flux": "tiny_flux"}  # a Hub id's family -> the tiny pipeline's fixture
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>\w*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
                    flags=re.MULTILINE | re.DOTALL)
-FILE_LINE = re.compile(r"# file: (?P<name>[\w.-]+\.py)")
+SHOWN = re.compile(r"\]\((?P<name>examples/[\w.-]+\.py)\)")  # a link to a program
 PROBE = '''\
 # Written by tests/test_readme_programs.py: records every image a process saves, and the rank of that process.
 import json, os
@@ -61,31 +66,49 @@ PIL.Image.Image.save = _recorded_save
 
 @dataclass
 class Program:
-    name: str  # NAME.py, the file the launch commands name
-    source: str  # the python block, as written
-    commands: list = field(default_factory=list)  # the `uv run` lines of the bash block directly above, naming NAME.py
+    name: str  # examples/NAME.py, as the launch commands name it
+    source: str  # the file, as written
+    commands: list = field(default_factory=list)  # the pages' `uv run` lines that name it
 
 
-def readme_programs(text):
-    """Every `# file: NAME.py` python block of a README, with the launch commands of the bash block above it."""
-    blocks = [(m["lang"], textwrap.dedent(m["body"])) for m in FENCE.finditer(text)]
-    programs = []
-    for k, (lang, body) in enumerate(blocks):
-        first = body.split("\n", 1)[0].rstrip()
-        if lang != "python" or not (match := FILE_LINE.fullmatch(first)):
-            continue
-        program = Program(match["name"], body)
-        if k > 0 and blocks[k - 1][0] == "bash":
-            lines = [line.strip() for line in blocks[k - 1][1].splitlines()]
-            program.commands = [line for line in lines if line.startswith("uv run ")
-                                and program.name in shlex.split(line, comments=True)]
-        programs.append(program)
-    return programs
+def blocks(text):
+    """The fenced blocks of a page, as (language, body, the text before the fence), indented ones (in a list) too."""
+    return [(m["lang"], textwrap.dedent(m["body"]), text[:m.start()]) for m in FENCE.finditer(text)]
 
 
-def launch_commands(text=README):
-    """The README lines that launch a one-page program: run here, not by test_readme.py's run of every command."""
-    return {command for program in readme_programs(text) for command in program.commands}
+def bash_lines(text):
+    """Every `uv run ...` line of a page's bash blocks, as written (its comment included)."""
+    return [line.strip() for lang, body, _ in blocks(text) if lang == "bash" for line in body.splitlines()
+            if line.strip().startswith("uv run ")]
+
+
+def shown_programs(text):
+    """The programs a page shows: {examples/NAME.py: the python block directly under the line linking to it}."""
+    shown = {}
+    for lang, body, before in blocks(text):
+        match = SHOWN.search((before.rstrip().splitlines() or [""])[-1])
+        if lang == "python" and match:
+            assert match["name"] not in shown, f"{match['name']} is shown twice"
+            shown[match["name"]] = body
+    return shown
+
+
+def launch_commands(pages=PAGES):
+    """The pages' lines that launch a one-page program (naming examples/NAME.py): run here, not by test_readme.py's
+    run of every command."""
+    return {line for text in pages.values() for line in bash_lines(text)
+            if any(word.startswith("examples/") for word in shlex.split(line, comments=True))}
+
+
+def programs(pages=PAGES, folder=EXAMPLES):
+    """Every program in examples/, with the pages' lines that launch it (each line once, in page order)."""
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        name = f"examples/{path.name}"
+        lines = [line for text in pages.values() for line in bash_lines(text)
+                 if name in shlex.split(line, comments=True)]
+        found.append(Program(name, path.read_text(encoding="utf-8"), list(dict.fromkeys(lines))))
+    return found
 
 
 def hub_id(source):
@@ -134,7 +157,7 @@ def number_of_processes(argv):
 
 
 def as_test(line, name):
-    """The README's command line, runnable here: the real launcher, a free port (see the module's docstring)."""
+    """A page's command line, runnable here: the real launcher, a free port (see the module's docstring)."""
     argv = shlex.split(line, comments=True)[2:]  # without `uv run`
     program, args = argv[0], argv[1:]
     if program == name or program == "python":
@@ -158,18 +181,19 @@ class Run:
 
     def succeeded(self):
         if self.result.returncode != 0:
-            pytest.fail(f"`{self.command}` (README, {self.program.name}) exited {self.result.returncode}\n"
+            pytest.fail(f"`{self.command}` ({self.program.name}) exited {self.result.returncode}\n"
                         f"{self.result.stdout}\n{self.result.stderr}")
 
 
 def run_program(program, command, tiny_path, folder, timeout=600, a_gpu_a_process=True):
-    """Write the program as written (but for the model id) into `folder` and run the README's command there."""
+    """Write the program as written (but for the model id) into `folder` (as examples/NAME.py) and run the page's
+    command there."""
     argv = as_test(command, program.name)
     processes = number_of_processes(argv)
     if a_gpu_a_process and torch.accelerator.is_available() and processes > torch.accelerator.device_count():
         pytest.skip(f"`{command}` starts {processes} processes, one a GPU; this machine has "
                     f"{torch.accelerator.device_count()}")
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / program.name).parent.mkdir(parents=True, exist_ok=True)
     (folder / program.name).write_text(with_tiny_pipeline(program.source, tiny_path), encoding="utf-8")
     probe = folder.parent / f"{folder.name}-probe"
     probe.mkdir(exist_ok=True)
@@ -182,13 +206,14 @@ def run_program(program, command, tiny_path, folder, timeout=600, a_gpu_a_proces
     return Run(program, command, folder, processes, result, saves)
 
 
-PROGRAMS = readme_programs(README)
+PROGRAMS = programs()
+CHECKED = {"examples/data_parallel.py", "examples/model_parallel.py", "examples/context_parallel.py"}  # below
 RUNS = [(program, command) for program in PROGRAMS for command in program.commands]
 
 
 @pytest.fixture(scope="module")
 def runs(request, tmp_path_factory):
-    """Each README command of each program, run once for all the tests that check it."""
+    """Each command of each program, run once for all the tests that check it."""
     done = {}
 
     def get(program, command):
@@ -204,21 +229,30 @@ def runs_of(name):
     return pytest.mark.parametrize("program, command", selected, ids=[c for _, c in selected])
 
 
-def test_the_readme_has_a_program_for_each_technique_with_its_launch_commands():
-    names = [program.name for program in PROGRAMS]
-    assert {"data_parallel_minimal.py", "model_parallel_minimal.py"} <= set(names)
-    assert len(names) == len(set(names))
+def test_each_technique_has_a_program_with_its_launch_commands_and_its_checks():
+    assert {program.name for program in PROGRAMS} == CHECKED, "a program in examples/ without its checks here, or gone"
     for program in PROGRAMS:
-        assert program.commands, f"{program.name}: no `uv run` line naming it in the bash block directly above"
-        assert program.name in {"data_parallel_minimal.py", "model_parallel_minimal.py",
-                                "context_parallel_minimal.py"}, f"{program.name}: this test has no checks for it"
+        assert program.commands, f"{program.name}: no page has a `uv run` line that launches it"
+
+
+def test_the_readme_shows_each_program_as_its_file():
+    shown = shown_programs(README)
+    assert set(shown) == {program.name for program in PROGRAMS}, "each program in examples/ shown once, and no other"
+    for program in PROGRAMS:
+        assert shown[program.name] == program.source, f"the README's block under the link to {program.name} differs"
+
+
+def test_every_launch_command_names_a_program_that_is_there():
+    for line in launch_commands():
+        named = [word for word in shlex.split(line, comments=True) if word.startswith("examples/")]
+        assert named and all((ROOT / name).is_file() for name in named), line
 
 
 @pytest.mark.parametrize("program", PROGRAMS, ids=[p.name for p in PROGRAMS])
 def test_each_program_fits_on_one_page(program):
     lines = program.source.rstrip("\n").splitlines()
     assert len(lines) <= MAX_LINES, f"{program.name} has {len(lines)} lines"
-    compile(program.source, program.name, "exec")  # a syntax error in the README fails here first, and clearly
+    compile(program.source, program.name, "exec")  # a syntax error fails here first, and clearly
 
 
 @pytest.mark.parametrize("program, command", RUNS, ids=[c for _, c in RUNS])
@@ -228,7 +262,7 @@ def test_each_program_runs_with_the_command_above_it(program, command, runs):
     assert run.saves, f"{program.name} saved no image"
 
 
-@runs_of("data_parallel_minimal.py")
+@runs_of("examples/data_parallel.py")
 def test_data_parallel_program_makes_each_prompt_once_in_the_process_whose_share_it_is(program, command, runs):
     run = runs(program, command)
     run.succeeded()
@@ -244,10 +278,10 @@ def test_data_parallel_program_makes_each_prompt_once_in_the_process_whose_share
         assert save["rank"] == owner[index], f"prompt {index} saved by process {save['rank']}, not {owner[index]}"
         assert f"{save['file']} made by process {save['rank']}" in run.result.stdout
     assert sorted(saved) == list(range(len(prompts)))
-    assert sorted(p.name for p in run.folder.glob("*.png")) == sorted(s["file"] for s in run.saves)
+    assert sorted(p.name for p in run.folder.rglob("*.png")) == sorted(s["file"] for s in run.saves)
 
 
-@runs_of("data_parallel_minimal.py")
+@runs_of("examples/data_parallel.py")
 def test_data_parallel_program_images_are_what_diffusers_makes_from_the_same_seed(program, command, runs, tiny_sd3):
     from diffusers import DiffusionPipeline
 
@@ -263,7 +297,7 @@ def test_data_parallel_program_images_are_what_diffusers_makes_from_the_same_see
         device = torch.device(torch.accelerator.current_accelerator().type, save["rank"]) if on_gpu else "cpu"
         expected = pipeline.to(device)(prompts[index],
                                        generator=torch.Generator("cpu").manual_seed(seed + index)).images[0]
-        made, expected = pixels(run.folder / save["file"]), np.asarray(expected.convert("RGB"), dtype=np.int16)
+        made, expected = pixels(saved_file(run, save)), np.asarray(expected.convert("RGB"), dtype=np.int16)
         assert made.shape == expected.shape, save["file"]
         difference = int(np.abs(made - expected).max())
         assert difference <= 1, f"{save['file']} differs from diffusers' own image by up to {difference}/255"
@@ -273,7 +307,7 @@ def printed_placement(stdout):
     return dict(re.findall(r"^(\w+) -> (\S+)$", stdout, flags=re.MULTILINE))
 
 
-@runs_of("model_parallel_minimal.py")
+@runs_of("examples/model_parallel.py")
 def test_model_parallel_program_prints_where_each_component_really_is_and_saves_one_image(program, command, runs,
                                                                                         tiny_flux):
     from diffusers import DiffusionPipeline
@@ -296,11 +330,11 @@ def test_model_parallel_program_prints_where_each_component_really_is_and_saves_
             name: "cpu" for name in modules}  # ...and everything is on the CPU, as printed
     assert len(run.saves) == 1, run.saves
     assert f"saved {run.saves[0]['file']}" in run.result.stdout
-    assert [p.name for p in run.folder.glob("*.png")] == [run.saves[0]["file"]]
-    assert pixels(run.folder / run.saves[0]["file"]).std() > 0  # a picture (noise, from random weights), not blank
+    assert [p.name for p in run.folder.rglob("*.png")] == [run.saves[0]["file"]]
+    assert pixels(saved_file(run, run.saves[0])).std() > 0  # a picture (noise, from random weights), not blank
 
 
-@runs_of("context_parallel_minimal.py")
+@runs_of("examples/context_parallel.py")
 def test_context_parallel_program_saves_one_image_from_the_main_process(program, command, runs):
     run = runs(program, command)
     run.succeeded()
@@ -309,82 +343,87 @@ def test_context_parallel_program_saves_one_image_from_the_main_process(program,
 
 def check_one_image_by_the_main_process(run):
     assert [save["rank"] for save in run.saves] == [0], f"expected one image, saved by process 0: {run.saves}"
-    assert [p.name for p in run.folder.glob("*.png")] == [run.saves[0]["file"]]
+    assert [p.name for p in run.folder.rglob("*.png")] == [run.saves[0]["file"]]
 
 
-# The extractor and the runner, on a small README written here: the convention's every case, a program that does
-# not run, and the context parallel check (its program is not in this branch's README yet).
+def saved_file(run, save):
+    """Where the program saved the image the probe saw (the probe records the name; the program chooses the folder)."""
+    [path] = [p for p in run.folder.rglob("*.png") if p.name == save["file"]]
+    return path
 
-SYNTHETIC = '''\
+
+# The extractor and the runner, on small pages written here: the convention's every case, a program that does not
+# run, and the context parallel check on a program that makes no real image.
+
+SYNTHETIC = {"README.md": '''\
 ## Context parallelism
-### The technique on one page
+The whole technique, [`examples/context_parallel.py`](examples/context_parallel.py):
+
+```python
+print("the program")
+```
+
 ```bash
-uv run torchrun --nproc-per-node 2 context_parallel_minimal.py   # two processes, one image
-uv run accelerate launch --num_processes 2 context_parallel_minimal.py
+uv run torchrun --nproc-per-node 2 examples/context_parallel.py   # two processes, one image
 uv run context-parallelism-flux.py --help
 ```
 
 ```python
-# file: context_parallel_minimal.py
+# a plain example, not a program: no link above it
+```
+''', "docs/page.md": '''\
+1. Run it:
+   ```bash
+   uv run accelerate launch --num_processes 2 examples/context_parallel.py
+   uv run torchrun --nproc-per-node 2 examples/context_parallel.py   # two processes, one image
+   ```
+'''}
+
+CONTEXT_PARALLEL = '''\
 import os
 from PIL import Image
 
 model_id = "black-forest-labs/FLUX.1-dev"
 if os.environ.get("RANK", "0") == "0":  # the main process
     Image.new("RGB", (8, 8)).save("one.png")
-```
-
-Some words.
-
-```python
-# file: orphan_minimal.py
-print("no launch command above me")
-```
-
-```python
-# a plain example, not a program
-```
 '''
 
 
-def test_the_extractor_finds_each_program_with_the_commands_that_launch_it():
-    programs = readme_programs(SYNTHETIC)
-    assert [p.name for p in programs] == ["context_parallel_minimal.py", "orphan_minimal.py"]
-    context, orphan = programs
-    assert context.commands == ["uv run torchrun --nproc-per-node 2 context_parallel_minimal.py   # two processes, "
-                                "one image", "uv run accelerate launch --num_processes 2 context_parallel_minimal.py"]
-    assert context.source.startswith("# file: context_parallel_minimal.py\n") and context.source.endswith("\n")
-    assert orphan.commands == []  # the block above it is not bash: the suite's check of the README would fail it
-    assert launch_commands(SYNTHETIC) == set(context.commands)
-    assert tiny_fixture(hub_id(context.source)) == "tiny_flux"
+def test_the_extractor_finds_each_program_shown_and_the_commands_of_every_page_that_launch_it(tmp_path):
+    (tmp_path / "context_parallel.py").write_text(CONTEXT_PARALLEL, encoding="utf-8")
+    [program] = programs(SYNTHETIC, tmp_path)
+    assert program.name == "examples/context_parallel.py" and program.source == CONTEXT_PARALLEL
+    # Every page's lines, each once (the same line in two pages is one run), in the pages' order.
+    assert program.commands == ["uv run torchrun --nproc-per-node 2 examples/context_parallel.py   # two processes, "
+                                "one image", "uv run accelerate launch --num_processes 2 examples/context_parallel.py"]
+    assert launch_commands(SYNTHETIC) == set(program.commands)
+    shown = shown_programs(SYNTHETIC["README.md"])
+    assert shown == {"examples/context_parallel.py": 'print("the program")\n'}  # not the plain example
+    assert shown[program.name] != program.source  # a block that is not its file: the README test fails on it
+    assert shown_programs(SYNTHETIC["docs/page.md"]) == {}
+    assert bash_lines(SYNTHETIC["docs/page.md"])[0].startswith("uv run accelerate launch")  # in a list, indented
+    assert tiny_fixture(hub_id(program.source)) == "tiny_flux"
     assert tiny_fixture("stabilityai/stable-diffusion-3.5-medium") == "tiny_sd3"
-    assert "FLUX.1-dev" not in with_tiny_pipeline(context.source, Path("/tmp/tiny/flux"))
-    assert "model_id = '/tmp/tiny/flux'" in with_tiny_pipeline(context.source, Path("/tmp/tiny/flux"))
-
-
-def test_the_readme_blocks_are_found_in_lists_too():
-    indented = ("1. Run:\n   ```bash\n   uv run x_minimal.py\n   ```\n\n"
-                "   ```python\n   # file: x_minimal.py\n   pass\n   ```\n")
-    [program] = readme_programs(indented)
-    assert (program.name, program.source, program.commands) == ("x_minimal.py", "# file: x_minimal.py\npass\n",
-                                                                ["uv run x_minimal.py"])
+    assert "FLUX.1-dev" not in with_tiny_pipeline(program.source, Path("/tmp/tiny/flux"))
+    assert "model_id = '/tmp/tiny/flux'" in with_tiny_pipeline(program.source, Path("/tmp/tiny/flux"))
 
 
 def test_the_launch_commands_get_only_a_port_and_where_there_is_no_gpu_multi_gpu():
-    torchrun = as_test("uv run torchrun --nproc-per-node 2 a.py", "a.py")
+    torchrun = as_test("uv run torchrun --nproc-per-node 2 examples/a.py", "examples/a.py")
     assert torchrun[0] == BIN / "torchrun" and torchrun[1] == "--master-port" and torchrun[3:] == [
-        "--nproc-per-node", "2", "a.py"]
-    accelerate = as_test("uv run accelerate launch --num_processes 2 a.py", "a.py")
+        "--nproc-per-node", "2", "examples/a.py"]
+    accelerate = as_test("uv run accelerate launch --num_processes 2 examples/a.py", "examples/a.py")
     assert accelerate[:3] == [BIN / "accelerate", "launch", "--main_process_port"]
     assert accelerate[4:] == ([] if torch.accelerator.is_available() else ["--multi_gpu"]) + [
-        "--num_processes", "2", "a.py"]
-    assert as_test("uv run a.py --x 1", "a.py") == [sys.executable, "a.py", "--x", "1"]
-    assert [number_of_processes(c) for c in (torchrun, accelerate, ["a.py"])] == [2, 2, 1]
+        "--num_processes", "2", "examples/a.py"]
+    assert as_test("uv run examples/a.py --x 1", "examples/a.py") == [sys.executable, "examples/a.py", "--x", "1"]
+    assert [number_of_processes(c) for c in (torchrun, accelerate, ["examples/a.py"])] == [2, 2, 1]
 
 
 def test_the_context_parallel_check_on_a_synthetic_program(tmp_path):
-    program = readme_programs(SYNTHETIC)[0]
-    run = run_program(program, program.commands[0], Path("/nowhere/tiny/flux"), tmp_path / "run",
+    program = Program("examples/context_parallel.py", CONTEXT_PARALLEL)
+    command = "uv run torchrun --nproc-per-node 2 examples/context_parallel.py"
+    run = run_program(program, command, Path("/nowhere/tiny/flux"), tmp_path / "run",
                       a_gpu_a_process=False)  # it uses no GPU: 2 processes run on any machine
     run.succeeded()
     check_one_image_by_the_main_process(run)
@@ -395,8 +434,7 @@ def test_the_context_parallel_check_on_a_synthetic_program(tmp_path):
 
 
 def test_a_program_that_does_not_run_fails_the_suite(tmp_path):
-    broken = Program("model_parallel_minimal.py",
-                     '# file: model_parallel_minimal.py\nmodel = "black-forest-labs/FLUX.1-dev"\nprint(model\n')
-    run = run_program(broken, "uv run model_parallel_minimal.py", Path("/nowhere"), tmp_path / "run")
+    broken = Program("examples/model_parallel.py", 'model = "black-forest-labs/FLUX.1-dev"\nprint(model\n')
+    run = run_program(broken, "uv run examples/model_parallel.py", Path("/nowhere"), tmp_path / "run")
     with pytest.raises(pytest.fail.Exception, match="SyntaxError"):
         run.succeeded()
