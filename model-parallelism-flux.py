@@ -562,7 +562,7 @@ def check_torch_can_use_the_gpus(device):
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             print(f"note: {'; '.join(hidden.values())}: running on the CPU", file=sys.stderr, flush=True)
         return
-    keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (README: Set-up); or pass --device cpu to run on "
+    keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (docs/setup.md); or pass --device cpu to run on "
             "the CPU on purpose")
     if "NVIDIA" in gpus and "NVIDIA" not in hidden:  # first: a laptop may have an Intel GPU for the screen
         cuda = torch.version.cuda  # "13.2"; None in a torch built without CUDA
