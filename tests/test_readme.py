@@ -21,6 +21,7 @@ script, which assert more about the run (RUN_ELSEWHERE), two commands that becom
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,10 @@ def as_test(argv, tiny, tmp_path, port):
         command += ["--master-port", str(port)]
     elif program == "utils/tiny_pipelines.py":
         args = [str(tmp_path / "tiny")]
+    elif program == "utils/check_copies.py":  # on a copy of the scripts: --fix must never rewrite the repository's
+        for path in ROOT.glob("*.py"):
+            shutil.copy(path, tmp_path / path.name)
+        args += ["--root", str(tmp_path)]
     elif program == "benchmarks/scaling.py":
         args += ["--model", str(tiny["sd3"]), "--prompts", "4", "--size", "64", "--steps", "1", "--no-warm-up"]
     elif program == "benchmarks/context_parallel.py":  # a small random FLUX: 2 heads of 64
