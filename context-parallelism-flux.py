@@ -623,7 +623,8 @@ def fit(plan, device_memory, ram=None, processes_here=1):
         return False, (f"{plan['model']} does not fit: {where}: add --staged (the text encoders encode the prompt "
                        f"and are freed first: {size(plan['text_encoders'])} less per GPU)")
     return False, (f"{plan['model']} does not fit: {where}" + ("" if plan["staged"] or not plan["can_stage"] else
-                   f", even with --staged ({size(plan['needs']['staged'])})") + ": model-parallelism-flux.py spreads one copy over "
+                   f", even with --staged ({size(plan['needs']['staged'])})")
+                   + ": model-parallelism-flux.py spreads one copy over "
                    "several GPUs for a model too large for any one of them; or make smaller images")
 
 

@@ -114,7 +114,8 @@ def measure(args, work):
 def measure_size(args, work, model, env, pixels_high):
     """Each process count at one size: (size, its best times and image, the baseline's)."""
     size = ["--height", str(pixels_high), "--width", str(pixels_high)]
-    if not args.no_warm_up and pixels_high == args.sizes[0]:  # a first run, not timed: as on a user's machine after their first run, the bytecode
+    # a first run (at the first size), not timed: as on a user's machine after their first run, the bytecode
+    if not args.no_warm_up and pixels_high == args.sizes[0]:
         warm_up = subprocess.run([sys.executable, SCRIPT, "--model", model, *size, "--num-inference-steps", "1",
                                   "--output", work / "warm-up.png"], env=env, capture_output=True, text=True)
         if warm_up.returncode != 0:  # is cached

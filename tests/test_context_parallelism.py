@@ -280,7 +280,8 @@ def test_the_split_line_counts_qwenimages_real_prompt_tokens(qwenimage_uneven, q
     assert tokens % 2 == 1  # the point of the prompt: 2 processes do not divide it
     share = (9 + 1) // 2 + (tokens + 1) // 2  # the first process's share, the larger
     assert (f"split: 9 image tokens + {tokens} prompt tokens between 2 process(es): up to {share} tokens per "
-            "process, up to 2 of 3 heads each in every attention (uneven: ulysses_anything)") in qwenimage_uneven.two.stdout
+            "process, up to 2 of 3 heads each in every attention (uneven: ulysses_anything)"
+            ) in qwenimage_uneven.two.stdout
     assert f"9 image tokens + {tokens} prompt tokens between 1 process(es)" in qwenimage_uneven.one.stdout
     monkeypatch.setattr("sys.argv", ["x", "--plan", "--json", "--model", str(tiny_qwenimage), "--prompt", FOX,
                                      *UNEVEN, "--num-devices", "2", "--device", "cpu"])
