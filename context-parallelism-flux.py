@@ -29,11 +29,13 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import shlex
 import signal
 import sys
+import threading
 import time
 import unittest.mock
 import warnings
@@ -63,6 +65,11 @@ GiB = 2**30
 RESERVE_AT_1024 = 3 * GiB  # activations at 1024x1024, scaled with the pixels: every process decodes the whole image
 TEXT_ENCODER_RESERVE = GiB // 2  # a text encoder reads a few hundred tokens: small activations at any image size
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# --staged calls FLUX.1's encode_prompt; the other pipelines load whole.
+STAGED_PIPELINES = ("FluxPipeline",)
+# Pipelines whose text encoder does not pad the prompt to --max-sequence-length (FLUX.1's T5 does): QwenImage wraps
+# it in a template of its own and keeps only the real tokens; the plan counts them with its tokenizer.
+TEMPLATED_PIPELINES = ("QwenImagePipeline",)
 # Ring attention merges partial attentions by their log-sum-exp: only these of diffusers' context-parallel backends
 # return it (attention_dispatch.py: the native backend raises on return_lse), and they run on NVIDIA GPUs only.
 RING_BACKENDS = ("_native_cudnn", "_native_flash")
@@ -79,24 +86,16 @@ def main():
     if not args.plan:  # a plan loads nothing and starts no processes: it may be for GPUs this machine lacks
         check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
         check_launch(args)  # one process per device, and a torch that can join them into a group
-    # Know before loading, from the configs alone (the model built on the meta device, no weights): that the model
-    # can be split this way, that the processes divide its heads and tokens, and what each GPU must hold.
+    # Know before loading, from the configs alone (the model built on the meta device, no weights) and the prompt's
+    # real token count: that the model can be split this way, how its heads and tokens are shared, what each GPU holds.
     plan = make_plan(args)
     if args.plan:
         return print_plan(args, plan)
     check_plan(args, plan)
 
-    # 1. One process per device. Accelerate reads the rank and world size the launcher set, picks this process's
-    #    device (xpu:<local rank>, cuda:<local rank>) and joins the process group (xccl on Intel GPUs, nccl on
-    #    NVIDIA; with no accelerator `cpu=True` makes the processes a gloo group on the CPU). The processes first
-    #    meet in an all-to-all once every one has loaded (the first run downloads 32 GB): a week, not NCCL's
-    #    10 minutes; a failure still ends the job at once (the launcher stops every process when one fails).
-    distributed_state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available(),
-                                     timeout=timedelta(days=7))
-    check_group_formed(distributed_state)
-    device = distributed_state.device
-    if device.type == "cpu":  # in a CPU process group Accelerate says "cpu:0": moving the weights from "cpu"
-        device = torch.device("cpu")  # to "cpu:0" would copy every one of them, twice the memory for nothing
+    # 1. One process per device, joined into a group (join_the_group): xccl on Intel GPUs, nccl on NVIDIA, with gloo
+    #    beside them for small CPU messages; gloo alone on the CPU.
+    distributed_state, device = join_the_group(args)
     quiet_libraries(main_process=distributed_state.is_main_process, verbose=args.verbose)
     check_device_memory(args, plan, device)  # each process, its own GPU
     if distributed_state.num_processes == 1 and distributed_state.is_main_process:
@@ -110,40 +109,27 @@ def main():
     if args.attention_backend != "native":
         pipeline.transformer.set_attention_backend(args.attention_backend)
 
-    # 3. Context parallelism: split the transformer's sequence between the processes. Its hooks (the model's own
-    #    plan) hand each process 1/N of the image tokens and 1/N of the prompt tokens as they enter the
-    #    transformer, and gather the N pieces of the output after its last layer. In every attention, Ulysses
-    #    swaps the pieces with an all-to-all, so that each process holds every token for 1/N of the heads,
-    #    attends, and swaps back; ring attention (--ring-degree) instead passes the keys and values around.
+    # 3. Context parallelism: split the transformer's sequence between the processes (enable_context_parallelism).
     if distributed_state.num_processes > 1:
-        ring, ulysses = plan["ring_degree"], plan["ulysses_degree"]  # ring x ulysses = N processes
-        config = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, mesh=init_device_mesh(
-            device.type, (ring, ulysses), mesh_dim_names=("ring", "ulysses")))  # on this process's device type
-        # diffusers 0.42 picks the process's device as `rank % torch.accelerator.device_count()`
-        # (diffusers/models/modeling_utils.py, ModelMixin._resolve_parallel_config): a division by zero where
-        # there is no accelerator. There, and only there, count the CPU as one device while it does.
-        with (unittest.mock.patch("torch.accelerator.device_count", return_value=1)
-              if not torch.accelerator.is_available() else contextlib.nullcontext()):
-            pipeline.transformer.enable_parallelism(config=config)
+        enable_context_parallelism(pipeline, plan, device)
 
-    # 4. Generate: every process runs the same call with the same starting noise (a CPU generator, the same seed),
-    #    timing each step. The output is gathered in every process; the main process saves it.
+    # 4. Generate: every process runs the same call with the same starting noise (a CPU generator, the same seed).
+    #    From here on every process makes steps: one that stops for --stall-timeout ends the job (StallWatchdog).
+    distributed_state.wait_for_everyone()  # every process has loaded: from here on, steps are expected
+    watchdog = StallWatchdog(args.stall_timeout, distributed_state.is_main_process, args.num_inference_steps)
     pipeline.set_progress_bar_config(disable=not distributed_state.is_main_process)
-    if device.type != "cpu":
-        torch.accelerator.reset_peak_memory_stats(device)
-    step_times = []
-    t0 = time.perf_counter()
+    clock = StepClock(device, watchdog)
     image = pipeline(**inputs, height=args.height, width=args.width, generator=torch.Generator("cpu").manual_seed(
-        args.seed), callback_on_step_end=lambda *a: step_times.append(time.perf_counter()) or {},
-                     **call_options(args, pipeline)).images[0]
-    seconds = time.perf_counter() - t0
+        args.seed), callback_on_step_end=clock.step, **call_options(args, pipeline)).images[0]
+    clock.stop()
 
     # 5. The main process saves the image, whole or not at all, and reports every process's numbers.
     stats = gather_object([{"rank": distributed_state.process_index, "device": str(device),
                             "peak": peak_memory(device)}])
+    watchdog.close()  # the last collective is over
     if distributed_state.is_main_process:
         save(image, args.output)
-        report(args, plan, stats, image, seconds, step_times, t0)
+        report(args, plan, stats, image, clock)
     # The process group is left at the end of this file, once main() has returned: the model (and the device mesh
     # that enable_parallelism gave it, with process groups of its own) must be gone first.
 
@@ -159,7 +145,9 @@ def parse_args():
     parser.add_argument("--num-inference-steps", type=int, default=50, help="denoising steps (default: %(default)s)")
     parser.add_argument("--guidance-scale", type=float, default=3.5, help="guidance (default: %(default)s)")
     parser.add_argument("--max-sequence-length", type=int, default=512,
-                        help="T5 prompt tokens, at most 512; the processes split them too (default: %(default)s)")
+                        help="the prompt's tokens at most, at most 512 (FLUX.1's T5 pads the prompt to it; QwenImage "
+                             "keeps only the prompt's real tokens); the processes split them too (default: "
+                             "%(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=Path("flux-dev-context-parallel.png"),
                         help="the image, written by the main process (default: %(default)s)")
@@ -181,6 +169,10 @@ def parse_args():
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
                         help="auto: each process on a GPU of its own where torch can use the GPUs, else the CPU; "
                              "cpu: on the CPU on purpose, even on a machine with GPUs (default: %(default)s)")
+    parser.add_argument("--stall-timeout", type=int, default=600, metavar="SECONDS",
+                        help="once every process has loaded, end the job when no denoising step has finished for "
+                             "this long (and 10 times the slowest step): a process that stopped would keep the "
+                             "others waiting for a week (default: %(default)s)")
     parser.add_argument("--verbose", action="store_true", help="also show the main process's loading bars")
     parser.add_argument("--plan", action="store_true",
                         help="load no weights, start no processes: print the split and what each GPU must hold")
@@ -197,7 +189,7 @@ def parse_args():
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     for name in ("height", "width", "num_inference_steps", "max_sequence_length", "num_devices", "ulysses_degree",
-                 "ring_degree"):
+                 "ring_degree", "stall_timeout"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be a positive number, not {getattr(args, name)}")
     if args.max_sequence_length > 512:
@@ -419,9 +411,12 @@ def make_plan(args):
              f"({index['transformer'][1]}) by context parallelism (it has no context-parallel plan): "
              "data-parallelism-accelerate.py serves it on several GPUs (a whole copy on each, many images at once); "
              "model-parallelism-flux.py shards FLUX.1 pipelines only")
-    # The VAE shrinks images 8x (2 per block after the first), and Flux packs 2x2 latents into one token: an
-    # image token is a 16x16 patch of pixels, and sizes must be multiples of 16.
-    patch = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1) * 2
+    # The VAE shrinks images 8x (2 per block after the first; QwenImage's: 2 per entry of temperal_downsample), and
+    # the pipelines pack 2x2 latents into one token: an image token is a 16x16 patch of pixels, and sizes must be
+    # multiples of 16.
+    scale = 2 ** (len(vae["temperal_downsample"]) if "temperal_downsample" in vae else
+                  len(vae.get("block_out_channels", [0] * 4)) - 1)
+    patch = scale * 2
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value % patch:
             fail(f"{flag} {value} does not suit {args.model}: use a multiple of {patch}, "
@@ -435,24 +430,33 @@ def make_plan(args):
     ulysses = args.ulysses_degree or max(1, processes // args.ring_degree)
     heads = transformer.get("num_attention_heads")
     image_tokens = (args.height // patch) * (args.width // patch)
-    text_tokens = args.max_sequence_length
+    text_tokens = prompt_tokens(args, index)
+    # Where the processes do not divide the tokens or the heads, diffusers' ulysses_anything splits them unevenly
+    # (the first processes take one token more) and pads the heads (Ulysses alone: not with ring attention).
+    uneven = processes > 1 and bool(image_tokens % processes or text_tokens % processes or heads % ulysses)
+    can_stage = index.get("_class_name") in STAGED_PIPELINES
     dtype = run_dtype(args)
     components = weigh_components(args.model, index, dtype)
     text = sum(components.get(name, 0) for name in TEXT_ENCODERS)
     weights = sum(components.values())
     reserve = int(RESERVE_AT_1024 * args.height * args.width / 1024**2)
-    needs = {"whole": weights + reserve,  # every component at once, while the VAE decodes
-             # --staged: the text encoders alone (and freed), then the transformer and the VAE
-             "staged": max(text + TEXT_ENCODER_RESERVE, weights - text + reserve)}
+    needs = {"whole": weights + reserve}  # every component at once, while the VAE decodes
+    if can_stage:  # --staged: the text encoders alone (and freed), then the transformer and the VAE
+        needs["staged"] = max(text + TEXT_ENCODER_RESERVE, weights - text + reserve)
     on_gpu = args.device_memory is not None or (args.device != "cpu" and torch.accelerator.is_available())
     return {"model": args.model, "pipeline": index.get("_class_name"), "transformer": index["transformer"][1],
             "processes": processes, "ring_degree": args.ring_degree, "ulysses_degree": ulysses, "heads": heads,
             "height": args.height, "width": args.width, "patch": patch, "image_tokens": image_tokens,
-            "text_tokens": text_tokens, "tokens_per_process": (image_tokens + text_tokens) // max(1, processes),
+            "text_tokens": text_tokens, "ulysses_anything": uneven and args.ring_degree == 1,
+            # the most any process holds: the first processes take one token more where the split is uneven
+            "tokens_per_process": -(-image_tokens // processes) - (-text_tokens // processes),
+            "heads_per_process": -(-heads // ulysses) if heads else None,
             "dtype": str(dtype).removeprefix("torch."), "components": components, "weights": weights,
             "text_encoders": text, "reserved_for_activations": reserve, "needs": needs, "staged": args.staged,
-            "device": "GPU" if on_gpu else "cpu", "problems": split_problems(args, processes, ulysses, heads,
-                                                                            image_tokens, text_tokens, patch)}
+            "can_stage": can_stage, "device": "GPU" if on_gpu else "cpu",
+            "problems": split_problems(args, processes, ulysses, heads, image_tokens, text_tokens, patch, uneven) + (
+                [f"--staged is for FLUX.1 pipelines; {args.model} is a {index.get('_class_name')}"]
+                if args.staged and not can_stage else [])}
 
 
 def read_configs(model):
@@ -473,7 +477,24 @@ def read_configs(model):
     return index, transformer, vae
 
 
-def split_problems(args, processes, ulysses, heads, image_tokens, text_tokens, patch):
+def prompt_tokens(args, index):
+    """The prompt's tokens as the transformer gets them, which the processes split. FLUX.1's T5 pads the prompt to
+    --max-sequence-length. QwenImage's pipeline wraps the prompt in its template, drops the template's first tokens
+    and pads nothing: count them with its own tokenizer and template (the tokenizer alone is loaded, no weights)."""
+    if index.get("_class_name") not in TEMPLATED_PIPELINES:
+        return args.max_sequence_length
+    weights = {name: None for name, spec in index.items() if isinstance(spec, list) and name != "tokenizer"}
+    diffusers.utils.logging.disable_progress_bar()  # a bar for one tokenizer: no
+    with explained_load_errors(args.model), warnings.catch_warnings(action="ignore"):
+        tokenizer_only = DiffusionPipeline.from_pretrained(args.model, **weights)
+    diffusers.utils.logging.enable_progress_bar()
+    drop = tokenizer_only.prompt_template_encode_start_idx  # the pipeline's _get_qwen_prompt_embeds, counted
+    ids = tokenizer_only.tokenizer(tokenizer_only.prompt_template_encode.format(args.prompt), truncation=True,
+                                   max_length=tokenizer_only.tokenizer_max_length + drop).input_ids
+    return min(len(ids) - drop, args.max_sequence_length)
+
+
+def split_problems(args, processes, ulysses, heads, image_tokens, text_tokens, patch, uneven):
     """Why these processes cannot split this model's attention and sequence: one line each, with sizes that work."""
     problems = []
     if args.ring_degree * ulysses != processes:
@@ -492,20 +513,50 @@ def split_problems(args, processes, ulysses, heads, image_tokens, text_tokens, p
             torch.accelerator.current_accelerator().type != "cuda"):
         problems.append(f"ring attention's backends ({', '.join(RING_BACKENDS)}) run on NVIDIA GPUs only: use "
                         "--ulysses-degree alone")
+    if processes == 1 or not uneven:
+        return problems
+    if args.ring_degree > 1:  # ring attention: every process must hold as many tokens and heads as the others
+        problems += even_split_problems(args, processes, ulysses, heads, image_tokens, text_tokens, patch)
+        return problems
+    # Ulysses anything (diffusers' ulysses_anything): any token counts, at least one token each; the heads are padded
+    # to a multiple of the processes, with fewer padding heads than each process gets (attention_dispatch.py).
+    if heads and not heads_can_be_padded(heads, ulysses):
+        works = [n for n in range(2, heads + 1) if heads_can_be_padded(heads, n)]
+        problems.append(f"{heads} attention heads cannot be shared between {ulysses} processes (Ulysses gives each "
+                        f"process heads/{ulysses}, padded up to a whole number only with fewer padding heads than "
+                        f"real ones each): run {', '.join(map(str, works)) or 'one'} process(es)")
+    for tokens, what in ((image_tokens, f"a {args.height}x{args.width} image is"), (text_tokens, "the prompt is")):
+        if tokens < processes:
+            problems.append(f"{what} {tokens} tokens, fewer than the {processes} processes that would share them: "
+                            "run fewer processes, or make a larger image or a longer prompt")
+    return problems
+
+
+def heads_can_be_padded(heads, n):
+    """Whether Ulysses anything can share `heads` between `n` processes: diffusers pads them to a multiple of n
+    only where the padding is less than the heads each process gets (_maybe_pad_qkv_head)."""
+    return heads % n == 0 or n - heads % n < -(-heads // n)
+
+
+def even_split_problems(args, processes, ulysses, heads, image_tokens, text_tokens, patch):
+    """With ring attention (no ulysses_anything) the processes must divide the heads and both kinds of tokens."""
+    problems = []
+    ring = " (with --ring-degree 1, Ulysses alone, any size runs)"
     if heads and heads % ulysses:  # the process counts that share the heads and both kinds of tokens evenly
         works = [n for n in range(2, heads + 1) if heads % n == 0 and image_tokens % n == 0 and text_tokens % n == 0]
         problems.append(f"{heads} attention heads cannot be shared between {ulysses} processes (Ulysses gives each "
-                        f"process heads/{ulysses}): at this size run {', '.join(map(str, works)) or 'one'} process(es)")
+                        f"process heads/{ulysses}): at this size run {', '.join(map(str, works)) or 'one'} "
+                        f"process(es){ring}")
     if image_tokens % processes:
         height = next(h for h in range(args.height + patch, 100 * args.height, patch)
                       if (h // patch) * (args.width // patch) % processes == 0)
         problems.append(f"a {args.height}x{args.width} image is {image_tokens} tokens ({args.height // patch} x "
                         f"{args.width // patch} patches of {patch}x{patch} pixels), which {processes} processes "
-                        f"cannot share evenly: use e.g. --height {height}")
+                        f"cannot share evenly: use e.g. --height {height}{ring}")
     if text_tokens % processes:
         below = text_tokens // processes * processes
-        problems.append(f"--max-sequence-length {text_tokens}: {processes} processes cannot share {text_tokens} "
-                        f"prompt tokens evenly: use a multiple of {processes}, e.g. {below or processes}")
+        problems.append(f"the prompt is {text_tokens} tokens, which {processes} processes cannot share evenly: use "
+                        f"--max-sequence-length {below or processes} (or a prompt of that many tokens){ring}")
     return problems
 
 
@@ -568,11 +619,12 @@ def fit(plan, device_memory, ram=None, processes_here=1):
     where = (f"each GPU holds the whole pipeline: it needs {size(need)} "
              f"({size(plan['weights'] - (plan['text_encoders'] if plan['staged'] else 0))} of weights, "
              f"{size(plan['reserved_for_activations'])} for activations) and has {size(device_memory)} free")
-    if not plan["staged"] and plan["needs"]["staged"] <= device_memory:
+    if not plan["staged"] and plan["can_stage"] and plan["needs"]["staged"] <= device_memory:
         return False, (f"{plan['model']} does not fit: {where}: add --staged (the text encoders encode the prompt "
                        f"and are freed first: {size(plan['text_encoders'])} less per GPU)")
-    return False, (f"{plan['model']} does not fit: {where}" + ("" if plan["staged"] else ", even with --staged "
-                   f"({size(plan['needs']['staged'])})") + ": model-parallelism-flux.py spreads one copy over "
+    return False, (f"{plan['model']} does not fit: {where}" + ("" if plan["staged"] or not plan["can_stage"] else
+                   f", even with --staged ({size(plan['needs']['staged'])})")
+                   + ": model-parallelism-flux.py spreads one copy over "
                    "several GPUs for a model too large for any one of them; or make smaller images")
 
 
@@ -601,17 +653,21 @@ def print_plan(args, plan):
     n = plan["processes"]
     print(f"plan for {args.model} in {plan['dtype']}, {args.height}x{args.width}, {n} process(es), one per "
           f"{'GPU' if plan['device'] != 'cpu' else 'CPU process'}, on {where} with {size(memory)} free:")
+    up_to = "up to " if plan["ulysses_anything"] else ""
     print(f"  split: {plan['image_tokens']} image tokens + {plan['text_tokens']} prompt tokens = "
-          f"{plan['image_tokens'] + plan['text_tokens']}, {plan['tokens_per_process']} per process; "
-          f"{plan['heads']} heads, {plan['heads'] // plan['ulysses_degree']} per process in each attention "
-          f"(ring {plan['ring_degree']} x ulysses {plan['ulysses_degree']})")
+          f"{plan['image_tokens'] + plan['text_tokens']}, {up_to}{plan['tokens_per_process']} per process; "
+          f"{plan['heads']} heads, {up_to}{plan['heads_per_process']} per process in each attention "
+          f"(ring {plan['ring_degree']} x ulysses {plan['ulysses_degree']})"
+          + (": uneven, by diffusers' ulysses_anything" if plan["ulysses_anything"] else ""))
     for name, b in sorted(plan["components"].items(), key=lambda item: item[1], reverse=True):
         print(f"  {name:<16} {size(b):>10}")
     print(f"  {'weights':<16} {size(plan['weights']):>10}, and {size(plan['reserved_for_activations'])} kept free for "
           "activations, on every GPU")
     print(f"  whole pipeline on each GPU:  needs {size(plan['needs']['whole'])}")
-    print(f"  --staged (text encoders freed after encoding): needs {size(plan['needs']['staged'])}, "
-          f"{size(plan['needs']['whole'] - plan['needs']['staged'])} less")
+    if plan["can_stage"]:  # a saving, or none (text encoders smaller than what encoding keeps free for itself)
+        saved = plan["needs"]["whole"] - plan["needs"]["staged"]
+        print(f"  --staged (text encoders freed after encoding): needs {size(plan['needs']['staged'])}, "
+              + (f"{size(saved)} less" if saved > 0 else "no less"))
     for problem in plan["problems"]:
         print(f"  NO: {problem}")
     print(f"  fits: {'yes' if plan['fits'] else 'NO'}")
@@ -621,8 +677,6 @@ def check_plan(args, plan):
     """Before any process loads anything: a split the processes cannot make is one line, and a non-zero exit."""
     if plan["problems"]:
         fail(plan["problems"][0])
-    if args.staged and plan["pipeline"] != "FluxPipeline":  # it calls FLUX.1's encode_prompt
-        fail(f"--staged is for FLUX.1 pipelines; {args.model} is a {plan['pipeline']}")
     if plan["device"] == "cpu":  # every process of this machine keeps a copy of the weights in RAM
         fits, why = fit(plan, None, psutil.virtual_memory().available, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if not fits:
@@ -700,6 +754,126 @@ def encode_and_free_text_encoders(args, plan, device):
     return dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
 
 
+def join_the_group(args):
+    """One process per device, in one process group. Accelerate reads the rank and world size the launcher set, picks
+    this process's device (xpu:<local rank>, cuda:<local rank>) and takes the group formed here. Its backends: the
+    GPUs' own for the attention's all-to-alls (xccl on Intel, nccl on NVIDIA), and gloo for small CPU messages,
+    named "cpu:gloo" on every machine: ulysses_anything's per-process size exchange takes the CPU only where the
+    group's backend names "cpu" (diffusers/models/_modeling_parallel.py, gather_size_by_comm), else the GPU, with a
+    copy each way, or, on a CPU-only machine whose torch was built for CUDA, a GPU that is not there (plain "gloo",
+    what Accelerate's own CPU group is named, fails so). The processes first meet once every one has loaded (the
+    first run downloads 32 GB): a week, not NCCL's 10 minutes; a failure still ends the job at once (the launcher
+    stops every process when one fails). Returns the state and this process's device."""
+    cpu = args.device == "cpu" or not torch.accelerator.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_available():  # a plain run forms none
+        kind = None if cpu else torch.accelerator.current_accelerator().type  # "xpu" or "cuda"
+        torch.distributed.init_process_group(
+            "cpu:gloo" + (f",{kind}:{torch.distributed.Backend.default_device_backend_map[kind]}" if kind else ""),
+            timeout=timedelta(days=7))
+    distributed_state = PartialState(cpu=cpu)
+    check_group_formed(distributed_state)
+    device = distributed_state.device
+    if device.type == "cpu":  # in a CPU process group Accelerate says "cpu:0": moving the weights from "cpu"
+        device = torch.device("cpu")  # to "cpu:0" would copy every one of them, twice the memory for nothing
+    return distributed_state, device
+
+
+def enable_context_parallelism(pipeline, plan, device):
+    """Split the transformer's sequence between the processes. Its hooks (the model's own plan) hand each process
+    1/N of the image tokens and 1/N of the prompt tokens as they enter the transformer, and gather the N pieces of
+    the output after its last layer. In every attention, Ulysses swaps the pieces with an all-to-all, so that each
+    process holds every token for 1/N of the heads, attends, and swaps back; ring attention (--ring-degree) instead
+    passes the keys and values around. Where N does not divide the tokens or the heads, ulysses_anything lets the
+    shares differ by one token, and pads the heads."""
+    ring, ulysses = plan["ring_degree"], plan["ulysses_degree"]  # ring x ulysses = N processes
+    config = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, ulysses_anything=plan["ulysses_anything"],
+                                   mesh=init_device_mesh(device.type, (ring, ulysses), mesh_dim_names=(
+                                       "ring", "ulysses")))  # on this process's device type
+    # diffusers 0.42 picks the process's device as `rank % torch.accelerator.device_count()`
+    # (diffusers/models/modeling_utils.py, ModelMixin._resolve_parallel_config): a division by zero where
+    # there is no accelerator. There, and only there, count the CPU as one device while it does.
+    with (unittest.mock.patch("torch.accelerator.device_count", return_value=1)
+          if not torch.accelerator.is_available() else contextlib.nullcontext()):
+        pipeline.transformer.enable_parallelism(config=config)
+    if device.type == "cpu" and plan["ulysses_anything"]:  # gloo: see all_gather_of_any_sizes
+        torch.distributed.all_gather = all_gather_of_any_sizes(torch.distributed.all_gather)
+
+
+def all_gather_of_any_sizes(all_gather):
+    """torch.distributed.all_gather, for a gloo group too where the pieces differ in size. ulysses_anything gathers
+    the transformer's output from pieces of unequal length (diffusers/hooks/context_parallel.py,
+    _all_gather_anything, with dist.all_gather): nccl and xccl gather those as they are, gloo refuses them
+    ("ProcessGroupGloo::allgather: invalid tensor size"). Here each piece is padded to the longest, gathered, and
+    cut back to its own length."""
+    def gather(tensor_list, tensor, group=None, async_op=False):
+        if async_op or all(t.shape == tensor.shape for t in tensor_list):
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        dim = next(d for d in range(tensor.dim()) if len({t.shape[d] for t in [tensor, *tensor_list]}) > 1)
+        shape = list(tensor.shape)
+        shape[dim] = max(t.shape[dim] for t in tensor_list)
+        padded = tensor.new_zeros(shape)
+        padded.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+        pieces = [tensor.new_empty(shape) for _ in tensor_list]
+        all_gather(pieces, padded, group=group)
+        for out, piece in zip(tensor_list, pieces):
+            out.copy_(piece.narrow(dim, 0, out.shape[dim]))
+    return gather
+
+
+class StallWatchdog:
+    """Ends this process when no denoising step has finished for --stall-timeout seconds (and 10 times the slowest
+    step so far). The processes make one image together and meet in a collective at every step: one that stops (a
+    GPU or driver that no longer answers, a file system that hangs) would keep the others waiting in the next
+    collective for the group's timeout, a week. A thread of each process watches its own steps; the main process
+    says it in one line and exits, the others exit a moment later without a word, and the launcher stops what is
+    left. `os._exit`: the main thread is stuck in a collective, and cannot run Python's exit."""
+
+    def __init__(self, seconds, main_process, steps):
+        self.seconds, self.main_process, self.steps = seconds, main_process, steps
+        self.made, self.slowest, self.last = 0, 0.0, time.monotonic()
+        self.stop = threading.Event()
+        threading.Thread(target=self.watch, name="stall-watchdog", daemon=True).start()
+
+    def beat(self):
+        """A step has finished (the pipeline's callback_on_step_end)."""
+        now = time.monotonic()
+        self.made, self.slowest, self.last = self.made + 1, max(self.slowest, now - self.last), now
+
+    def watch(self):
+        while not self.stop.wait(min(1.0, self.seconds / 10)):
+            waited, limit = time.monotonic() - self.last, max(self.seconds, 10 * self.slowest)
+            if waited > limit + (0 if self.main_process else 5):  # the main process's line first
+                if self.main_process:
+                    print(f"error: no denoising step for {waited:.0f} s ({self.made} of {self.steps} made, the "
+                          f"slowest in {self.slowest:.1f} s): a process of the group has stopped; ending the job "
+                          "(--stall-timeout SECONDS waits longer)", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    def close(self):
+        self.stop.set()
+
+
+class StepClock:
+    """The pipeline call's time and the end of each of its steps (its callback_on_step_end, which also tells the
+    watchdog); started, it resets the GPU's peak memory."""
+
+    def __init__(self, device, watchdog):
+        if device.type != "cpu":
+            torch.accelerator.reset_peak_memory_stats(device)
+        self.watchdog, self.step_ends, self.t0, self.seconds = watchdog, [], time.perf_counter(), None
+
+    def step(self, pipeline, step, timestep, callback_kwargs):
+        self.step_ends.append(time.perf_counter())
+        self.watchdog.beat()
+        return {}
+
+    def stop(self):
+        self.seconds = time.perf_counter() - self.t0
+
+    def per_step(self):
+        return (self.step_ends[-1] - self.t0) / len(self.step_ends) if self.step_ends else self.seconds
+
+
 def call_options(args, pipeline):
     """Guidance and the prompt's length, where the pipeline takes them (FLUX.1 does)."""
     takes = inspect.signature(pipeline.__call__).parameters
@@ -743,15 +917,16 @@ def save(image, path):
         tmp.unlink(missing_ok=True)
 
 
-def report(args, plan, stats, image, seconds, step_times, t0):
+def report(args, plan, stats, image, clock):
     n = len(stats)
-    per_step = (step_times[-1] - t0) / len(step_times) if step_times else seconds
+    up_to = "up to " if plan["ulysses_anything"] else ""
     print(f"split: {plan['image_tokens']} image tokens + {plan['text_tokens']} prompt tokens between {n} "
-          f"process(es): {plan['tokens_per_process'] if n > 1 else plan['image_tokens'] + plan['text_tokens']} "
-          f"tokens per process" + (f", {plan['heads'] // plan['ulysses_degree']} of {plan['heads']} heads each in "
-                                   "every attention" if n > 1 else ""))
-    print(f"made {args.output} ({image.width}x{image.height}) in {seconds:.2f} s, {per_step:.3f} s per step, "
-          f"{time.time() - psutil.Process().create_time():.1f} s since the start; peak memory: "
+          f"process(es): {up_to if n > 1 else ''}"
+          f"{plan['tokens_per_process'] if n > 1 else plan['image_tokens'] + plan['text_tokens']} tokens per process"
+          + (f", {up_to}{plan['heads_per_process']} of {plan['heads']} heads each in every attention" if n > 1 else "")
+          + (" (uneven: ulysses_anything)" if n > 1 and plan["ulysses_anything"] else ""))
+    print(f"made {args.output} ({image.width}x{image.height}) in {clock.seconds:.2f} s, {clock.per_step():.3f} s per "
+          f"step, {time.time() - psutil.Process().create_time():.1f} s since the start; peak memory: "
           + "; ".join(f"rank {s['rank']} on {s['device']} {s['peak']}" for s in stats))
 
 

@@ -1,10 +1,12 @@
 """How much faster is one image with context parallelism? Runs context-parallelism-flux.py with 1 process (the
 baseline: no parallelism) and with N, and prints a table: the whole run as the user waits for it (start-up,
 imports, loading, generating, saving), the pipeline call alone, the time per denoising step, the speedups, and
-how far the N-process image is from the 1-process one.
+how far the N-process image is from the 1-process one, for each size: by default 512x512 (1024 image tokens, which
+the processes share evenly) and 496x496 (961 tokens, 31 x 31, which 2 processes do not: diffusers' ulysses_anything
+splits them unevenly, at the cost of a size exchange in every attention).
 
     uv run benchmarks/context_parallel.py                       # CPU: a random-weight FLUX, 1 and 2 processes
-    uv run benchmarks/context_parallel.py --processes 1 2 4 --model black-forest-labs/FLUX.1-dev --size 1024
+    uv run benchmarks/context_parallel.py --processes 1 2 4 --model black-forest-labs/FLUX.1-dev --sizes 1024
 
 On the CPU every process gets one thread (OMP_NUM_THREADS=1), so N processes use N cores. With no --model, a FLUX.1
 pipeline with a random-weight transformer big enough that compute, not the all-to-all, dominates (hidden size 768:
@@ -69,7 +71,9 @@ def parse_args():
                         help="process counts to run; the first is the baseline (default: 1 and every device, or 1 "
                              "and 2 on the CPU)")
     parser.add_argument("--model", help="pipeline to run (default: a random-weight FLUX built on the spot)")
-    parser.add_argument("--size", type=int, default=512, help="image height and width (default: %(default)s)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 496],
+                        help="image heights and widths, one table row group each; 496 is 961 image tokens, which 2 "
+                             "processes share unevenly (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs of each process count, taken in turn; the table shows the best of them, the "
@@ -95,8 +99,23 @@ def measure(args, work):
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # measure what users get: Python caching the libraries' bytecode
     if not torch.accelerator.is_available():
         env["OMP_NUM_THREADS"] = "1"  # one core a process: N processes use N cores
-    size = ["--height", str(args.size), "--width", str(args.size)]
-    if not args.no_warm_up:  # a first run, not timed: as on a user's machine after their first run, the bytecode
+    rows = [row for pixels in args.sizes for row in measure_size(args, work, model, env, pixels)]
+    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else "cpu"
+    model = args.model or f"a random-weight FLUX (hidden {args.hidden})"
+    print(f"\n{args.steps} steps, {model}, on {device}, best of {args.repeats} run(s) each\n")
+    print("| size | processes | whole run (s) | speedup | pipeline call (s) | speedup | per step (s) | speedup | "
+          "largest pixel difference from 1 process |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for size, (n, wall, call, step, pixels), (_, wall0, call0, step0, pixels0) in rows:
+        print(f"| {size}x{size} | {n} | {wall:.1f} | {wall0 / wall:.2f} | {call:.1f} | {call0 / call:.2f} | "
+              f"{step:.2f} | {step0 / step:.2f} | {np.abs(pixels - pixels0).max()} of 255 |")
+
+
+def measure_size(args, work, model, env, pixels_high):
+    """Each process count at one size: (size, its best times and image, the baseline's)."""
+    size = ["--height", str(pixels_high), "--width", str(pixels_high)]
+    # a first run (at the first size), not timed: as on a user's machine after their first run, the bytecode
+    if not args.no_warm_up and pixels_high == args.sizes[0]:
         warm_up = subprocess.run([sys.executable, SCRIPT, "--model", model, *size, "--num-inference-steps", "1",
                                   "--output", work / "warm-up.png"], env=env, capture_output=True, text=True)
         if warm_up.returncode != 0:  # is cached
@@ -117,19 +136,8 @@ def measure(args, work):
             pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
         times = (wall, call_seconds(result.stdout), per_step_seconds(result.stdout))
         best[n] = (*map(min, zip(best[n][:3], times)), pixels) if n in best else (*times, pixels)
-        print(f"ran {n} process(es): {wall:.1f} s", file=sys.stderr)
-    rows = [(n, *best[n]) for n in args.processes]
-
-    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else "cpu"
-    model = args.model or f"a random-weight FLUX (hidden {args.hidden})"
-    print(f"\n{args.size}x{args.size}, {args.steps} steps, {model}, on {device}, best of {args.repeats} run(s) each\n")
-    print("| processes | whole run (s) | speedup | pipeline call (s) | speedup | per step (s) | speedup | "
-          "largest pixel difference from 1 process |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    n0, wall0, call0, step0, pixels0 = rows[0]
-    for n, wall, call, step, pixels in rows:
-        print(f"| {n} | {wall:.1f} | {wall0 / wall:.2f} | {call:.1f} | {call0 / call:.2f} | {step:.2f} | "
-              f"{step0 / step:.2f} | {np.abs(pixels - pixels0).max()} of 255 |")
+        print(f"ran {n} process(es) at {pixels_high}x{pixels_high}: {wall:.1f} s", file=sys.stderr)
+    return [(pixels_high, (n, *best[n]), (args.processes[0], *best[args.processes[0]])) for n in args.processes]
 
 
 if __name__ == "__main__":

@@ -168,6 +168,11 @@ def tiny_flux(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwenimage(tmp_path_factory):
+    return tiny_pipelines.build_qwenimage(tmp_path_factory.mktemp("tiny") / "qwenimage")
+
+
+@pytest.fixture(scope="session")
 def tiny(tiny_sd3, tiny_flux):
     """Both tiny pipelines, by the names the README gives them (`tiny/sd3`, `tiny/flux`: tests/test_readme.py)."""
     return {"sd3": tiny_sd3, "flux": tiny_flux}

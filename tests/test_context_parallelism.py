@@ -1,23 +1,27 @@
 """context-parallelism-flux.py, run as users run it: the tiny Flux split between 2 CPU processes by the README's own
-torchrun and accelerate launch commands, checked against diffusers' FluxPipeline called directly; the tokens
-each process really held, seen by a probe inside the processes; every bad input; plans for FLUX.1-dev from its
-real configs; the CPU workaround for diffusers 0.42, shown to be still needed; and GPU runs where there are GPUs.
+torchrun and accelerate launch commands, checked against diffusers' FluxPipeline called directly; the tiny
+QwenImage and Flux at prompts and sizes that 2 processes do not divide (ulysses_anything); the tokens each process
+really held, seen by a probe inside the processes; a process that stops mid-image; every bad input; plans for
+FLUX.1-dev from its real configs; the CPU workarounds for diffusers 0.42, shown to be still needed; and GPU runs
+where there are GPUs.
 """
 
 import ast
 import json
 import re
+import subprocess
 import textwrap
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import psutil
 import pytest
 import torch
-from diffusers import ContextParallelConfig, FluxPipeline, FluxTransformer2DModel
+from diffusers import ContextParallelConfig, FluxPipeline, FluxTransformer2DModel, QwenImagePipeline
 
-from tests.conftest import (ROOT, accelerator, assert_clear_error, launched_as, load_script, pixels, run, run_main,
-                            torchrun)
+from tests.conftest import (ROOT, accelerator, assert_clear_error, launched_as, load_script, offline_env, pixels, run,
+                            run_main, torchrun)
 from tests.test_readme import CP_ACCELERATE, CP_TORCHRUN_STAGED, CP_TORCHRUN_TINY, run_readme_command
 
 # The tests that share the module-scoped runs below go to one pytest-xdist worker, which makes each run once.
@@ -27,6 +31,11 @@ CONTEXT_PARALLEL = ROOT / "context-parallelism-flux.py"
 FLUX1_DEV = ROOT / "tests" / "fixtures" / "flux1-dev"  # FLUX.1-dev's real config.json files, no weights
 FAST = ["--height", "64", "--width", "64", "--num-inference-steps", "2", "--seed", "7"]
 PROMPT = "A cat holding a sign that says hello world"  # the script's default prompt
+# Sizes and prompts that 2 processes do not divide: 48x48 is 3 x 3 = 9 image tokens; "a fox" is 133 tokens after
+# QwenImage's template (the tiny tokenizer's bytes), and FLUX.1's T5 pads to --max-sequence-length 511.
+UNEVEN = ["--height", "48", "--width", "48", "--num-inference-steps", "2", "--seed", "3"]
+FOX = "a fox"
+SIMULATE = ROOT / "tests" / "simulate"  # sitecustomize.py: STALL_RANK
 GiB = 2**30
 # A probe inside every worker (Python imports `sitecustomize` from PYTHONPATH at start-up): it records the
 # sequence lengths the first FLUX transformer block of each process is handed, after diffusers' split.
@@ -175,13 +184,17 @@ def test_a_model_without_a_context_parallel_plan_names_the_scripts_that_serve_it
     assert "data-parallelism-accelerate.py" in line
 
 
-def test_an_image_whose_tokens_two_processes_cannot_share_names_a_size_that_works(refused, tiny_flux):
-    line = refused(2, "--model", tiny_flux, "--height", "48", "--width", "48")
-    assert "48x48 image is 9 tokens" in line and "--height 64" in line
+def test_an_image_of_fewer_tokens_than_processes_is_refused(refused, tiny_flux):
+    line = refused(2, "--model", tiny_flux, "--height", "16", "--width", "16")
+    assert "16x16 image is 1 tokens, fewer than the 2 processes" in line
 
 
-def test_a_prompt_length_two_processes_cannot_share_names_one_that_works(refused, tiny_flux):
-    assert "use a multiple of 2, e.g. 510" in refused(2, "--model", tiny_flux, *FAST, "--max-sequence-length", "511")
+def test_a_size_that_is_not_a_multiple_of_the_patch_is_refused_with_one_that_is(refused, tiny_qwenimage):
+    assert "--height 40 does not suit" in refused(2, "--model", tiny_qwenimage, "--height", "40", "--width", "48")
+
+
+def test_staged_is_refused_for_a_pipeline_other_than_flux1(refused, tiny_qwenimage):
+    assert "--staged is for FLUX.1 pipelines" in refused(2, "--model", tiny_qwenimage, *UNEVEN, "--staged")
 
 
 def test_heads_that_the_processes_cannot_share_name_the_process_counts_that_work(refused, tiny_flux):
@@ -210,12 +223,151 @@ def test_under_a_launcher_a_bad_input_is_said_once_and_ends_every_process(tiny_f
     is this script's, word for word.)"""
     said = []
     for rank in (0, 1):
-        result = run_main(CONTEXT_PARALLEL, "--model", tiny_flux, "--height", "48", "--width", "48", "--output",
+        result = run_main(CONTEXT_PARALLEL, "--model", tiny_flux, "--height", "40", "--width", "48", "--output",
                           tmp_path / "x.png", "--device", "cpu", **launched_as(rank))
         assert result.returncode not in (None, 0) and "Traceback" not in result.stderr
         said.append(result.stderr)
-    assert said[0].startswith("error: a 48x48 image is 9 tokens") and said[0].count("\n") == 1 and said[1] == ""
+    assert said[0].startswith("error: --height 40 does not suit") and said[0].count("\n") == 1 and said[1] == ""
     assert not (tmp_path / "x.png").exists()
+
+
+# --- prompts and sizes that 2 processes do not divide: ulysses_anything ---
+
+
+def uneven_runs(model, tmp_path_factory, *extra):
+    """The same uneven command as one plain process (in this process) and as 2 torchrun processes."""
+    tmp = tmp_path_factory.mktemp("uneven")
+    args = ["--model", model, *UNEVEN, *extra, "--device", "cpu"]
+    one = run_main(CONTEXT_PARALLEL, *args, "--output", tmp / "one.png", check=True)
+    two = run(torchrun(2, CONTEXT_PARALLEL, *args, "--output", tmp / "two.png"))
+    return SimpleNamespace(one=one, two=two, images={n: pixels(tmp / f"{n}.png") for n in ("one", "two")}, tmp=tmp)
+
+
+@pytest.fixture(scope="module")
+def qwenimage_uneven(tiny_qwenimage, tmp_path_factory):
+    return uneven_runs(tiny_qwenimage, tmp_path_factory, "--prompt", FOX)
+
+
+@pytest.fixture(scope="module")
+def flux_uneven(tiny_flux, tmp_path_factory):
+    return uneven_runs(tiny_flux, tmp_path_factory, "--max-sequence-length", "511")
+
+
+@pytest.fixture(scope="module")
+def qwenimage_pipeline(tiny_qwenimage):
+    pipeline = QwenImagePipeline.from_pretrained(tiny_qwenimage, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@SHARED_RUNS
+def test_two_processes_make_qwenimages_image_for_a_prompt_and_size_they_do_not_divide(qwenimage_uneven,
+                                                                                    qwenimage_pipeline):
+    made = qwenimage_pipeline(FOX, height=48, width=48, num_inference_steps=2, guidance_scale=3.5,
+                              max_sequence_length=512, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    oracle = np.asarray(made.convert("RGB"), dtype=np.int16)
+    assert np.abs(qwenimage_uneven.images["one"] - oracle).max() <= 1  # within 1/255
+    assert np.abs(qwenimage_uneven.images["two"] - qwenimage_uneven.images["one"]).max() <= 1
+    assert "Traceback" not in qwenimage_uneven.two.stderr + qwenimage_uneven.one.stderr
+    assert sorted(p.name for p in qwenimage_uneven.tmp.iterdir()) == ["one.png", "two.png"]  # no temporary file
+
+
+@SHARED_RUNS
+def test_the_split_line_counts_qwenimages_real_prompt_tokens(qwenimage_uneven, qwenimage_pipeline, script, capsys,
+                                                             monkeypatch, tiny_qwenimage):
+    """The oracle: the pipeline's own encode_prompt. The plan (before loading) and the report say that count."""
+    tokens = qwenimage_pipeline.encode_prompt(FOX, device="cpu")[0].shape[1]
+    assert tokens % 2 == 1  # the point of the prompt: 2 processes do not divide it
+    share = (9 + 1) // 2 + (tokens + 1) // 2  # the first process's share, the larger
+    assert (f"split: 9 image tokens + {tokens} prompt tokens between 2 process(es): up to {share} tokens per "
+            "process, up to 2 of 3 heads each in every attention (uneven: ulysses_anything)"
+            ) in qwenimage_uneven.two.stdout
+    assert f"9 image tokens + {tokens} prompt tokens between 1 process(es)" in qwenimage_uneven.one.stdout
+    monkeypatch.setattr("sys.argv", ["x", "--plan", "--json", "--model", str(tiny_qwenimage), "--prompt", FOX,
+                                     *UNEVEN, "--num-devices", "2", "--device", "cpu"])
+    script.main()
+    planned = json.loads(capsys.readouterr().out)
+    assert (planned["text_tokens"], planned["ulysses_anything"], planned["can_stage"]) == (tokens, True, False)
+    assert "staged" not in planned["needs"]
+
+
+@SHARED_RUNS
+def test_two_processes_make_fluxs_image_at_a_size_and_prompt_length_they_do_not_divide(flux_uneven, tiny_flux):
+    pipeline = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    oracle = np.asarray(pipeline(PROMPT, height=48, width=48, num_inference_steps=2, guidance_scale=3.5,
+                                 max_sequence_length=511, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+                        .convert("RGB"), dtype=np.int16)
+    assert np.abs(flux_uneven.images["one"] - oracle).max() <= 1
+    assert np.abs(flux_uneven.images["two"] - flux_uneven.images["one"]).max() <= 1
+    assert ("9 image tokens + 511 prompt tokens between 2 process(es): up to 261 tokens per process"
+            in flux_uneven.two.stdout)
+    assert "Traceback" not in flux_uneven.two.stderr
+
+
+def test_a_plan_for_qwenimage_offers_no_staged_load(script, monkeypatch, capsys, tiny_qwenimage):
+    monkeypatch.setattr("sys.argv", ["x", "--plan", "--model", str(tiny_qwenimage), "--num-devices", "2",
+                                     "--device", "cpu", *UNEVEN])
+    script.main()
+    out = capsys.readouterr().out
+    assert "--staged" not in out and "fits: yes" in out and "uneven, by diffusers' ulysses_anything" in out
+
+
+@pytest.mark.parametrize("kind, expected", [("cuda", "cpu:gloo,cuda:nccl"), ("xpu", "cpu:gloo,xpu:xccl"),
+                                            (None, "cpu:gloo")])
+def test_the_group_has_a_cpu_gloo_backend_for_ulysses_anythings_size_exchange(kind, expected, script, monkeypatch):
+    """diffusers' gather_size_by_comm exchanges the processes' sizes on the CPU only where the group's backend names
+    "cpu"; else on torch.accelerator.current_accelerator(): a copy each way on GPUs, and on this CPU-only machine a
+    CUDA device that is not there. Observed: the backend the script forms its group with."""
+    formed = []
+    if kind:
+        monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+        monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device(kind))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kwargs: formed.append(backend) or (_ for _ in ()).throw(SystemExit(9)))
+    with pytest.raises(SystemExit):
+        script.join_the_group(SimpleNamespace(device="auto"))
+    assert formed == [expected]
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="the workaround is for gloo, on a CPU-only machine")
+def test_gloo_still_refuses_pieces_of_unequal_size_and_the_workaround_gathers_them(script, tmp_path):
+    """ulysses_anything gathers the transformer's output in uneven pieces with dist.all_gather, which gloo refuses:
+    the script pads them on the CPU. When the first assertion fails, gloo gathers them: remove the workaround."""
+    torch.distributed.init_process_group("cpu:gloo", store=torch.distributed.FileStore(str(tmp_path / "store"), 1),
+                                         rank=0, world_size=1)
+    try:
+        pieces = [torch.empty(1, 5, 2)]
+        with pytest.raises(RuntimeError, match="invalid tensor size"):
+            torch.distributed.all_gather(pieces, torch.ones(1, 4, 2))
+        mine = torch.arange(10.0).reshape(1, 5, 2)
+        script.all_gather_of_any_sizes(torch.distributed.all_gather)(pieces, mine)
+        assert torch.equal(pieces[0], mine)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# --- a process that stops mid-image: the job ends, in one line ---
+
+
+@pytest.mark.parametrize("stalled", [1, 0], ids=["rank-1-stops", "main-process-stops"])
+def test_a_process_that_stops_mid_image_ends_the_job_in_one_line(stalled, tiny_flux, tmp_path):
+    """STALL_RANK (tests/simulate/sitecustomize.py): that process sleeps an hour in its second denoising step, the
+    other waits for it in a collective."""
+    started = time.monotonic()
+    result = subprocess.run([str(a) for a in torchrun(2, CONTEXT_PARALLEL, "--model", tiny_flux, *FAST, "--device",
+                                                      "cpu", "--output", tmp_path / "x.png", "--stall-timeout", "3")],
+                            cwd=ROOT, env=offline_env(PYTHONPATH=str(SIMULATE), STALL_RANK=str(stalled)),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    # The line may follow the main process's progress bar, which has no line end of its own while a step is on.
+    errors = re.findall(r"error: .*", result.stderr)
+    assert len(errors) == 1 and errors[0].startswith("error: no denoising step for "), result.stderr
+    assert f"({2 - (stalled == 0)} of 2 made" in errors[0] and "a process of the group has stopped" in errors[0]
+    assert "--stall-timeout" in errors[0]
+    assert time.monotonic() - started < 120  # seconds, not the group's week
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- --plan: FLUX.1-dev from its real configs, no weights ---
@@ -265,10 +417,16 @@ def test_the_plan_prints_the_split_and_both_memory_figures(script, monkeypatch, 
     assert "needs 34.42 GiB" in out and "needs 25.32 GiB, 9.10 GiB less" in out and "fits: yes" in out
 
 
-def test_a_plan_for_five_gpus_says_the_24_heads_cannot_be_shared(plan):
-    result = plan(5, "80GiB")
-    assert not result["fits"] and any("24 attention heads cannot be shared between 5" in p and "run 2, 4, 8 process"
-                                      in p for p in result["problems"])
+def test_a_plan_for_five_gpus_pads_the_24_heads_to_5_each(plan):
+    result = plan(5, "80GiB")  # diffusers pads 24 heads to 25: 5 a process, the last with 4 real ones
+    assert result["fits"] and result["ulysses_anything"] and result["heads_per_process"] == 5
+    assert result["tokens_per_process"] == 820 + 103  # 4096 / 5 and 512 / 5, rounded up: the first processes' share
+
+
+def test_a_plan_for_sixteen_gpus_says_the_24_heads_cannot_be_padded(plan):
+    result = plan(16, "80GiB")  # 24 heads: 2 a process would need 8 padding heads, more than the 2 real ones
+    assert not result["fits"] and any("24 attention heads cannot be shared between 16" in p and
+                                      "run 2, 3, 4, 5, 6, 8, 12, 24 process(es)" in p for p in result["problems"])
 
 
 # --- the CPU workaround: still needed? ---

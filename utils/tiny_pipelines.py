@@ -1,15 +1,15 @@
-"""Build tiny, random-weight Stable Diffusion 3 and FLUX.1 pipelines, offline, in seconds.
+"""Build tiny, random-weight Stable Diffusion 3, FLUX.1 and QwenImage pipelines, offline, in seconds.
 
 They have the real pipelines' classes, folder layout (`model_index.json`, one sub-folder per component) and
 shape rules (an 8x VAE, sizes in multiples of 16), but a few hundred kilobytes of random weights instead of
 16-34 GB of trained ones. Their pictures are noise; what they are for is trying the scripts, and testing them,
 on any machine without a download:
 
-    uv run utils/tiny_pipelines.py tiny                # writes tiny/sd3 and tiny/flux
+    uv run utils/tiny_pipelines.py tiny                # writes tiny/sd3, tiny/flux and tiny/qwenimage
     uv run accelerate launch --multi_gpu --num_processes 2 data-parallelism-accelerate.py --model tiny/sd3
 
-The tokenizers are built in code from a small vocabulary (every byte for CLIP, letters and digits for T5),
-so nothing is fetched from the Hugging Face Hub.
+The tokenizers are built in code from a small vocabulary (every byte for CLIP and Qwen, letters and digits for
+T5), so nothing is fetched from the Hugging Face Hub.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
@@ -32,6 +35,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -69,6 +75,14 @@ def t5_tokenizer() -> T5Tokenizer:
     vocab += [(p, -5.0) for p in pieces] + [("▁" + p, -4.0) for p in pieces]
     vocab += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(100))]
     return T5Tokenizer(vocab=vocab, extra_ids=100, model_max_length=512)
+
+
+def qwen_tokenizer() -> Qwen2Tokenizer:
+    """A Qwen2 (byte-level BPE) tokenizer with no merges, every byte a token, and the special tokens of
+    QwenImagePipeline's prompt template (<|im_start|>, <|im_end|>; <|endoftext|> pads)."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate(_bytes_to_unicode() + specials)}
+    return Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=specials[1:], model_max_length=2048)
 
 
 def _clip_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
@@ -177,7 +191,49 @@ def build_flux(out: Path) -> Path:
     return out
 
 
-BUILDERS = {"sd3": build_sd3, "flux": build_flux}
+def build_qwenimage(out: Path) -> Path:
+    """A tiny QwenImagePipeline (the class of Qwen/Qwen-Image). Its transformer has 3 attention heads, which 2
+    processes do not divide (context parallelism pads them: ulysses_anything)."""
+    torch.manual_seed(0)
+    tokenizer = qwen_tokenizer()
+    ids = {"bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+           "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config={"hidden_size": TEXT_DIM, "intermediate_size": 37, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
+                     "rope_scaling": {"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"},
+                     "rope_theta": 1000000.0, **ids},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": TEXT_DIM},
+        vocab_size=len(tokenizer),
+        # no images in a text-to-image prompt: ids that no token has
+        image_token_id=len(tokenizer), video_token_id=len(tokenizer) + 1, vision_start_token_id=len(tokenizer) + 2,
+        vision_end_token_id=len(tokenizer) + 3, **ids,
+    ))
+    pipe = QwenImagePipeline(
+        transformer=QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=16,  # 4 latent channels, packed 2x2
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=3,
+            joint_attention_dim=TEXT_DIM,
+            axes_dims_rope=(4, 6, 6),
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        # Three spatial down-samplings, as in the real VAE: 8x, and sizes in multiples of 16 (2x2 packing).
+        vae=AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                   latents_std=[1.0] * 4),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+    )
+    pipe.save_pretrained(out)
+    return out
+
+
+BUILDERS = {"sd3": build_sd3, "flux": build_flux, "qwenimage": build_qwenimage}
 
 
 def main() -> None:
