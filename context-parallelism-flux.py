@@ -1,3 +1,6 @@
+# SPDX-License-Identifier: MIT
+# Follows diffusers' distributed inference guide (context parallelism):
+#   https://huggingface.co/docs/diffusers/training/distributed_inference
 """Context parallelism: one FLUX.1 image made by several GPUs at once, each GPU working on a share of its tokens.
 
 Every GPU holds the whole pipeline, as in data parallelism, but all of them make the SAME image together: the
@@ -93,9 +96,9 @@ def main():
         return print_plan(args, plan)
     check_plan(args, plan)
 
-    # 1. One process per device, joined into a group (join_the_group): xccl on Intel GPUs, nccl on NVIDIA, with gloo
+    # 1. One process per device, joined into a group (form_the_group): xccl on Intel GPUs, nccl on NVIDIA, with gloo
     #    beside them for small CPU messages; gloo alone on the CPU.
-    distributed_state, device = join_the_group(args)
+    distributed_state, device = form_the_group(args)
     quiet_libraries(main_process=distributed_state.is_main_process, verbose=args.verbose)
     check_device_memory(args, plan, device)  # each process, its own GPU
     if distributed_state.num_processes == 1 and distributed_state.is_main_process:
@@ -125,13 +128,11 @@ def main():
 
     # 5. The main process saves the image, whole or not at all, and reports every process's numbers.
     stats = gather_object([{"rank": distributed_state.process_index, "device": str(device),
-                            "peak": peak_memory(device)}])
+                            "peak": peak_memory_in_words(device)}])
     watchdog.close()  # the last collective is over
     if distributed_state.is_main_process:
         save(image, args.output)
         report(args, plan, stats, image, clock)
-    # The process group is left at the end of this file, once main() has returned: the model (and the device mesh
-    # that enable_parallelism gave it, with process groups of its own) must be gone first.
 
 
 def parse_args():
@@ -211,189 +212,6 @@ def parse_args():
         if not os.access(args.output.parent, os.W_OK):
             fail(f"--output {args.output}: its folder is not writable")
     return args
-
-
-def fail(message, code=2, every_process=False):
-    """One line on stderr and a non-zero exit, no traceback.
-
-    A bad input fails every process alike, so only the first process of each machine says it; the others wait
-    a moment, so that the launcher, which stops the whole job when one process ends, does not cut that line
-    short. A failure of one process alone (out of memory) is said by that process."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if every_process or local_rank == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    else:
-        time.sleep(1)
-    sys.exit(code)
-
-
-def end_process_group():
-    """Leave the process group, if this process is in one, on every way out (a failure's too): left to the
-    interpreter's exit, gloo now and then aborts the process ("terminate called without an active exception") and
-    NCCL adds its own warning to the script's one line. Garbage goes first: a process group that only garbage
-    still holds (a device mesh's, in a model already dropped) would otherwise be freed during the exit, with the
-    same abort."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        gc.collect()
-        torch.distributed.destroy_process_group()
-
-
-def check_group_formed(distributed_state):
-    """Several processes that formed no group would each make the whole image alone: stop instead."""
-    if distributed_state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
-        fail(f"the launcher started {os.environ['WORLD_SIZE']} processes but they formed no group, so each would "
-             f"make the whole image alone: on Intel GPUs this torch ({torch.__version__}) lacks the xccl backend "
-             "(install the XPU build of torch 2.8 or newer)")
-
-
-def quiet_libraries(main_process, verbose):
-    """One copy of the libraries' warnings is enough (the main process's); their loading bars show with --verbose."""
-    for library in (diffusers, transformers):
-        if not main_process:
-            library.utils.logging.set_verbosity_error()
-        if not (verbose and main_process):
-            library.utils.logging.disable_progress_bar()
-
-
-def check_torch_can_use_the_gpus(device):
-    """No silent CPU run: where this machine has GPUs that the installed torch cannot use, stop before anything
-    is loaded, with the likely cause and the fix. Without this, PyPI's torch (no XPU support) on an Intel GPU, or
-    its CUDA 13 build under an older NVIDIA driver, runs everything on the CPU, for hours, without a word."""
-    if device == "cpu" or torch.accelerator.is_available():
-        return
-    gpus = gpus_on_the_pci_bus()
-    hidden = {maker: why for maker in gpus if (why := why_hidden(maker, gpus[maker]))}
-    if hidden and not set(gpus) - set(hidden):  # hidden on purpose, or not in this container: nothing to fix
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"note: {'; '.join(hidden.values())}: running on the CPU", file=sys.stderr, flush=True)
-        return
-    keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (README: Set-up); or pass --device cpu to run on "
-            "the CPU on purpose")
-    if "NVIDIA" in gpus and "NVIDIA" not in hidden:  # first: a laptop may have an Intel GPU for the screen
-        cuda = torch.version.cuda  # "13.2"; None in a torch built without CUDA
-        # The oldest driver each CUDA major version runs on (NVIDIA's "minor version compatibility" table).
-        driver = {"11": "450", "12": "525", "13": "580"}.get(str(cuda).split(".")[0])
-        needs = f"NVIDIA driver {driver} or newer" if driver else f"an NVIDIA driver for CUDA {cuda}"
-        cause = "it is not a CUDA build: install one" if cuda is None else (
-            f"it is built for CUDA {cuda}, which needs {needs} (`nvidia-smi` shows yours): update the driver, or "
-            "install a torch built for an older CUDA")
-        fail(f"this machine has an NVIDIA GPU, but this torch ({torch.__version__}) cannot use it: {cause}: "
-             f"`uv pip install --reinstall torch --index-url https://download.pytorch.org/whl/cu128`, {keep}")
-    if "Intel" in gpus and "Intel" not in hidden:
-        fail(f"this machine has an Intel GPU, but this torch ({torch.__version__}) cannot use it: it is not the XPU "
-             "build (PyPI's torch has no XPU support): `uv pip install --reinstall torch --index-url "
-             f"https://download.pytorch.org/whl/xpu`, {keep}")
-
-
-def gpus_on_the_pci_bus():
-    """The makers of this machine's GPUs and how many each, read from the PCI devices Linux lists (what `lspci`
-    reads): a display device (PCI class 0x03....) from NVIDIA (vendor 0x10de) or Intel (0x8086). Intel's bridges
-    and other controllers are no GPU. Empty where there is no such folder (Windows, macOS): there, nothing is
-    checked. A container sees its host's PCI bus, GPUs it was not given included. Tests point SYSFS_PCI_DEVICES
-    at a fake tree."""
-    makers = {"0x10de": "NVIDIA", "0x8086": "Intel"}
-    found = Counter()
-    for pci_device in Path(os.environ.get("SYSFS_PCI_DEVICES", "/sys/bus/pci/devices")).glob("*"):
-        try:
-            vendor, pci_class = ((pci_device / name).read_text().strip().lower() for name in ("vendor", "class"))
-        except OSError:  # not a device folder, or unreadable
-            continue
-        if vendor in makers and pci_class.startswith("0x03"):
-            found[makers[vendor]] += 1
-    return found
-
-
-def why_hidden(maker, count):
-    """Why torch cannot see this maker's GPUs where that is meant, not a torch to fix (None where it is not): the
-    user hid them all (CUDA_VISIBLE_DEVICES="" or -1; ZE_AFFINITY_MASK naming none of the `count` GPUs), or this
-    process has none of their device nodes (/dev/nvidia0..., /dev/dri/renderD...): a container given no GPU, or
-    no driver loaded. Tests point DEVICE_NODES at a fake /dev."""
-    variable, nodes = {"NVIDIA": ("CUDA_VISIBLE_DEVICES", "nvidia[0-9]*"),
-                       "Intel": ("ZE_AFFINITY_MASK", "dri/renderD*")}[maker]
-    mask = os.environ.get(variable)
-    if mask is not None and (mask.strip() or maker == "NVIDIA"):  # an empty ZE_AFFINITY_MASK hides nothing
-        # CUDA stops reading its list at the first entry that names no GPU; Level Zero skips such entries.
-        entries = [e.strip().split(".")[0] for e in mask.split(",")][:1 if maker == "NVIDIA" else None]
-        if not any(e.startswith(("GPU-", "MIG-")) or e.isdigit() and int(e) < count for e in entries):
-            return f"{variable}={mask} hides every {maker} GPU"
-    dev = Path(os.environ.get("DEVICE_NODES", "/dev"))
-    if not any(dev.glob(nodes)):
-        return (f"this machine has {maker} GPUs but no {dev / nodes} device node to reach them (a container given "
-                "none, or no driver loaded)")
-    return None
-
-
-def no_fp64_remedy(pipeline, devices, announce=True):
-    """FLUX builds its rotary position embedding in float64 on the device (diffusers' FluxPosEmbed; diffusers falls
-    back to float32 on mps and npu only), and Intel's Arc A-series GPUs (A310 to A770, and the Arc graphics of Core
-    Ultra "Meteor Lake" laptops) have no FP64: torch stops with "Required aspect fp64 is not supported on the
-    device". Where a device of the run reports no FP64, compute that embedding on the CPU (a few hundred KB once a
-    step: the same float64 numbers) and hand it to the device; elsewhere change nothing. Returns those devices."""
-    lacking = [torch.device(d) for d in devices if torch.device(d).type not in ("cpu", "meta") and not getattr(
-        torch.get_device_module(torch.device(d)).get_device_properties(torch.device(d)), "has_fp64", True)]
-    pos_embed = getattr(getattr(pipeline, "transformer", None), "pos_embed", None)
-    if not lacking or pos_embed is None:
-        return []
-    remove_hook_from_module(pos_embed)  # accelerate's hook would move its input back to the device first
-    pipeline.transformer.pos_embed = OnTheCPU(pos_embed)
-    if announce:
-        print(f"note: {', '.join(map(str, lacking))} has no FP64 (Intel Arc A-series): FLUX's rotary position "
-              "embedding, built in float64, is computed on the CPU", file=sys.stderr, flush=True)
-    return lacking
-
-
-class OnTheCPU(torch.nn.Module):
-    """Runs a module that holds no weights on the CPU, and hands its outputs to the device its input came from."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, ids):
-        return tuple(output.to(ids.device) for output in self.module(ids.cpu()))
-
-
-def check_launch(args):
-    """Launch mistakes, caught before any process joins a group, each said by the first process of each machine."""
-    if args.device == "cpu" or not torch.accelerator.is_available():
-        return  # CPU processes share the CPU: any number of them is fine
-    kind = torch.accelerator.current_accelerator().type  # "xpu" or "cuda"
-    devices = torch.accelerator.device_count()
-    here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this machine's processes (torchrun and accelerate set it)
-    script = Path(sys.argv[0]).name
-    launch = f"uv run torchrun --nproc-per-node {devices} {script}" if devices > 1 else f"uv run {script}"
-    # A launcher (or the user) may give each process GPUs of its own with CUDA_VISIBLE_DEVICES or ZE_AFFINITY_MASK:
-    # then each sees fewer devices than there are processes here, and Accelerate picks one it sees. A mask is the
-    # user's choice: one that gives two processes the same GPU is NCCL's "Duplicate GPU" error at the first collective.
-    masked = any(os.environ.get(variable) for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"))
-    if here > devices and not masked:  # two processes on one device: NCCL stops at its first collective
-        fail(f"{here} processes on this machine, but it has {devices} {kind} device(s): start one process per "
-             f"device, e.g. `{launch}` (accelerate launch: --num_processes {devices})")
-    backend = torch.distributed.Backend.default_device_backend_map.get(kind)  # xpu: xccl, cuda: nccl
-    if backend and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
-            torch.distributed.is_available() and torch.distributed.is_backend_available(backend)):
-        fix = {"xccl": "install the XPU build of torch 2.8 or newer: `uv pip install --reinstall torch "
-                       "--index-url https://download.pytorch.org/whl/xpu`",
-               "nccl": "torch has NCCL on Linux only: run on Linux (or WSL), or run one process"}.get(
-                   backend, f"install a torch built with {backend}")
-        fail(f"this torch ({torch.__version__}) lacks the {backend} backend that processes on {kind} devices need "
-             f"to work as a group: {fix}")
-
-
-def one_process_note(device):
-    """A single process makes the image alone, with no parallelism: the baseline. Say how to launch N."""
-    devices = torch.accelerator.device_count() if device.type != "cpu" else 0
-    n = devices if devices > 1 else 2
-    command = " ".join([f"uv run torchrun --nproc-per-node {n} {Path(sys.argv[0]).name}", *map(shlex.quote,
-                                                                                                sys.argv[1:])])
-    where = f"this machine has {devices} {torch.accelerator.current_accelerator().type} devices" if devices > 1 else (
-        "one process")
-    return (f"note: {where}: this process makes the image alone, with no parallelism (the baseline); `{command}` "
-            f"splits it between {n} processes" + (" (on the CPU: `accelerate launch --multi_gpu`, or torchrun)"
-                                                  if not devices else ""))
-
-
-# --- the plan: from the configs alone, before anything is loaded ---
 
 
 def make_plan(args):
@@ -581,29 +399,6 @@ def weigh_components(model, index, dtype):
     return sizes
 
 
-def run_dtype(args):
-    """The weights' dtype: as asked, or the GPU's (default_dtype), or float32 on the CPU."""
-    on_gpu = args.device_memory is not None or (args.device != "cpu" and torch.accelerator.is_available())
-    return getattr(torch, args.dtype) if args.dtype != "auto" else default_dtype(on_gpu, announce=not args.plan)
-
-
-def default_dtype(on_gpu, announce=False):
-    """--dtype auto: float32 on the CPU (bfloat16 is slow there). On GPUs bfloat16 where they compute it natively
-    (NVIDIA Ampere and newer, Intel's GPUs), else float16: NVIDIA GPUs before Ampere (Turing, Volta, Pascal)
-    emulate bfloat16 slowly or not at all. A plan for GPUs this machine does not have takes bfloat16."""
-    if not on_gpu:
-        return torch.float32
-    if not torch.accelerator.is_available():
-        return torch.bfloat16
-    gpus = torch.get_device_module(torch.accelerator.current_accelerator())
-    if gpus.is_bf16_supported(including_emulation=False):
-        return torch.bfloat16
-    if announce and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        print(f"note: {gpus.get_device_name()} has no fast bfloat16: using float16 (--dtype bfloat16 to override)",
-              file=sys.stderr, flush=True)
-    return torch.float16
-
-
 def fit(plan, device_memory, ram=None, processes_here=1):
     """Whether each GPU (or, on the CPU, the RAM of this machine's processes) can hold what the run needs, and the
     one line that says what to do where it cannot."""
@@ -683,6 +478,27 @@ def check_plan(args, plan):
             fail(why, code=1)
 
 
+def form_the_group(args):
+    """One process per device, in one process group. Accelerate reads the rank and world size the launcher set, picks
+    this process's device (xpu:<local rank>, cuda:<local rank>) and takes the group formed here. Its backends: the
+    GPUs' own for the attention's all-to-alls (xccl on Intel, nccl on NVIDIA), and gloo for small CPU messages,
+    named "cpu:gloo" on every machine: ulysses_anything's per-process size exchange takes the CPU only where the
+    group's backend names "cpu" (diffusers/models/_modeling_parallel.py, gather_size_by_comm), else the GPU, with a
+    copy each way, or, on a CPU-only machine whose torch was built for CUDA, a GPU that is not there (plain "gloo",
+    what Accelerate's own CPU group is named, fails so). The processes first meet once every one has loaded (the
+    first run downloads 32 GB): a week, not NCCL's 10 minutes; a failure still ends the job at once (the launcher
+    stops every process when one fails). Returns the state and this process's device."""
+    cpu = args.device == "cpu" or not torch.accelerator.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_available():  # a plain run forms none
+        kind = None if cpu else torch.accelerator.current_accelerator().type  # "xpu" or "cuda"
+        torch.distributed.init_process_group(
+            "cpu:gloo" + (f",{kind}:{torch.distributed.Backend.default_device_backend_map[kind]}" if kind else ""),
+            timeout=timedelta(days=7))
+    distributed_state = PartialState(cpu=cpu)
+    check_group_formed(distributed_state)
+    return distributed_state, process_device(distributed_state)
+
+
 def check_device_memory(args, plan, device):
     """Each process, on its own GPU: the whole pipeline (or its busiest stage with --staged), plus activations."""
     if device.type == "cpu":
@@ -690,49 +506,6 @@ def check_device_memory(args, plan, device):
     fits, why = fit(plan, free_memory(device))
     if not fits:
         fail(f"{device}: {why}", code=1, every_process=True)
-
-
-def free_memory(device):
-    """Free memory of this one device (bytes). Asking every device would open a context, and take memory, on each.
-    Where it cannot be read (some Intel GPUs), its total memory, and a note that says so."""
-    get_memory_info = getattr(torch.accelerator, "get_memory_info", None)  # torch 2.10 or newer
-    try:
-        return (get_memory_info or getattr(torch, device.type).mem_get_info)(device)[0]
-    except RuntimeError:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"note: the free memory of {device} cannot be read: counting on the total memory instead",
-                  file=sys.stderr, flush=True)
-        return torch.get_device_module(device).get_device_properties(device).total_memory
-
-
-def size(b):
-    return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.1f} MiB"
-
-
-# --- loading, generating, saving ---
-
-
-@contextlib.contextmanager
-def explained_load_errors(model):
-    """A model that cannot be loaded: one line with what went wrong and what to do, not a traceback."""
-    try:
-        yield
-    except (OSError, ValueError) as error:
-        reason = None
-        while reason is None and error is not None:  # diffusers wraps the Hub's error: look down the chain
-            if isinstance(error, GatedRepoError):
-                reason = "it is gated, and this account has not been granted access"
-            elif isinstance(error, RepositoryNotFoundError):
-                reason = "no such model on the Hub, or it is private"
-            elif (isinstance(error, (OfflineModeIsEnabled, ConnectionError))
-                  or "Name or service not known" in str(error)):
-                reason = "it is not in the local cache, and the Hub cannot be reached"
-            elif error.__cause__ is None and error.__context__ is None:
-                reason = str(error).splitlines()[0]
-            error = error.__cause__ or error.__context__
-        fail(f"cannot load --model {model} ({reason}). If it is gated, accept its licence on "
-             f"https://huggingface.co/{model} and run `hf auth login` (black-forest-labs/FLUX.1-schnell is not "
-             f"gated); or pass --model PATH to a local copy")
 
 
 def load_pipeline(args, plan, without=()):
@@ -752,30 +525,6 @@ def encode_and_free_text_encoders(args, plan, device):
     del text  # drop every reference to their weights, then give the memory back
     clear_device_cache(garbage_collection=True)
     return dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
-
-
-def join_the_group(args):
-    """One process per device, in one process group. Accelerate reads the rank and world size the launcher set, picks
-    this process's device (xpu:<local rank>, cuda:<local rank>) and takes the group formed here. Its backends: the
-    GPUs' own for the attention's all-to-alls (xccl on Intel, nccl on NVIDIA), and gloo for small CPU messages,
-    named "cpu:gloo" on every machine: ulysses_anything's per-process size exchange takes the CPU only where the
-    group's backend names "cpu" (diffusers/models/_modeling_parallel.py, gather_size_by_comm), else the GPU, with a
-    copy each way, or, on a CPU-only machine whose torch was built for CUDA, a GPU that is not there (plain "gloo",
-    what Accelerate's own CPU group is named, fails so). The processes first meet once every one has loaded (the
-    first run downloads 32 GB): a week, not NCCL's 10 minutes; a failure still ends the job at once (the launcher
-    stops every process when one fails). Returns the state and this process's device."""
-    cpu = args.device == "cpu" or not torch.accelerator.is_available()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_available():  # a plain run forms none
-        kind = None if cpu else torch.accelerator.current_accelerator().type  # "xpu" or "cuda"
-        torch.distributed.init_process_group(
-            "cpu:gloo" + (f",{kind}:{torch.distributed.Backend.default_device_backend_map[kind]}" if kind else ""),
-            timeout=timedelta(days=7))
-    distributed_state = PartialState(cpu=cpu)
-    check_group_formed(distributed_state)
-    device = distributed_state.device
-    if device.type == "cpu":  # in a CPU process group Accelerate says "cpu:0": moving the weights from "cpu"
-        device = torch.device("cpu")  # to "cpu:0" would copy every one of them, twice the memory for nothing
-    return distributed_state, device
 
 
 def enable_context_parallelism(pipeline, plan, device):
@@ -820,39 +569,6 @@ def all_gather_of_any_sizes(all_gather):
     return gather
 
 
-class StallWatchdog:
-    """Ends this process when no denoising step has finished for --stall-timeout seconds (and 10 times the slowest
-    step so far). The processes make one image together and meet in a collective at every step: one that stops (a
-    GPU or driver that no longer answers, a file system that hangs) would keep the others waiting in the next
-    collective for the group's timeout, a week. A thread of each process watches its own steps; the main process
-    says it in one line and exits, the others exit a moment later without a word, and the launcher stops what is
-    left. `os._exit`: the main thread is stuck in a collective, and cannot run Python's exit."""
-
-    def __init__(self, seconds, main_process, steps):
-        self.seconds, self.main_process, self.steps = seconds, main_process, steps
-        self.made, self.slowest, self.last = 0, 0.0, time.monotonic()
-        self.stop = threading.Event()
-        threading.Thread(target=self.watch, name="stall-watchdog", daemon=True).start()
-
-    def beat(self):
-        """A step has finished (the pipeline's callback_on_step_end)."""
-        now = time.monotonic()
-        self.made, self.slowest, self.last = self.made + 1, max(self.slowest, now - self.last), now
-
-    def watch(self):
-        while not self.stop.wait(min(1.0, self.seconds / 10)):
-            waited, limit = time.monotonic() - self.last, max(self.seconds, 10 * self.slowest)
-            if waited > limit + (0 if self.main_process else 5):  # the main process's line first
-                if self.main_process:
-                    print(f"error: no denoising step for {waited:.0f} s ({self.made} of {self.steps} made, the "
-                          f"slowest in {self.slowest:.1f} s): a process of the group has stopped; ending the job "
-                          "(--stall-timeout SECONDS waits longer)", file=sys.stderr, flush=True)
-                os._exit(1)
-
-    def close(self):
-        self.stop.set()
-
-
 class StepClock:
     """The pipeline call's time and the end of each of its steps (its callback_on_step_end, which also tells the
     watchdog); started, it resets the GPU's peak memory."""
@@ -882,7 +598,335 @@ def call_options(args, pipeline):
                                             ("max_sequence_length", args.max_sequence_length)) if name in takes}
 
 
-def peak_memory(device):
+def report(args, plan, stats, image, clock):
+    n = len(stats)
+    up_to = "up to " if plan["ulysses_anything"] else ""
+    print(f"split: {plan['image_tokens']} image tokens + {plan['text_tokens']} prompt tokens between {n} "
+          f"process(es): {up_to if n > 1 else ''}"
+          f"{plan['tokens_per_process'] if n > 1 else plan['image_tokens'] + plan['text_tokens']} tokens per process"
+          + (f", {up_to}{plan['heads_per_process']} of {plan['heads']} heads each in every attention" if n > 1 else "")
+          + (" (uneven: ulysses_anything)" if n > 1 and plan["ulysses_anything"] else ""))
+    print(f"made {args.output} ({image.width}x{image.height}) in {clock.seconds:.2f} s, {clock.per_step():.3f} s per "
+          f"step, {time.time() - psutil.Process().create_time():.1f} s since the start; peak memory: "
+          + "; ".join(f"rank {s['rank']} on {s['device']} {s['peak']}" for s in stats))
+
+
+# --- The guards every script has, copied word for word: utils/check_copies.py keeps the copies identical ---
+
+
+# Copied from data-parallelism-accelerate.py::fail
+def fail(message, code=2, every_process=False):
+    """One line on stderr and a non-zero exit, no traceback.
+
+    A bad input fails every process alike, so only the first process of each machine says it; the others wait
+    a moment, so that the launcher, which stops the whole job when one process ends, does not cut that line
+    short. A failure of one process alone (out of memory) is said by that process."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if every_process or local_rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(1)
+    sys.exit(code)
+
+
+# Copied from data-parallelism-accelerate.py::end_process_group
+def end_process_group():
+    """Leave the process group, if this process is in one, on every way out (a failure's too): left to the
+    interpreter's exit, gloo now and then aborts the process ("terminate called without an active exception") and
+    NCCL adds its own warning to the script's one line. Garbage goes first: a process group that only garbage
+    still holds (a device mesh's, in a model already dropped) would otherwise be freed during the exit, with the
+    same abort."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
+        torch.distributed.destroy_process_group()
+
+
+# Copied from data-parallelism-accelerate.py::check_torch_can_use_the_gpus
+def check_torch_can_use_the_gpus(device):
+    """No silent CPU run: where this machine has GPUs that the installed torch cannot use, stop before anything
+    is loaded, with the likely cause and the fix. Without this, PyPI's torch (no XPU support) on an Intel GPU, or
+    its CUDA 13 build under an older NVIDIA driver, runs everything on the CPU, for hours, without a word."""
+    if device == "cpu" or torch.accelerator.is_available():
+        return
+    gpus = gpus_on_the_pci_bus()
+    hidden = {maker: why for maker in gpus if (why := why_hidden(maker, gpus[maker]))}
+    if hidden and not set(gpus) - set(hidden):  # hidden on purpose, or not in this container: nothing to fix
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"note: {'; '.join(hidden.values())}: running on the CPU", file=sys.stderr, flush=True)
+        return
+    keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (docs/setup.md); or pass --device cpu to run on "
+            "the CPU on purpose")
+    if "NVIDIA" in gpus and "NVIDIA" not in hidden:  # first: a laptop may have an Intel GPU for the screen
+        cuda = torch.version.cuda  # "13.2"; None in a torch built without CUDA
+        # The oldest driver each CUDA major version runs on (NVIDIA's "minor version compatibility" table).
+        driver = {"11": "450", "12": "525", "13": "580"}.get(str(cuda).split(".")[0])
+        needs = f"NVIDIA driver {driver} or newer" if driver else f"an NVIDIA driver for CUDA {cuda}"
+        cause = "it is not a CUDA build: install one" if cuda is None else (
+            f"it is built for CUDA {cuda}, which needs {needs} (`nvidia-smi` shows yours): update the driver, or "
+            "install a torch built for an older CUDA")
+        fail(f"this machine has an NVIDIA GPU, but this torch ({torch.__version__}) cannot use it: {cause}: "
+             f"`uv pip install --reinstall torch --index-url https://download.pytorch.org/whl/cu128`, {keep}")
+    if "Intel" in gpus and "Intel" not in hidden:
+        fail(f"this machine has an Intel GPU, but this torch ({torch.__version__}) cannot use it: it is not the XPU "
+             "build (PyPI's torch has no XPU support): `uv pip install --reinstall torch --index-url "
+             f"https://download.pytorch.org/whl/xpu`, {keep}")
+
+
+# Copied from data-parallelism-accelerate.py::gpus_on_the_pci_bus
+def gpus_on_the_pci_bus():
+    """The makers of this machine's GPUs and how many each, read from the PCI devices Linux lists (what `lspci`
+    reads): a display device (PCI class 0x03....) from NVIDIA (vendor 0x10de) or Intel (0x8086). Intel's bridges
+    and other controllers are no GPU. Empty where there is no such folder (Windows, macOS): there, nothing is
+    checked. A container sees its host's PCI bus, GPUs it was not given included. Tests point SYSFS_PCI_DEVICES
+    at a fake tree."""
+    makers = {"0x10de": "NVIDIA", "0x8086": "Intel"}
+    found = Counter()
+    for pci_device in Path(os.environ.get("SYSFS_PCI_DEVICES", "/sys/bus/pci/devices")).glob("*"):
+        try:
+            vendor, pci_class = ((pci_device / name).read_text().strip().lower() for name in ("vendor", "class"))
+        except OSError:  # not a device folder, or unreadable
+            continue
+        if vendor in makers and pci_class.startswith("0x03"):
+            found[makers[vendor]] += 1
+    return found
+
+
+# Copied from data-parallelism-accelerate.py::why_hidden
+def why_hidden(maker, count):
+    """Why torch cannot see this maker's GPUs where that is meant, not a torch to fix (None where it is not): the
+    user hid them all (CUDA_VISIBLE_DEVICES="" or -1; ZE_AFFINITY_MASK naming none of the `count` GPUs), or this
+    process has none of their device nodes (/dev/nvidia0..., /dev/dri/renderD...): a container given no GPU, or
+    no driver loaded. Tests point DEVICE_NODES at a fake /dev."""
+    variable, nodes = {"NVIDIA": ("CUDA_VISIBLE_DEVICES", "nvidia[0-9]*"),
+                       "Intel": ("ZE_AFFINITY_MASK", "dri/renderD*")}[maker]
+    mask = os.environ.get(variable)
+    if mask is not None and (mask.strip() or maker == "NVIDIA"):  # an empty ZE_AFFINITY_MASK hides nothing
+        # CUDA stops reading its list at the first entry that names no GPU; Level Zero skips such entries.
+        entries = [e.strip().split(".")[0] for e in mask.split(",")][:1 if maker == "NVIDIA" else None]
+        if not any(e.startswith(("GPU-", "MIG-")) or e.isdigit() and int(e) < count for e in entries):
+            return f"{variable}={mask} hides every {maker} GPU"
+    dev = Path(os.environ.get("DEVICE_NODES", "/dev"))
+    if not any(dev.glob(nodes)):
+        return (f"this machine has {maker} GPUs but no {dev / nodes} device node to reach them (a container given "
+                "none, or no driver loaded)")
+    return None
+
+
+# Copied from data-parallelism-accelerate.py::check_launch
+def check_launch(args):
+    """Launch mistakes, caught before any process joins a group, each said by the first process of each machine."""
+    if args.device == "cpu" or not torch.accelerator.is_available():
+        return  # CPU processes share the CPU: any number of them is fine
+    kind = torch.accelerator.current_accelerator().type  # "xpu" or "cuda"
+    devices = torch.accelerator.device_count()
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this machine's processes (torchrun and accelerate set it)
+    script = Path(sys.argv[0]).name
+    # --multi_gpu: without it, an accelerate config that says "no distributed training" would start one process.
+    launch = f"uv run accelerate launch --multi_gpu --num_processes {devices} {script}" if devices > 1 else (
+        f"uv run {script}")
+    # A launcher (or the user) may give each process GPUs of its own with CUDA_VISIBLE_DEVICES or ZE_AFFINITY_MASK:
+    # then each sees fewer devices than there are processes here, and Accelerate picks one it sees. A mask is the
+    # user's choice: one that gives two processes the same GPU is NCCL's "Duplicate GPU" error at the first collective.
+    masked = any(os.environ.get(variable) for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"))
+    if here > devices and not masked:  # two processes on one device: NCCL stops at its first collective
+        fail(f"{here} processes on this machine, but it has {devices} {kind} device(s): start one process per "
+             f"device, e.g. `{launch}` (torchrun: --nproc-per-node {devices})")
+    backend = torch.distributed.Backend.default_device_backend_map.get(kind)  # xpu: xccl, cuda: nccl
+    if backend and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
+            torch.distributed.is_available() and torch.distributed.is_backend_available(backend)):
+        fix = {"xccl": "install the XPU build of torch 2.8 or newer: `uv pip install --reinstall torch "
+                       "--index-url https://download.pytorch.org/whl/xpu`",
+               "nccl": "torch has NCCL on Linux only: run on Linux (or WSL), or run one process"}.get(
+                   backend, f"install a torch built with {backend}")
+        fail(f"this torch ({torch.__version__}) lacks the {backend} backend that processes on {kind} devices need "
+             f"to work as a group: {fix}")
+
+
+# Copied from data-parallelism-accelerate.py::check_group_formed
+def check_group_formed(distributed_state):
+    """Several processes that formed no group would each do the whole job alone: stop instead."""
+    if distributed_state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+        fail(f"the launcher started {os.environ['WORLD_SIZE']} processes but they formed no group, so each would "
+             f"do the whole job alone: on Intel GPUs this torch ({torch.__version__}) lacks the xccl backend "
+             "(install the XPU build of torch 2.8 or newer)")
+
+
+# Copied from data-parallelism-accelerate.py::quiet_libraries
+def quiet_libraries(main_process, verbose):
+    """One copy of the libraries' warnings is enough (the main process's); their loading bars, which would cut
+    through the script's own lines, show with --verbose."""
+    for library in (diffusers, transformers):
+        if not main_process:
+            library.utils.logging.set_verbosity_error()
+        if not (verbose and main_process):
+            library.utils.logging.disable_progress_bar()
+
+
+# Copied from data-parallelism-accelerate.py::process_device
+def process_device(distributed_state):
+    """This process's device. In a CPU process group Accelerate says "cpu:0": moving the weights from "cpu" to
+    "cpu:0" would copy every one of them, twice the memory for nothing."""
+    device = distributed_state.device
+    return torch.device("cpu") if device.type == "cpu" else device
+
+
+# Copied from data-parallelism-accelerate.py::explained_load_errors
+@contextlib.contextmanager
+def explained_load_errors(model):
+    """A model that cannot be loaded: one line with what went wrong and what to do, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        reason = None
+        while reason is None and error is not None:  # diffusers wraps the Hub's error: look down the chain
+            if isinstance(error, GatedRepoError):
+                reason = "it is gated, and this account has not been granted access"
+            elif isinstance(error, RepositoryNotFoundError):
+                reason = "no such model on the Hub, or it is private"
+            elif (isinstance(error, (OfflineModeIsEnabled, ConnectionError))
+                  or "Name or service not known" in str(error)):
+                reason = "it is not in the local cache, and the Hub cannot be reached"
+            elif error.__cause__ is None and error.__context__ is None:
+                reason = str(error).splitlines()[0]
+            error = error.__cause__ or error.__context__
+        fail(f"cannot load --model {model} ({reason}). If it is gated, accept its licence on "
+             f"https://huggingface.co/{model} and run `hf auth login` (black-forest-labs/FLUX.1-schnell is not "
+             f"gated); or pass --model PATH to a local copy")
+
+
+# Copied from data-parallelism-accelerate.py::run_dtype
+def run_dtype(args):
+    """The weights' dtype: as asked, or the GPU's (default_dtype), or float32 on the CPU."""
+    on_gpu = args.device_memory is not None or (args.device != "cpu" and torch.accelerator.is_available())
+    return getattr(torch, args.dtype) if args.dtype != "auto" else default_dtype(on_gpu, announce=not args.plan)
+
+
+# Copied from data-parallelism-accelerate.py::default_dtype
+def default_dtype(on_gpu, announce=False):
+    """--dtype auto: float32 on the CPU (bfloat16 is slow there). On GPUs bfloat16 where they compute it natively
+    (NVIDIA Ampere and newer, Intel's GPUs), else float16: NVIDIA GPUs before Ampere (Turing, Volta, Pascal)
+    emulate bfloat16 slowly or not at all. A plan for GPUs this machine does not have takes bfloat16."""
+    if not on_gpu:
+        return torch.float32
+    if not torch.accelerator.is_available():
+        return torch.bfloat16
+    gpus = torch.get_device_module(torch.accelerator.current_accelerator())
+    if gpus.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    if announce and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"note: {gpus.get_device_name()} has no fast bfloat16: using float16 (--dtype bfloat16 to override)",
+              file=sys.stderr, flush=True)
+    return torch.float16
+
+
+# Copied from data-parallelism-accelerate.py::free_memory
+def free_memory(device):
+    """Free memory of this one device (bytes). Asking every device would open a context, and take memory, on each.
+    Where it cannot be read (some Intel GPUs), its total memory, and a note that says so."""
+    get_memory_info = getattr(torch.accelerator, "get_memory_info", None)  # torch 2.10 or newer
+    try:
+        return (get_memory_info or getattr(torch, device.type).mem_get_info)(device)[0]
+    except RuntimeError:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"note: the free memory of {device} cannot be read: counting on the total memory instead",
+                  file=sys.stderr, flush=True)
+        return torch.get_device_module(device).get_device_properties(device).total_memory
+
+
+# Copied from data-parallelism-accelerate.py::no_fp64_remedy
+def no_fp64_remedy(pipeline, devices, announce=True):
+    """FLUX builds its rotary position embedding in float64 on the device (diffusers' FluxPosEmbed; diffusers falls
+    back to float32 on mps and npu only), and Intel's Arc A-series GPUs (A310 to A770, and the Arc graphics of Core
+    Ultra "Meteor Lake" laptops) have no FP64: torch stops with "Required aspect fp64 is not supported on the
+    device". Where a device of the run reports no FP64, compute that embedding on the CPU (a few hundred KB once a
+    step: the same float64 numbers) and hand it to the device; elsewhere change nothing. Returns those devices."""
+    lacking = [torch.device(d) for d in devices if torch.device(d).type not in ("cpu", "meta") and not getattr(
+        torch.get_device_module(torch.device(d)).get_device_properties(torch.device(d)), "has_fp64", True)]
+    pos_embed = getattr(getattr(pipeline, "transformer", None), "pos_embed", None)
+    if not lacking or pos_embed is None:
+        return []
+    remove_hook_from_module(pos_embed)  # accelerate's hook would move its input back to the device first
+    pipeline.transformer.pos_embed = OnTheCPU(pos_embed)
+    if announce:
+        print(f"note: {', '.join(map(str, lacking))} has no FP64 (Intel Arc A-series): FLUX's rotary position "
+              "embedding, built in float64, is computed on the CPU", file=sys.stderr, flush=True)
+    return lacking
+
+
+# Copied from data-parallelism-accelerate.py::OnTheCPU
+class OnTheCPU(torch.nn.Module):
+    """Runs a module that holds no weights on the CPU, and hands its outputs to the device its input came from."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, ids):
+        return tuple(output.to(ids.device) for output in self.module(ids.cpu()))
+
+
+# Copied from data-parallelism-accelerate.py::gpu_memory
+def gpu_memory(device, peak=False):
+    """The memory of one GPU that this process holds (or its peak), in bytes: (allocated, reserved). Allocated is
+    what torch's tensors hold; reserved is what torch's caching allocator holds from the GPU, allocated or not:
+    what nvidia-smi and xpu-smi show for the process, less its context (a few hundred MB)."""
+    if peak:
+        return torch.accelerator.max_memory_allocated(device), torch.accelerator.max_memory_reserved(device)
+    return torch.accelerator.memory_allocated(device), torch.accelerator.memory_reserved(device)
+
+
+# Copied from data-parallelism-accelerate.py::size
+def size(b):
+    return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.1f} MiB"
+
+
+def one_process_note(device):
+    """A single process makes the image alone, with no parallelism: the baseline. Say how to launch N."""
+    devices = torch.accelerator.device_count() if device.type != "cpu" else 0
+    n = devices if devices > 1 else 2
+    command = " ".join([f"uv run torchrun --nproc-per-node {n} {Path(sys.argv[0]).name}", *map(shlex.quote,
+                                                                                                sys.argv[1:])])
+    where = f"this machine has {devices} {torch.accelerator.current_accelerator().type} devices" if devices > 1 else (
+        "one process")
+    return (f"note: {where}: this process makes the image alone, with no parallelism (the baseline); `{command}` "
+            f"splits it between {n} processes" + (" (on the CPU: `accelerate launch --multi_gpu`, or torchrun)"
+                                                  if not devices else ""))
+
+
+class StallWatchdog:
+    """Ends this process when no denoising step has finished for --stall-timeout seconds (and 10 times the slowest
+    step so far). The processes make one image together and meet in a collective at every step: one that stops (a
+    GPU or driver that no longer answers, a file system that hangs) would keep the others waiting in the next
+    collective for the group's timeout, a week. A thread of each process watches its own steps; the main process
+    says it in one line and exits, the others exit a moment later without a word, and the launcher stops what is
+    left. `os._exit`: the main thread is stuck in a collective, and cannot run Python's exit."""
+
+    def __init__(self, seconds, main_process, steps):
+        self.seconds, self.main_process, self.steps = seconds, main_process, steps
+        self.made, self.slowest, self.last = 0, 0.0, time.monotonic()
+        self.stop = threading.Event()
+        threading.Thread(target=self.watch, name="stall-watchdog", daemon=True).start()
+
+    def beat(self):
+        """A step has finished (the pipeline's callback_on_step_end)."""
+        now = time.monotonic()
+        self.made, self.slowest, self.last = self.made + 1, max(self.slowest, now - self.last), now
+
+    def watch(self):
+        while not self.stop.wait(min(1.0, self.seconds / 10)):
+            waited, limit = time.monotonic() - self.last, max(self.seconds, 10 * self.slowest)
+            if waited > limit + (0 if self.main_process else 5):  # the main process's line first
+                if self.main_process:
+                    print(f"\nerror: no denoising step for {waited:.0f} s ({self.made} of {self.steps} made, the "
+                          f"slowest in {self.slowest:.1f} s): a process of the group has stopped; ending the job "
+                          "(--stall-timeout SECONDS waits longer)", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    def close(self):
+        self.stop.set()
+
+
+def peak_memory_in_words(device):
     """This process's peak memory, as words: on a GPU what it allocated and reserved there (nvidia-smi and xpu-smi
     show the reserved, and a few hundred MB of context), on the CPU its peak resident memory."""
     if device.type != "cpu":
@@ -896,15 +940,6 @@ def peak_memory(device):
     return f"{rss / GiB:.2f} GiB resident"
 
 
-def gpu_memory(device, peak=False):
-    """The memory of one GPU that this process holds (or its peak), in bytes: (allocated, reserved). Allocated is
-    what torch's tensors hold; reserved is what torch's caching allocator holds from the GPU, allocated or not:
-    what nvidia-smi and xpu-smi show for the process, less its context (a few hundred MB)."""
-    if peak:
-        return torch.accelerator.max_memory_allocated(device), torch.accelerator.max_memory_reserved(device)
-    return torch.accelerator.memory_allocated(device), torch.accelerator.memory_reserved(device)
-
-
 def save(image, path):
     """Written whole under a temporary name, then renamed: never half an image on disk."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -915,19 +950,6 @@ def save(image, path):
         fail(f"cannot write {path} ({e.strerror or e}): make room, or choose another --output", code=1)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def report(args, plan, stats, image, clock):
-    n = len(stats)
-    up_to = "up to " if plan["ulysses_anything"] else ""
-    print(f"split: {plan['image_tokens']} image tokens + {plan['text_tokens']} prompt tokens between {n} "
-          f"process(es): {up_to if n > 1 else ''}"
-          f"{plan['tokens_per_process'] if n > 1 else plan['image_tokens'] + plan['text_tokens']} tokens per process"
-          + (f", {up_to}{plan['heads_per_process']} of {plan['heads']} heads each in every attention" if n > 1 else "")
-          + (" (uneven: ulysses_anything)" if n > 1 and plan["ulysses_anything"] else ""))
-    print(f"made {args.output} ({image.width}x{image.height}) in {clock.seconds:.2f} s, {clock.per_step():.3f} s per "
-          f"step, {time.time() - psutil.Process().create_time():.1f} s since the start; peak memory: "
-          + "; ".join(f"rank {s['rank']} on {s['device']} {s['peak']}" for s in stats))
 
 
 if __name__ == "__main__":

@@ -232,8 +232,7 @@ def weigh_pipeline(args):
     """What each component weighs at the run's dtype, from its config.json alone: the model is built on the meta
     device (shapes, no weights), as from_pretrained does before it loads them. Plus what the run needs beside the
     weights: activations for the image size, and the system RAM free before any process has loaded anything."""
-    on_gpu = (args.device != "cpu" and torch.accelerator.is_available()) or args.device_memory is not None
-    dtype = run_dtype(args, on_gpu)
+    dtype = run_dtype(args)
     with warnings.catch_warnings(action="ignore"):
         index = DiffusionPipeline.load_config(args.model)
         transformer = (AutoencoderKL.load_config(args.model, subfolder="transformer")
@@ -280,13 +279,6 @@ def weigh_pipeline(args):
             "reserve": int(RESERVE_AT_1024 * height * width / 1024**2 * args.batch_size),
             # N processes on this machine, each with its own copy of the weights in RAM when they offload.
             "processes": int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "ram": psutil.virtual_memory().available}
-
-
-def run_dtype(args, on_gpu=None, announce=False):
-    """The weights' dtype: as asked, or the GPU's (default_dtype), or float32 on the CPU."""
-    if on_gpu is None:
-        on_gpu = args.device != "cpu" and torch.accelerator.is_available()
-    return getattr(torch, args.dtype) if args.dtype != "auto" else default_dtype(on_gpu, announce)
 
 
 def print_plan(args, sizes):
@@ -513,7 +505,7 @@ def load_on_this_device(args, distributed_state, device, sizes):
     device 0): the weights stay in this process's RAM and move to its GPU when they are needed. Returns the
     pipeline, the call's options and what the manifest records of the settings."""
     memory = memory_mode(args, device, sizes, announce=distributed_state.is_main_process)
-    pipeline = load_pipeline(args)
+    pipeline = load_pipeline(args, sizes)
     if memory == "whole":
         pipeline.to(device)
     elif memory == "model":  # each component goes to the GPU when it runs, and back when the next one starts
@@ -548,8 +540,8 @@ def memory_mode(args, device, sizes, announce):
     return mode
 
 
-def load_pipeline(args):
-    dtype = run_dtype(args, announce=True)
+def load_pipeline(args, sizes):
+    dtype = getattr(torch, sizes["dtype"])  # weigh_pipeline's, which said why where it is not bfloat16
     # diffusers documents SD3 without T5: text_encoder_3=None, tokenizer_3=None (its prompt embeddings are zeros).
     without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if args.no_t5 else {}
     with explained_load_errors(args.model):  # e.g. the configs came from the cache but the weights cannot be fetched
@@ -877,6 +869,12 @@ def explained_load_errors(model):
         fail(f"cannot load --model {model} ({reason}). If it is gated, accept its licence on "
              f"https://huggingface.co/{model} and run `hf auth login` (black-forest-labs/FLUX.1-schnell is not "
              f"gated); or pass --model PATH to a local copy")
+
+
+def run_dtype(args):
+    """The weights' dtype: as asked, or the GPU's (default_dtype), or float32 on the CPU."""
+    on_gpu = args.device_memory is not None or (args.device != "cpu" and torch.accelerator.is_available())
+    return getattr(torch, args.dtype) if args.dtype != "auto" else default_dtype(on_gpu, announce=not args.plan)
 
 
 def default_dtype(on_gpu, announce=False):

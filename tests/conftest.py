@@ -173,6 +173,7 @@ def tiny_qwenimage(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny(tiny_sd3, tiny_flux):
-    """Both tiny pipelines, by the names the README gives them (`tiny/sd3`, `tiny/flux`: tests/test_readme.py)."""
-    return {"sd3": tiny_sd3, "flux": tiny_flux}
+def tiny(tiny_sd3, tiny_flux, tiny_qwenimage):
+    """The tiny pipelines, by the names the pages give them (`tiny/sd3`, `tiny/flux`, `tiny/qwenimage`:
+    tests/test_readme.py)."""
+    return {"sd3": tiny_sd3, "flux": tiny_flux, "qwenimage": tiny_qwenimage}

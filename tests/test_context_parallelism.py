@@ -327,7 +327,7 @@ def test_the_group_has_a_cpu_gloo_backend_for_ulysses_anythings_size_exchange(ki
     monkeypatch.setattr(torch.distributed, "init_process_group",
                         lambda backend, **kwargs: formed.append(backend) or (_ for _ in ()).throw(SystemExit(9)))
     with pytest.raises(SystemExit):
-        script.join_the_group(SimpleNamespace(device="auto"))
+        script.form_the_group(SimpleNamespace(device="auto"))
     assert formed == [expected]
 
 

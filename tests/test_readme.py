@@ -38,6 +38,8 @@ SD35_MEDIUM_CONFIGS = ROOT / "tests" / "fixtures" / "sd3.5-medium"
 SCRIPTS = {"data-parallelism-accelerate.py": "sd3", "model-parallelism-flux.py": "flux",
            "context-parallelism-flux.py": "flux"}
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
+# Real models a page names with --model, and the tiny pipeline of the same class that stands in for each here.
+REAL_MODELS_RUN_TINY = {"Qwen/Qwen-Image": "qwenimage"}
 
 
 def page_lines():
@@ -78,7 +80,8 @@ def run_readme_command(line, tiny, tmp_path, **env):
 
 def as_test(argv, tiny, tmp_path, port):
     """A page's command, runnable here (see the module's docstring)."""
-    argv = [a.replace("tiny/sd3", str(tiny["sd3"])).replace("tiny/flux", str(tiny["flux"])) for a in argv[2:]]
+    argv = [str(tiny[REAL_MODELS_RUN_TINY[a]]) if a in REAL_MODELS_RUN_TINY else a for a in argv[2:]]
+    argv = [re.sub(r"\btiny/(sd3|flux|qwenimage)\b", lambda m: str(tiny[m[1]]), a) for a in argv]
     program, args = argv[0], argv[1:]
     if program in ("accelerate", "hf") and args[:1] in (["config"], ["auth"]):
         return [BIN / program, *args, "--help"]
@@ -111,13 +114,18 @@ def as_test(argv, tiny, tmp_path, port):
     script = next((a for a in [program, *args] if a in SCRIPTS), None)
     if "--max-memory" in args:  # budgets for GPUs: planned, alike on a machine without GPUs and on one with 1 or 8
         args += ["--plan", "--num-devices", "2", "--device-memory", "24GiB"]
-    if script and "--help" not in args:
+    if script and not script.startswith("data") and "--help" not in args and "--model" in args and args[
+            args.index("--model") + 1] in map(str, tiny.values()):  # a tiny pipeline's command: its own settings
+        args += [a for flag, value in zip(FAST[::2], FAST[1::2]) if flag not in args for a in (flag, value)]
+        args += ["--output", str(tmp_path / "out.png"), "--device", "cpu"]
+    elif script and "--help" not in args:
         if "--plan" in args:
-            args += ["--model", str(SD35_MEDIUM_CONFIGS if script.startswith("data") else FLUX_DEV_CONFIGS)]
+            args += ["--model", str(SD35_MEDIUM_CONFIGS if SCRIPTS[script] == "sd3" else FLUX_DEV_CONFIGS)]
         elif script.startswith("data"):
             args += ["--model", str(tiny["sd3"]), *FAST, "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
         else:
-            args += ["--model", str(tiny["flux"]), *FAST, "--output", str(tmp_path / "out.png"), "--device", "cpu"]
+            args += ["--model", str(tiny[SCRIPTS[script]]), *FAST, "--output", str(tmp_path / "out.png"), "--device",
+                     "cpu"]
     return command + args
 
 
