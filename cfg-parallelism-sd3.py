@@ -69,33 +69,22 @@ logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "t
 
 def main():
     args = parse_args()
-    if not args.plan:  # a plan loads nothing and starts no processes: it may be for GPUs this machine lacks
-        check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
-        check_two_processes()  # the guidance batch has two halves: 2 processes, or 1 for the baseline
-        check_launch(args)  # one process per device, and a torch that can join them into a group
-    # Know before loading, from the configs alone (the model built on the meta device, no weights): that the model
-    # does classifier-free guidance at this scale, and what each GPU must hold.
-    plan = plan_the_split(args)
+    # Know before loading, from the configs alone (the model built on the meta device, no weights): that this model
+    # does classifier-free guidance at this scale, that 2 processes were launched, and what each GPU must hold.
+    plan = check_before_loading(args)
     if args.plan:
         return show_plan(args, plan)
-    check_it_fits_in_ram(plan)
 
     # 1. One process per device, as in the context parallel script: Accelerate reads the launcher's rank and world
     #    size, picks this process's device and joins the group (xccl on Intel GPUs, nccl on NVIDIA, gloo on the
     #    CPU with cpu=True). A week's timeout: the first run downloads 16 GB; a stall is --stall-timeout's.
     distributed_state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available(),
                                      timeout=timedelta(days=7))
-    check_group_formed(distributed_state)
-    device = distributed_state.device
-    if device.type == "cpu":  # in a CPU process group Accelerate says "cpu:0": moving the weights from "cpu"
-        device = torch.device("cpu")  # to "cpu:0" would copy every one of them, twice the memory for nothing
-    quiet_libraries(main_process=distributed_state.is_main_process, verbose=args.verbose)
-    check_gpu_memory(plan, device)  # each process, its own GPU
-    if distributed_state.num_processes == 1 and distributed_state.is_main_process:
-        print(two_process_note(), file=sys.stderr, flush=True)
+    device = set_up_this_process(args, plan, distributed_state)  # its device, its GPU's memory, the baseline's note
 
     # 2. Every process loads the WHOLE pipeline onto its own device.
     pipeline = load_sd3(args, plan).to(device)
+    pipeline.set_progress_bar_config(disable=not distributed_state.is_main_process)
 
     # 3. CFG parallelism: each process runs the transformer on its half of the guidance batch (the hooks below).
     if distributed_state.num_processes == 2:
@@ -106,9 +95,6 @@ def main():
     #    waiting in the next all-gather.
     distributed_state.wait_for_everyone()  # every process has loaded: from here on, steps are expected
     watchdog = StallWatchdog(args.stall_timeout, distributed_state.is_main_process, args.num_inference_steps)
-    pipeline.set_progress_bar_config(disable=not distributed_state.is_main_process)
-    if device.type != "cpu":
-        torch.accelerator.reset_peak_memory_stats(device)
     step_times, t0 = [], time.perf_counter()
     image = pipeline(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                      num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
@@ -162,6 +148,33 @@ def is_the_guidance_batch(kwargs):
         return False
     negative, prompt = latents.chunk(2)
     return torch.equal(negative, prompt)
+
+
+def check_before_loading(args):
+    """Every check that needs no weights, then the plan: a plan alone loads nothing and starts no processes (it may
+    be for GPUs this machine lacks), so it skips the checks of this machine and its launch."""
+    if not args.plan:
+        check_torch_can_use_the_gpus(args.device)  # never hours on the CPU, without a word, on a machine with GPUs
+        check_two_processes()  # the guidance batch has two halves: 2 processes, or 1 for the baseline
+        check_launch(args)  # one process per device, and a torch that can join them into a group
+    plan = plan_the_split(args)
+    if not args.plan:
+        check_it_fits_in_ram(plan)
+    return plan
+
+
+def set_up_this_process(args, plan, distributed_state):
+    """After joining the group: this process's device, the libraries quiet but on the main process, its GPU's free
+    memory checked, the baseline's note; returns the device."""
+    check_group_formed(distributed_state)
+    device = distributed_state.device
+    if device.type == "cpu":  # in a CPU process group Accelerate says "cpu:0": moving the weights from "cpu"
+        device = torch.device("cpu")  # to "cpu:0" would copy every one of them, twice the memory for nothing
+    quiet_libraries(main_process=distributed_state.is_main_process, verbose=args.verbose)
+    check_gpu_memory(plan, device)  # each process, its own GPU
+    if distributed_state.num_processes == 1 and distributed_state.is_main_process:
+        print(two_process_note(), file=sys.stderr, flush=True)
+    return device
 
 
 def parse_args():
