@@ -1,3 +1,6 @@
+# SPDX-License-Identifier: MIT
+# Follows diffusers' distributed inference guide, with the guidance batch split between two GPUs as xDiT's CFG
+# parallelism does: https://huggingface.co/docs/diffusers/training/distributed_inference
 """CFG parallelism: one Stable Diffusion 3.5 image made by two GPUs at once, each GPU running half of the guidance.
 
 Classifier-free guidance runs the transformer at every step on a batch of two: the latents with the negative prompt
@@ -25,6 +28,7 @@ the image, which is the image one process makes alone (to rounding).
 """
 
 import argparse
+import contextlib
 import gc
 import importlib
 import json
@@ -106,7 +110,7 @@ def main():
 
     # 5. The main process saves the image, whole or not at all, and reports every process's numbers.
     stats = gather_object([{"rank": distributed_state.process_index, "device": str(device),
-                            "peak": peak_memory(device)}])
+                            "peak": peak_memory_in_words(device)}])
     watchdog.close()  # after the last collective: a process that stopped before it is still caught
     if distributed_state.is_main_process:
         save(image, args.output)
@@ -167,9 +171,7 @@ def set_up_this_process(args, plan, distributed_state):
     """After joining the group: this process's device, the libraries quiet but on the main process, its GPU's free
     memory checked, the baseline's note; returns the device."""
     check_group_formed(distributed_state)
-    device = distributed_state.device
-    if device.type == "cpu":  # in a CPU process group Accelerate says "cpu:0": moving the weights from "cpu"
-        device = torch.device("cpu")  # to "cpu:0" would copy every one of them, twice the memory for nothing
+    device = process_device(distributed_state)
     quiet_libraries(main_process=distributed_state.is_main_process, verbose=args.verbose)
     check_gpu_memory(plan, device)  # each process, its own GPU
     if distributed_state.num_processes == 1 and distributed_state.is_main_process:
@@ -316,12 +318,9 @@ def read_the_configs(model):
         fail(f"--model {model}: no such folder, and not a Hub id (organisation/name)")
     diffusers.utils.logging.set_verbosity_error()  # a failed Hub look-up is said once, by us, not three times
     huggingface_hub.utils.logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings(action="ignore"):
-            index = DiffusionPipeline.load_config(model)
-            vae = AutoencoderKL.load_config(model, subfolder="vae") if index.get("vae") else {}
-    except (OSError, ValueError) as e:
-        fail(cannot_load(model, e))
+    with explained_load_errors(model), warnings.catch_warnings(action="ignore"):
+        index = DiffusionPipeline.load_config(model)
+        vae = AutoencoderKL.load_config(model, subfolder="vae") if index.get("vae") else {}
     diffusers.utils.logging.set_verbosity_warning()  # from here on, the libraries' warnings show again
     huggingface_hub.utils.logging.set_verbosity_warning()
     return index, vae
@@ -338,13 +337,9 @@ def weigh_each_component(model, index, dtype):
         cls = getattr(importlib.import_module(library), class_name, None)
         if not (isinstance(cls, type) and issubclass(cls, (diffusers.ModelMixin, transformers.PreTrainedModel))):
             continue  # tokenizers and schedulers hold no weights
-        try:
-            with warnings.catch_warnings(action="ignore"), torch.device("meta"):
-                module = (cls.from_config(cls.load_config(model, subfolder=name))
-                          if issubclass(cls, diffusers.ModelMixin)
-                          else cls(transformers.AutoConfig.from_pretrained(model, subfolder=name)))
-        except (OSError, ValueError) as e:
-            fail(cannot_load(model, e))
+        with explained_load_errors(model), warnings.catch_warnings(action="ignore"), torch.device("meta"):
+            module = (cls.from_config(cls.load_config(model, subfolder=name)) if issubclass(cls, diffusers.ModelMixin)
+                      else cls(transformers.AutoConfig.from_pretrained(model, subfolder=name)))
         # Under float16, transformers keeps the layers a model names in `_keep_in_fp32_modules` in float32 (T5's `wo`).
         keep = set(getattr(cls, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else set()
         float32 = {n: torch.float32 for n, _ in module.named_parameters() if set(n.split(".")) & keep}
@@ -416,10 +411,8 @@ def check_gpu_memory(plan, device):
 
 def load_sd3(args, plan):
     """The whole pipeline at the run's dtype."""
-    try:
+    with explained_load_errors(args.model):  # e.g. the configs came from the cache but the weights cannot be fetched
         return StableDiffusion3Pipeline.from_pretrained(args.model, dtype=getattr(torch, plan["dtype"]))
-    except (OSError, ValueError) as e:  # e.g. the configs came from the cache but the weights cannot be fetched
-        fail(cannot_load(args.model, e))
 
 
 def report_the_run(args, plan, stats, image, seconds, step_times, t0):
@@ -462,18 +455,19 @@ def end_process_group():
         torch.distributed.destroy_process_group()
 
 
-# Copied from context-parallelism-flux.py::check_group_formed
+# Copied from data-parallelism-accelerate.py::check_group_formed
 def check_group_formed(distributed_state):
-    """Several processes that formed no group would each make the whole image alone: stop instead."""
+    """Several processes that formed no group would each do the whole job alone: stop instead."""
     if distributed_state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
         fail(f"the launcher started {os.environ['WORLD_SIZE']} processes but they formed no group, so each would "
-             f"make the whole image alone: on Intel GPUs this torch ({torch.__version__}) lacks the xccl backend "
+             f"do the whole job alone: on Intel GPUs this torch ({torch.__version__}) lacks the xccl backend "
              "(install the XPU build of torch 2.8 or newer)")
 
 
-# Copied from context-parallelism-flux.py::quiet_libraries
+# Copied from data-parallelism-accelerate.py::quiet_libraries
 def quiet_libraries(main_process, verbose):
-    """One copy of the libraries' warnings is enough (the main process's); their loading bars show with --verbose."""
+    """One copy of the libraries' warnings is enough (the main process's); their loading bars, which would cut
+    through the script's own lines, show with --verbose."""
     for library in (diffusers, transformers):
         if not main_process:
             library.utils.logging.set_verbosity_error()
@@ -494,7 +488,7 @@ def check_torch_can_use_the_gpus(device):
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             print(f"note: {'; '.join(hidden.values())}: running on the CPU", file=sys.stderr, flush=True)
         return
-    keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (README: Set-up); or pass --device cpu to run on "
+    keep = ("then `export UV_NO_SYNC=1` so that `uv run` keeps it (docs/setup.md); or pass --device cpu to run on "
             "the CPU on purpose")
     if "NVIDIA" in gpus and "NVIDIA" not in hidden:  # first: a laptop may have an Intel GPU for the screen
         cuda = torch.version.cuda  # "13.2"; None in a torch built without CUDA
@@ -552,7 +546,7 @@ def why_hidden(maker, count):
     return None
 
 
-# Copied from context-parallelism-flux.py::check_launch
+# Copied from data-parallelism-accelerate.py::check_launch
 def check_launch(args):
     """Launch mistakes, caught before any process joins a group, each said by the first process of each machine."""
     if args.device == "cpu" or not torch.accelerator.is_available():
@@ -561,14 +555,16 @@ def check_launch(args):
     devices = torch.accelerator.device_count()
     here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this machine's processes (torchrun and accelerate set it)
     script = Path(sys.argv[0]).name
-    launch = f"uv run torchrun --nproc-per-node {devices} {script}" if devices > 1 else f"uv run {script}"
+    # --multi_gpu: without it, an accelerate config that says "no distributed training" would start one process.
+    launch = f"uv run accelerate launch --multi_gpu --num_processes {devices} {script}" if devices > 1 else (
+        f"uv run {script}")
     # A launcher (or the user) may give each process GPUs of its own with CUDA_VISIBLE_DEVICES or ZE_AFFINITY_MASK:
     # then each sees fewer devices than there are processes here, and Accelerate picks one it sees. A mask is the
     # user's choice: one that gives two processes the same GPU is NCCL's "Duplicate GPU" error at the first collective.
     masked = any(os.environ.get(variable) for variable in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"))
     if here > devices and not masked:  # two processes on one device: NCCL stops at its first collective
         fail(f"{here} processes on this machine, but it has {devices} {kind} device(s): start one process per "
-             f"device, e.g. `{launch}` (accelerate launch: --num_processes {devices})")
+             f"device, e.g. `{launch}` (torchrun: --nproc-per-node {devices})")
     backend = torch.distributed.Backend.default_device_backend_map.get(kind)  # xpu: xccl, cuda: nccl
     if backend and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
             torch.distributed.is_available() and torch.distributed.is_backend_available(backend)):
@@ -598,22 +594,36 @@ def default_dtype(on_gpu, announce=False):
     return torch.float16
 
 
-# Copied from data-parallelism-accelerate.py::cannot_load
-def cannot_load(model, error):
-    """One line for a model that cannot be loaded, with what went wrong and what to do."""
-    reason = None
-    while reason is None and error is not None:  # diffusers wraps the Hub's error: look down the chain
-        if isinstance(error, GatedRepoError):
-            reason = "it is gated, and this account has not been granted access"
-        elif isinstance(error, RepositoryNotFoundError):
-            reason = "no such model on the Hub, or it is private"
-        elif isinstance(error, (OfflineModeIsEnabled, ConnectionError)) or "Name or service not known" in str(error):
-            reason = "it is not in the local cache, and the Hub cannot be reached"
-        elif error.__cause__ is None and error.__context__ is None:
-            reason = str(error).splitlines()[0]
-        error = error.__cause__ or error.__context__
-    return (f"cannot load --model {model} ({reason}). If it is gated, accept its licence on "
-            f"https://huggingface.co/{model} and run `hf auth login`; or pass --model PATH to a local copy")
+# Copied from data-parallelism-accelerate.py::explained_load_errors
+@contextlib.contextmanager
+def explained_load_errors(model):
+    """A model that cannot be loaded: one line with what went wrong and what to do, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        reason = None
+        while reason is None and error is not None:  # diffusers wraps the Hub's error: look down the chain
+            if isinstance(error, GatedRepoError):
+                reason = "it is gated, and this account has not been granted access"
+            elif isinstance(error, RepositoryNotFoundError):
+                reason = "no such model on the Hub, or it is private"
+            elif (isinstance(error, (OfflineModeIsEnabled, ConnectionError))
+                  or "Name or service not known" in str(error)):
+                reason = "it is not in the local cache, and the Hub cannot be reached"
+            elif error.__cause__ is None and error.__context__ is None:
+                reason = str(error).splitlines()[0]
+            error = error.__cause__ or error.__context__
+        fail(f"cannot load --model {model} ({reason}). If it is gated, accept its licence on "
+             f"https://huggingface.co/{model} and run `hf auth login` (black-forest-labs/FLUX.1-schnell is not "
+             f"gated); or pass --model PATH to a local copy")
+
+
+# Copied from data-parallelism-accelerate.py::process_device
+def process_device(distributed_state):
+    """This process's device. In a CPU process group Accelerate says "cpu:0": moving the weights from "cpu" to
+    "cpu:0" would copy every one of them, twice the memory for nothing."""
+    device = distributed_state.device
+    return torch.device("cpu") if device.type == "cpu" else device
 
 
 # Copied from data-parallelism-accelerate.py::free_memory
@@ -635,8 +645,8 @@ def size(b):
     return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.1f} MiB"
 
 
-# Copied from context-parallelism-flux.py::peak_memory
-def peak_memory(device):
+# Copied from context-parallelism-flux.py::peak_memory_in_words
+def peak_memory_in_words(device):
     """This process's peak memory, as words: on a GPU what it allocated and reserved there (nvidia-smi and xpu-smi
     show the reserved, and a few hundred MB of context), on the CPU its peak resident memory."""
     if device.type != "cpu":
@@ -698,7 +708,7 @@ class StallWatchdog:
             waited, limit = time.monotonic() - self.last, max(self.seconds, 10 * self.slowest)
             if waited > limit + (0 if self.main_process else 5):  # the main process's line first
                 if self.main_process:
-                    print(f"error: no denoising step for {waited:.0f} s ({self.made} of {self.steps} made, the "
+                    print(f"\nerror: no denoising step for {waited:.0f} s ({self.made} of {self.steps} made, the "
                           f"slowest in {self.slowest:.1f} s): a process of the group has stopped; ending the job "
                           "(--stall-timeout SECONDS waits longer)", file=sys.stderr, flush=True)
                 os._exit(1)

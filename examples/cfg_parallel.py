@@ -1,16 +1,15 @@
-import argparse
-
+# CFG parallelism on one page: one SD3.5 image by 2 GPUs, half of the guidance batch each, exchanged once a step.
+# `uv run torchrun --nproc-per-node 2 examples/cfg_parallel.py`; the full script: cfg-parallelism-sd3.py
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather
 from diffusers import StableDiffusion3Pipeline
 
-parser = argparse.ArgumentParser(description="One SD3.5 image made by 2 processes, half of the guidance each.")
-parser.add_argument("--model", default="stabilityai/stable-diffusion-3.5-medium", help="an SD3 pipeline")
 # Two processes, one per GPU (torchrun --nproc-per-node 2); with no GPU, a gloo group of CPU processes.
 distributed_state = PartialState(cpu=not torch.accelerator.is_available())
 dtype = torch.bfloat16 if torch.accelerator.is_available() else torch.float32
-pipeline = StableDiffusion3Pipeline.from_pretrained(parser.parse_args().model, dtype=dtype).to(distributed_state.device)
+pipeline = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium", dtype=dtype)
+pipeline.to(distributed_state.device)  # a whole copy of the pipeline on this process's own device
 GUIDANCE_BATCHED = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
 
 

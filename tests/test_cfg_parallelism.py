@@ -4,10 +4,8 @@ transformer really ran, seen by a probe inside the processes; every bad input; t
 real configs; a stalled process; the one-page program; and GPU runs where there are GPUs.
 """
 
-import ast
 import itertools
 import json
-import re
 import subprocess
 import textwrap
 import time
@@ -21,6 +19,7 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
 from tests.conftest import (ROOT, accelerate_launch, accelerator, assert_clear_error, launched_as, load_script,
                             offline_env, pixels, run, run_main, torchrun)
+from tests.test_readme_programs import with_tiny_pipeline
 
 # The tests that share the module-scoped runs below go to one pytest-xdist worker, which makes each run once.
 SHARED_RUNS = pytest.mark.xdist_group("cfg_parallelism")
@@ -318,11 +317,15 @@ def test_a_process_that_stops_mid_image_ends_the_job_with_one_line(tiny_sd3, tmp
 
 @SHARED_RUNS
 def test_the_one_page_program_on_two_processes_makes_the_image_diffusers_makes(tiny_sd3, tmp_path):
-    """examples/cfg_parallel.py as its comment says to run it (torchrun, 2 processes), with --model the tiny SD3:
-    its defaults (64x64 for the tiny model, 40 steps, guidance 4.5, seed 0) against diffusers' own."""
+    """examples/cfg_parallel.py as its comment says to run it (torchrun, 2 processes), written out with the tiny SD3
+    in place of SD3.5-medium as the pages' tests write it (tests/test_readme_programs.py): its settings (64x64 for
+    the tiny model, 40 steps, guidance 4.5, seed 0) against diffusers' own, and each process on a batch of 1."""
+    program = tmp_path / "examples" / "cfg_parallel.py"
+    program.parent.mkdir()
+    program.write_text(with_tiny_pipeline(EXAMPLE.read_text(encoding="utf-8"), tiny_sd3), encoding="utf-8")
     env, probes = with_probe(tmp_path)
-    made = subprocess.run([str(a) for a in torchrun(2, EXAMPLE, "--model", tiny_sd3)], cwd=tmp_path,
-                          env=offline_env(**env), capture_output=True, text=True, timeout=300)  # saves in its folder
+    made = subprocess.run([str(a) for a in torchrun(2, program)], cwd=tmp_path, env=offline_env(**env),
+                          capture_output=True, text=True, timeout=300)  # saves in its folder
     assert made.returncode == 0, made.stderr
     pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
@@ -330,49 +333,6 @@ def test_the_one_page_program_on_two_processes_makes_the_image_diffusers_makes(t
                         generator=torch.Generator("cpu").manual_seed(0)).images[0]
     assert np.abs(pixels(tmp_path / "sd3.5-cfg-parallel.png") - np.asarray(expected, dtype=np.int16)).max() <= 1
     assert batches_seen(probes) == {"rank0": [1] * 40, "rank1": [1] * 40}
-
-
-# --- the guards: the same code as in the other scripts ---
-
-
-def copies(path):
-    """The functions and classes marked `# Copied from SCRIPT::NAME` on the line above them: (SCRIPT, NAME)."""
-    return re.findall(r"^# Copied from ([\w.-]+\.py)::(\w+)\n(?:def|class|@)", path.read_text(encoding="utf-8"),
-                      flags=re.MULTILINE)
-
-
-def source(path, name):
-    """The text of the top-level function or class NAME, as written (None where PATH has none)."""
-    text = path.read_text(encoding="utf-8")
-    node = next((n for n in ast.parse(text).body if getattr(n, "name", None) == name), None)
-    return node and ast.get_source_segment(text, node)
-
-
-@pytest.mark.parametrize("origin, name", copies(CFG_PARALLEL))
-def test_the_copied_guards_are_their_scripts_own(origin, name):
-    """Copied, not rewritten: a fix to a guard in the script it comes from must reach this one too. When this
-    fails, port the change. (StallWatchdog comes with context parallelism's hang fix, issue 23: until that is
-    merged here, its source is not in this tree.)"""
-    if source(ROOT / origin, name) is None:
-        pytest.skip(f"{origin} has no {name} in this tree")
-    assert source(CFG_PARALLEL, name) == source(ROOT / origin, name)
-
-
-def test_the_copies_sit_together_at_the_end_under_the_banner():
-    text = CFG_PARALLEL.read_text(encoding="utf-8")
-    banner = ("# --- Copied from the other scripts, kept identical by utils/check_copies.py: the guards every script "
-              "has ---")
-    before, after = text.split(banner)
-    assert "# Copied from" not in before and len(copies(CFG_PARALLEL)) == after.count("# Copied from") >= 10
-    own = {n.name for n in ast.parse(before).body if hasattr(n, "name")}
-    assert not own & {name for _, name in copies(CFG_PARALLEL)}
-
-
-def test_main_uses_no_private_library_call():
-    tree = ast.parse(CFG_PARALLEL.read_text(encoding="utf-8"))
-    private = [node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr.startswith("_")
-               and not node.attr.startswith("__") and node.attr != "_exit"]  # os._exit: public
-    assert private == []
 
 
 # --- GPUs: skipped where there are none ---

@@ -518,4 +518,5 @@ def test_more_processes_than_gpus_is_refused_with_the_launch_that_fits(script, m
         script.check_launch(SimpleNamespace(device="auto"))
     err = capsys.readouterr().err
     assert "4 processes on this machine, but it has 2 xpu device(s)" in err
-    assert "torchrun --nproc-per-node 2 context-parallelism-flux.py" in err
+    assert "accelerate launch --multi_gpu --num_processes 2 context-parallelism-flux.py" in err
+    assert "(torchrun: --nproc-per-node 2)" in err

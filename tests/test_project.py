@@ -75,3 +75,17 @@ def test_xdist_groups_take_effect(request):
     if not getattr(request.config.option, "loadgroup", False):  # what pytest-xdist sets in a worker for loadgroup
         pytest.skip("not run by pytest-xdist with --dist loadgroup (-n 0)")
     assert request.node.nodeid.endswith("@probe")
+
+
+@pytest.mark.parametrize("script", [*ROOT.glob("*.py"), *ROOT.glob("examples/*.py")], ids=lambda path: path.name)
+def test_no_script_calls_a_private_library_function(script):
+    """A reader copies a script to learn the libraries' public API: a private (`_`-prefixed) function of theirs is
+    neither documented nor kept. `os._exit` is public (a thread ending its process); the class attributes that the
+    libraries document for users to read (`_no_split_modules`) are read, not called."""
+    tree = ast.parse(script.read_text(encoding="utf-8"))
+    private = [f"{node.func.attr} (line {node.lineno})" for node in ast.walk(tree) if isinstance(node, ast.Call)
+               and isinstance(node.func, ast.Attribute) and node.func.attr.startswith("_")
+               and not node.func.attr.startswith("__") and node.func.attr != "_exit"]
+    private += [f"{alias.name} (line {node.lineno})" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                for alias in node.names if alias.name.startswith("_")]
+    assert private == []

@@ -36,7 +36,7 @@ from tests.test_readme_programs import PAGES, README, bash_lines, launch_command
 FLUX_DEV_CONFIGS = ROOT / "tests" / "fixtures" / "flux1-dev"
 SD35_MEDIUM_CONFIGS = ROOT / "tests" / "fixtures" / "sd3.5-medium"
 SCRIPTS = {"data-parallelism-accelerate.py": "sd3", "model-parallelism-flux.py": "flux",
-           "context-parallelism-flux.py": "flux"}
+           "context-parallelism-flux.py": "flux", "cfg-parallelism-sd3.py": "sd3"}
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
 # Real models a page names with --model, and the tiny pipeline of the same class that stands in for each here.
 REAL_MODELS_RUN_TINY = {"Qwen/Qwen-Image": "qwenimage"}
@@ -110,7 +110,9 @@ def as_test(argv, tiny, tmp_path, port):
     elif program == "benchmarks/scaling.py":
         args += ["--model", str(tiny["sd3"]), "--prompts", "4", "--size", "64", "--steps", "1", "--no-warm-up"]
     elif program == "benchmarks/context_parallel.py":  # a small random FLUX: 2 heads of 64
-        args += ["--hidden", "128", "--size", "64", "--steps", "2", "--repeats", "1", "--no-warm-up"]
+        args += ["--hidden", "128", "--sizes", "64", "--steps", "2", "--repeats", "1", "--no-warm-up"]
+    elif program == "benchmarks/cfg_parallel.py":  # a small random SD3: 1 block, hidden size 32
+        args += ["--hidden", "32", "--layers", "1", "--size", "64", "--steps", "2", "--repeats", "1", "--no-warm-up"]
     script = next((a for a in [program, *args] if a in SCRIPTS), None)
     if "--max-memory" in args:  # budgets for GPUs: planned, alike on a machine without GPUs and on one with 1 or 8
         args += ["--plan", "--num-devices", "2", "--device-memory", "24GiB"]
@@ -238,7 +240,8 @@ def runs_alike(argv, folder):
     own (argparse keeps a flag's last value). Two commands alike make the same run here, e.g. the quick start's
     tiny Flux command and its section's command for FLUX.1-dev, once the tiny Flux, 64 px and 2 steps replace the
     real model's settings. A command its script refuses to parse is a run of its own."""
-    command = [str(a) for a in as_test(argv, {"sd3": "TINY-SD3", "flux": "TINY-FLUX"}, folder, 0)]
+    stand_ins = {"sd3": "TINY-SD3", "flux": "TINY-FLUX", "qwenimage": "TINY-QWENIMAGE"}
+    command = [str(a) for a in as_test(argv, stand_ins, folder, 0)]
     at = next((i for i, word in enumerate(command) if Path(word).name in SCRIPTS), None)
     if at is None:
         return tuple(command)

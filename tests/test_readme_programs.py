@@ -207,7 +207,8 @@ def run_program(program, command, tiny_path, folder, timeout=600, a_gpu_a_proces
 
 
 PROGRAMS = programs()
-CHECKED = {"examples/data_parallel.py", "examples/model_parallel.py", "examples/context_parallel.py"}  # below
+CHECKED = {"examples/data_parallel.py", "examples/model_parallel.py", "examples/context_parallel.py",
+           "examples/cfg_parallel.py"}  # below
 RUNS = [(program, command) for program in PROGRAMS for command in program.commands]
 
 
@@ -336,6 +337,15 @@ def test_model_parallel_program_prints_where_each_component_really_is_and_saves_
 
 @runs_of("examples/context_parallel.py")
 def test_context_parallel_program_saves_one_image_from_the_main_process(program, command, runs):
+    run = runs(program, command)
+    run.succeeded()
+    check_one_image_by_the_main_process(run)
+
+
+@runs_of("examples/cfg_parallel.py")
+def test_cfg_parallel_program_saves_one_image_from_the_main_process(program, command, runs):
+    """One image, by process 0 (tests/test_cfg_parallelism.py checks it against diffusers' and each process's
+    half of the batch)."""
     run = runs(program, command)
     run.succeeded()
     check_one_image_by_the_main_process(run)
