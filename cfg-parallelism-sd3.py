@@ -52,7 +52,7 @@ import torch
 import transformers
 from accelerate import PartialState
 from accelerate.utils import compute_module_sizes, convert_file_size_to_int, gather, gather_object
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusion3Pipeline
+from diffusers import AutoencoderKL, DiffusionPipeline
 from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
@@ -296,7 +296,7 @@ def plan_the_split(args):
             fail(f"{flag} {value} does not suit {args.model}: use a multiple of {2 * latent_scale}, "
                  f"e.g. {max(2 * latent_scale, value // (2 * latent_scale) * 2 * latent_scale)}")
     on_gpu = args.device_memory is not None or (args.device != "cpu" and torch.accelerator.is_available())
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else default_dtype(on_gpu, announce=not args.plan)
+    dtype = run_dtype(args)
     components = weigh_each_component(args.model, index, dtype)
     weights = sum(components.values())
     reserve = int(RESERVE_AT_1024 * args.height * args.width / 1024**2)
@@ -410,9 +410,11 @@ def check_gpu_memory(plan, device):
 
 
 def load_sd3(args, plan):
-    """The whole pipeline at the run's dtype."""
+    """The whole pipeline at the run's dtype: the plan found a StableDiffusion3Pipeline in its model_index.json.
+    (DiffusionPipeline imports that class only now, after the warnings filter at the top of this file: importing
+    it at the start has transformers warn, twice, about image processors this script never uses.)"""
     with explained_load_errors(args.model):  # e.g. the configs came from the cache but the weights cannot be fetched
-        return StableDiffusion3Pipeline.from_pretrained(args.model, dtype=getattr(torch, plan["dtype"]))
+        return DiffusionPipeline.from_pretrained(args.model, dtype=getattr(torch, plan["dtype"]))
 
 
 def report_the_run(args, plan, stats, image, seconds, step_times, t0):
@@ -425,7 +427,7 @@ def report_the_run(args, plan, stats, image, seconds, step_times, t0):
           + "; ".join(f"rank {s['rank']} on {s['device']} {s['peak']}" for s in stats))
 
 
-# --- Copied from the other scripts, kept identical by utils/check_copies.py: the guards every script has ---
+# --- The guards every script has, copied word for word: utils/check_copies.py keeps the copies identical ---
 
 
 # Copied from data-parallelism-accelerate.py::fail
@@ -574,6 +576,13 @@ def check_launch(args):
                    backend, f"install a torch built with {backend}")
         fail(f"this torch ({torch.__version__}) lacks the {backend} backend that processes on {kind} devices need "
              f"to work as a group: {fix}")
+
+
+# Copied from data-parallelism-accelerate.py::run_dtype
+def run_dtype(args):
+    """The weights' dtype: as asked, or the GPU's (default_dtype), or float32 on the CPU."""
+    on_gpu = args.device_memory is not None or (args.device != "cpu" and torch.accelerator.is_available())
+    return getattr(torch, args.dtype) if args.dtype != "auto" else default_dtype(on_gpu, announce=not args.plan)
 
 
 # Copied from data-parallelism-accelerate.py::default_dtype

@@ -122,6 +122,7 @@ def test_each_process_ran_the_transformer_on_its_half_of_the_guidance_batch(laun
     runs it on a batch of 1, at each of the 2 steps. A script that no longer split would show [2, 2]."""
     run_ = request.getfixturevalue(launch)
     assert batches_seen(run_.probes) == {"rank0": [1, 1], "rank1": [1, 1]}
+    assert "[transformers]" not in run_.result.stderr  # no library noise about what the script never uses
     assert ("split: the guidance batch of 2 between 2 process(es): 1 each, rank 0 the negative prompt's half, rank 1 "
             "the prompt's") in run_.result.stdout
 
