@@ -8,7 +8,7 @@ denoising step, the speedups, and how far the 2-process image is from the 1-proc
 
 On the CPU every process gets one thread (OMP_NUM_THREADS=1), so 2 processes use 2 cores. With no --model, a
 StableDiffusion3Pipeline with a random-weight transformer big enough that compute, not the all-gather, dominates
-(hidden size 768: 4 heads of 192, 4 joint blocks, --layers and --hidden change it) and the tiny text encoders and
+(hidden size 768: 4 heads of 192, 8 joint blocks, --layers and --hidden change it) and the tiny text encoders and
 VAE (utils/tiny_pipelines.py) is built in a temporary folder; at 512x512 its sequence is 1024 image tokens and
 333 prompt tokens (77 CLIP + 256 T5), on a guidance batch of 2.
 """
@@ -33,7 +33,7 @@ from utils.tiny_pipelines import build_sd3  # noqa: E402
 SCRIPT = ROOT / "cfg-parallelism-sd3.py"
 
 
-def build_pipeline(out, hidden=768, layers=4):
+def build_pipeline(out, hidden=768, layers=8):
     """A StableDiffusion3Pipeline whose transformer has random weights and `hidden` = 4 heads x head size; the tiny
     text encoders and VAE, so that the transformer is nearly all of the work."""
     return build_sd3(out, num_layers=layers, attention_head_dim=hidden // 4)
@@ -52,7 +52,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="SD3 pipeline to run (default: a random-weight SD3 built on the spot)")
     parser.add_argument("--size", type=int, default=512, help="image height and width (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=40,
+                        help="denoising steps (default: %(default)s, SD3.5-medium's and the script's own)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs of each process count, taken in turn; the table shows the best of them, the "
                              "least disturbed by whatever else the machine runs (default: %(default)s)")
@@ -61,7 +62,7 @@ def parse_args():
                              "run before this one cached it already)")
     parser.add_argument("--hidden", type=int, default=768,
                         help="with no --model: the random transformer's hidden size, 4 heads (default: %(default)s)")
-    parser.add_argument("--layers", type=int, default=4,
+    parser.add_argument("--layers", type=int, default=8,
                         help="with no --model: the random transformer's joint blocks (default: %(default)s)")
     return parser.parse_args()
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DP, MP, CP = "data-parallelism-accelerate.py", "model-parallelism-flux.py", "context-parallelism-flux.py"
+CFG = "cfg-parallelism-sd3.py"
 
 
 @dataclass
@@ -95,6 +96,13 @@ MUTATIONS = [
              ("tests/test_context_parallelism.py", "-k", "cpu_gloo_backend")),
     Mutation("context-heads-check-removed", CP, "        fail(plan[\"problems\"][0])", "        pass",
              ("tests/test_context_parallelism.py", "-k", "cannot_share or degrees")),
+    # --- cfg-parallelism-sd3.py ---
+    Mutation("cfg-halves-swapped", CFG, "value.chunk(2)[rank] if name", "value.chunk(2)[1 - rank] if name",
+             ("tests/test_cfg_parallelism.py", "-k", "two_processes_make_the_image")),
+    Mutation("cfg-batch-not-split", CFG, "        split[0] = is_the_guidance_batch(kwargs)\n",
+             "        split[0] = False\n", ("tests/test_cfg_parallelism.py", "-k", "its_half_of_the_guidance_batch")),
+    Mutation("cfg-stall-timeout-ignored", CFG, "StallWatchdog(args.stall_timeout,", "StallWatchdog(3600,",
+             ("tests/test_cfg_parallelism.py", "-k", "stops_mid_image")),
 ]
 
 

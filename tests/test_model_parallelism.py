@@ -207,7 +207,7 @@ def test_flux1_dev_is_balanced_within_10_percent_on_the_devices_alone(plan, num_
 
 
 @pytest.mark.parametrize("max_memory", ["0=23GiB,1=23.6GiB", "0=23.6GiB,1=23GiB"])
-def test_the_plan_command_of_the_issue_fits_balanced(max_memory):
+def test_the_plan_command_with_two_unequal_budgets_fits_flux1_dev_balanced(max_memory):
     result = run_main(MODEL_PARALLEL, "--plan", "--json", "--model", FLUX1_DEV, "--num-devices", "2",
                       "--device-memory", "24GiB", "--max-memory", max_memory, check=True)
     plan = json.loads(result.stdout)
