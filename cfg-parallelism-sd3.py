@@ -204,7 +204,7 @@ def parse_args():
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
                         help="auto: each process on a GPU of its own where torch can use the GPUs, else the CPU; "
                              "cpu: on the CPU on purpose, even on a machine with GPUs (default: %(default)s)")
-    parser.add_argument("--stall-timeout", type=float, default=600, metavar="SECONDS",
+    parser.add_argument("--stall-timeout", type=int, default=600, metavar="SECONDS",
                         help="end the job with one line when no denoising step has finished for this long (and 10 "
                              "times the slowest step): a process that stopped would keep the other waiting in the "
                              "next exchange for a week (default: %(default)s)")
@@ -227,7 +227,7 @@ def parse_args():
     if args.max_sequence_length > 512:
         fail(f"--max-sequence-length {args.max_sequence_length}: SD3's T5 takes at most 512 tokens")
     if args.stall_timeout <= 0:
-        fail(f"--stall-timeout must be a positive number of seconds, not {args.stall_timeout:g}")
+        fail(f"--stall-timeout must be a positive number of seconds, not {args.stall_timeout}")
     if not args.plan and (args.json or args.device_memory is not None):
         fail("--json and --device-memory describe a plan: add --plan")
     if args.device_memory is not None:
@@ -283,7 +283,7 @@ def plan_the_split(args):
     if pipeline != "StableDiffusion3Pipeline":
         fail(f"--model {args.model} is a {pipeline}: this script splits StableDiffusion3Pipeline's guidance batch "
              "(SD3, SD3.5); context-parallelism-flux.py makes one image with several GPUs for the models diffusers "
-             "can split by context parallelism (FLUX.1, Flux2, QwenImage, Wan...), data-parallelism-accelerate.py "
+             "can split by context parallelism (FLUX.1, Flux2, QwenImage...), data-parallelism-accelerate.py "
              "many images with any pipeline")
     if args.guidance_scale <= 1:  # the pipeline's do_classifier_free_guidance is guidance_scale > 1
         fail(f"--guidance-scale {args.guidance_scale:g}: at 1 or below StableDiffusion3Pipeline does no "
@@ -297,7 +297,7 @@ def plan_the_split(args):
                  f"e.g. {max(2 * latent_scale, value // (2 * latent_scale) * 2 * latent_scale)}")
     on_gpu = args.device_memory is not None or (args.device != "cpu" and torch.accelerator.is_available())
     dtype = run_dtype(args)
-    components = weigh_each_component(args.model, index, dtype)
+    components = weigh_components(args.model, index, dtype)
     weights = sum(components.values())
     reserve = int(RESERVE_AT_1024 * args.height * args.width / 1024**2)
     # What passes between the GPUs at each step: one half's prediction each way, the size of the latents.
@@ -324,27 +324,6 @@ def read_the_configs(model):
     diffusers.utils.logging.set_verbosity_warning()  # from here on, the libraries' warnings show again
     huggingface_hub.utils.logging.set_verbosity_warning()
     return index, vae
-
-
-def weigh_each_component(model, index, dtype):
-    """What each component weighs at `dtype`, from its config.json alone: built on torch's meta device (shapes, no
-    weights), as from_pretrained builds it before it loads the weights."""
-    sizes = {}
-    for name, spec in index.items():
-        library, class_name = spec if isinstance(spec, list) and len(spec) == 2 else (None, None)
-        if library not in ("diffusers", "transformers"):
-            continue
-        cls = getattr(importlib.import_module(library), class_name, None)
-        if not (isinstance(cls, type) and issubclass(cls, (diffusers.ModelMixin, transformers.PreTrainedModel))):
-            continue  # tokenizers and schedulers hold no weights
-        with explained_load_errors(model), warnings.catch_warnings(action="ignore"), torch.device("meta"):
-            module = (cls.from_config(cls.load_config(model, subfolder=name)) if issubclass(cls, diffusers.ModelMixin)
-                      else cls(transformers.AutoConfig.from_pretrained(model, subfolder=name)))
-        # Under float16, transformers keeps the layers a model names in `_keep_in_fp32_modules` in float32 (T5's `wo`).
-        keep = set(getattr(cls, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else set()
-        float32 = {n: torch.float32 for n, _ in module.named_parameters() if set(n.split(".")) & keep}
-        sizes[name] = compute_module_sizes(module, dtype=dtype, special_dtypes=float32)[""]
-    return sizes
 
 
 def fits(plan, free, processes_here=1):
@@ -724,6 +703,29 @@ class StallWatchdog:
 
     def close(self):
         self.stop.set()
+
+
+# Copied from context-parallelism-flux.py::weigh_components
+def weigh_components(model, index, dtype):
+    """What each component weighs at `dtype`, from its config.json alone: built on torch's meta device (shapes, no
+    weights), as from_pretrained builds it before it loads the weights."""
+    sizes = {}
+    for name, spec in index.items():
+        library, class_name = spec if isinstance(spec, list) and len(spec) == 2 else (None, None)
+        if library not in ("diffusers", "transformers"):
+            continue
+        cls = getattr(importlib.import_module(library), class_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, (diffusers.ModelMixin, transformers.PreTrainedModel))):
+            continue  # tokenizers and schedulers hold no weights
+        with explained_load_errors(model), warnings.catch_warnings(action="ignore"), torch.device("meta"):
+            module = (cls.from_config(cls.load_config(model, subfolder=name)) if issubclass(cls, diffusers.ModelMixin)
+                      else cls(transformers.AutoConfig.from_pretrained(model, subfolder=name)))
+        # Under float16, transformers keeps the layers a model names in `_keep_in_fp32_modules` in float32 (T5's `wo`).
+        keep = set(getattr(cls, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else set()
+        float32 = {n: torch.float32 for n, _ in module.named_parameters() if set(n.split(".")) & keep}
+        sizes[name] = compute_module_sizes(module, dtype=dtype, special_dtypes=float32)[""]
+    return sizes
+
 
 if __name__ == "__main__":
     # A launcher stops the other processes with SIGTERM when one fails: exit through Python, so that

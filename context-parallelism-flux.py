@@ -139,7 +139,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="Hub id or local folder of a pipeline whose transformer diffusers can split by context "
-                             "parallelism: FLUX.1, Flux2, QwenImage, Wan... (default: %(default)s)")
+                             "parallelism, for images: FLUX.1, Flux2, QwenImage... (default: %(default)s)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="what to draw (default: %(default)r)")
     parser.add_argument("--height", type=int, default=1024, help="image height in pixels (default: %(default)s)")
     parser.add_argument("--width", type=int, default=1024, help="image width in pixels (default: %(default)s)")
@@ -221,6 +221,11 @@ def make_plan(args):
     if not index.get("transformer"):
         fail(f"--model {args.model} is a {index.get('_class_name')} with no transformer: context parallelism splits "
              "a transformer's sequence; data-parallelism-accelerate.py serves any pipeline (many images at once)")
+    pipeline_class = getattr(diffusers, str(index.get("_class_name")), None)
+    if pipeline_class is not None and "num_frames" in inspect.signature(pipeline_class.__call__).parameters:
+        fail(f"--model {args.model} is a {index['_class_name']}, which makes videos: this script makes one image "
+             "(its split counts no frames, and it saves a PNG); a text-to-image pipeline with a context-parallel "
+             "plan (FLUX.1, Flux2, QwenImage) runs here")
     transformer_class = getattr(diffusers, index["transformer"][1], None)
     # The model's context-parallel plan, a class attribute (`_cp_plan`) that enable_parallelism reads: which inputs
     # to split and which output to gather. Read here, not called, to say before loading that there is none.
@@ -378,27 +383,6 @@ def even_split_problems(args, processes, ulysses, heads, image_tokens, text_toke
     return problems
 
 
-def weigh_components(model, index, dtype):
-    """What each component weighs at `dtype`, from its config.json alone: built on torch's meta device (shapes, no
-    weights), as from_pretrained builds it before it loads the weights."""
-    sizes = {}
-    for name, spec in index.items():
-        library, class_name = spec if isinstance(spec, list) and len(spec) == 2 else (None, None)
-        if library not in ("diffusers", "transformers"):
-            continue
-        cls = getattr(importlib.import_module(library), class_name, None)
-        if not (isinstance(cls, type) and issubclass(cls, (diffusers.ModelMixin, transformers.PreTrainedModel))):
-            continue  # tokenizers and schedulers hold no weights
-        with explained_load_errors(model), warnings.catch_warnings(action="ignore"), torch.device("meta"):
-            module = (cls.from_config(cls.load_config(model, subfolder=name)) if issubclass(cls, diffusers.ModelMixin)
-                      else cls(transformers.AutoConfig.from_pretrained(model, subfolder=name)))
-        # Under float16, transformers keeps the layers a model names in `_keep_in_fp32_modules` in float32 (T5's `wo`).
-        keep = set(getattr(cls, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else set()
-        float32 = {n: torch.float32 for n, _ in module.named_parameters() if set(n.split(".")) & keep}
-        sizes[name] = compute_module_sizes(module, dtype=dtype, special_dtypes=float32)[""]
-    return sizes
-
-
 def fit(plan, device_memory, ram=None, processes_here=1):
     """Whether each GPU (or, on the CPU, the RAM of this machine's processes) can hold what the run needs, and the
     one line that says what to do where it cannot."""
@@ -497,6 +481,19 @@ def form_the_group(args):
     distributed_state = PartialState(cpu=cpu)
     check_group_formed(distributed_state)
     return distributed_state, process_device(distributed_state)
+
+
+def one_process_note(device):
+    """A single process makes the image alone, with no parallelism: the baseline. Say how to launch N."""
+    devices = torch.accelerator.device_count() if device.type != "cpu" else 0
+    n = devices if devices > 1 else 2
+    command = " ".join([f"uv run torchrun --nproc-per-node {n} {Path(sys.argv[0]).name}", *map(shlex.quote,
+                                                                                                sys.argv[1:])])
+    where = f"this machine has {devices} {torch.accelerator.current_accelerator().type} devices" if devices > 1 else (
+        "one process")
+    return (f"note: {where}: this process makes the image alone, with no parallelism (the baseline); `{command}` "
+            f"splits it between {n} processes" + (" (on the CPU: `accelerate launch --multi_gpu`, or torchrun)"
+                                                  if not devices else ""))
 
 
 def check_device_memory(args, plan, device):
@@ -880,19 +877,6 @@ def size(b):
     return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.1f} MiB"
 
 
-def one_process_note(device):
-    """A single process makes the image alone, with no parallelism: the baseline. Say how to launch N."""
-    devices = torch.accelerator.device_count() if device.type != "cpu" else 0
-    n = devices if devices > 1 else 2
-    command = " ".join([f"uv run torchrun --nproc-per-node {n} {Path(sys.argv[0]).name}", *map(shlex.quote,
-                                                                                                sys.argv[1:])])
-    where = f"this machine has {devices} {torch.accelerator.current_accelerator().type} devices" if devices > 1 else (
-        "one process")
-    return (f"note: {where}: this process makes the image alone, with no parallelism (the baseline); `{command}` "
-            f"splits it between {n} processes" + (" (on the CPU: `accelerate launch --multi_gpu`, or torchrun)"
-                                                  if not devices else ""))
-
-
 class StallWatchdog:
     """Ends this process when no denoising step has finished for --stall-timeout seconds (and 10 times the slowest
     step so far). The processes make one image together and meet in a collective at every step: one that stops (a
@@ -950,6 +934,28 @@ def save(image, path):
         fail(f"cannot write {path} ({e.strerror or e}): make room, or choose another --output", code=1)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def weigh_components(model, index, dtype):
+    """What each component weighs at `dtype`, from its config.json alone: built on torch's meta device (shapes, no
+    weights), as from_pretrained builds it before it loads the weights."""
+    sizes = {}
+    for name, spec in index.items():
+        library, class_name = spec if isinstance(spec, list) and len(spec) == 2 else (None, None)
+        if library not in ("diffusers", "transformers"):
+            continue
+        cls = getattr(importlib.import_module(library), class_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, (diffusers.ModelMixin, transformers.PreTrainedModel))):
+            continue  # tokenizers and schedulers hold no weights
+        with explained_load_errors(model), warnings.catch_warnings(action="ignore"), torch.device("meta"):
+            module = (cls.from_config(cls.load_config(model, subfolder=name)) if issubclass(cls, diffusers.ModelMixin)
+                      else cls(transformers.AutoConfig.from_pretrained(model, subfolder=name)))
+        # Under float16, transformers keeps the layers a model names in `_keep_in_fp32_modules` in float32 (T5's `wo`).
+        keep = set(getattr(cls, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else set()
+        float32 = {n: torch.float32 for n, _ in module.named_parameters() if set(n.split(".")) & keep}
+        sizes[name] = compute_module_sizes(module, dtype=dtype, special_dtypes=float32)[""]
+    return sizes
+
 
 
 if __name__ == "__main__":

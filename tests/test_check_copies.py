@@ -92,6 +92,8 @@ def test_an_unmarked_copy_a_stray_marker_and_a_copy_above_the_banner_are_each_sa
     script = scripts / "model-parallelism-flux.py"
     text = script.read_text(encoding="utf-8")
     text = text.replace("# Copied from data-parallelism-accelerate.py::why_hidden\n", "")  # unmarked
+    text = text.replace("# Copied from data-parallelism-accelerate.py::gpu_memory\ndef gpu_memory(",
+                        "def memory_of_one_gpu(")  # renamed and unmarked: still a copy
     size = "# Copied from data-parallelism-accelerate.py::size\ndef size(b):\n"  # moved up, above the banner
     size = text[text.index(size):text.index("\n\n\n", text.index(size))]
     text = text.replace(size + "\n\n\n", "").replace("def parse_args():", size + "\n\n\ndef parse_args():")
@@ -100,6 +102,8 @@ def test_an_unmarked_copy_a_stray_marker_and_a_copy_above_the_banner_are_each_sa
     script.write_text(text, encoding="utf-8")
 
     out = check(scripts).stdout
-    assert "why_hidden is written alike in" in out and "model-parallelism-flux.py" in out
+    assert ("why_hidden in data-parallelism-accelerate.py, why_hidden in model-parallelism-flux.py: written alike, "
+            "unmarked") in out
+    assert "gpu_memory in data-parallelism-accelerate.py, memory_of_one_gpu in model-parallelism-flux.py" in out
     assert re.search(r"model-parallelism-flux\.py:\d+: the `# Copied from` marker is not on the line above a def", out)
     assert "model-parallelism-flux.py: size is shared with another script but is not below the banner" in out

@@ -184,6 +184,21 @@ def test_a_model_without_a_context_parallel_plan_names_the_scripts_that_serve_it
     assert "data-parallelism-accelerate.py" in line
 
 
+def test_a_video_pipeline_is_refused_before_anything_is_loaded(refused, tmp_path):
+    """Wan's transformer has a context-parallel plan, but its pipeline makes frames, not an image: the script would
+    run a whole video and then fail to find `.images`. Its configs alone (no weights) are enough to say so."""
+    model = tmp_path / "wan"
+    for folder, config in (("transformer", {"_class_name": "WanTransformer3DModel"}),
+                           ("vae", {"_class_name": "AutoencoderKLWan"})):
+        (model / folder).mkdir(parents=True)
+        (model / folder / "config.json").write_text(json.dumps(config))
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline",
+                                                        "transformer": ["diffusers", "WanTransformer3DModel"],
+                                                        "vae": ["diffusers", "AutoencoderKLWan"]}))
+    line = refused(2, "--model", model, *FAST)
+    assert "WanPipeline, which makes videos" in line and "FLUX.1, Flux2, QwenImage" in line
+
+
 def test_an_image_of_fewer_tokens_than_processes_is_refused(refused, tiny_flux):
     line = refused(2, "--model", tiny_flux, "--height", "16", "--width", "16")
     assert "16x16 image is 1 tokens, fewer than the 2 processes" in line

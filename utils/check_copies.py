@@ -94,15 +94,18 @@ def problems(root=ROOT):
                     found.append(f"{holder.name}: {name} is shared with another script but is not below the banner "
                                  "of shared guards (a `# --- ... utils/check_copies.py ...` line)")
     # A function written the same in two scripts, but not marked: the next change to one would miss the other.
+    # Alike whatever the name: a copy renamed is still a copy.
     alike = {}
     for script in by_name.values():
         for name in script.spans:
-            alike.setdefault((name, script.code(name)), []).append(script.name)
-    for (name, _), holders in alike.items():
-        unmarked = [holder for holder in holders if (holder, name) not in marked]
+            body = re.sub(rf"\b(def|class) {name}\b", r"\1 _", script.code(name), count=1)
+            alike.setdefault(body, []).append((script.name, name))
+    for holders in alike.values():
+        unmarked = [(holder, name) for holder, name in holders if (holder, name) not in marked]
         if len(holders) > 1 and len(unmarked) > 1:
-            found.append(f"{name} is written alike in {', '.join(unmarked)}, unmarked: keep one as the source and mark "
-                         f"the others `# Copied from {unmarked[0]}::{name}`")
+            (source, source_name), where = unmarked[0], ", ".join(f"{n} in {h}" for h, n in unmarked)
+            found.append(f"{where}: written alike, unmarked: keep one as the source, and give the others its name "
+                         f"and the marker `# Copied from {source}::{source_name}`")
     return sorted(set(found), key=found.index)
 
 

@@ -6,7 +6,7 @@ shape rules (an 8x VAE, sizes in multiples of 16), but a few hundred kilobytes o
 on any machine without a download:
 
     uv run utils/tiny_pipelines.py tiny                # writes tiny/sd3, tiny/flux and tiny/qwenimage
-    uv run accelerate launch --multi_gpu --num_processes 2 data-parallelism-accelerate.py --model tiny/sd3
+    uv run accelerate launch --multi_gpu --num_processes 2 data-parallelism-accelerate.py --model tiny/sd3 --device cpu
 
 The tokenizers are built in code from a small vocabulary (every byte for CLIP and Qwen, letters and digits for
 T5), so nothing is fetched from the Hugging Face Hub.
