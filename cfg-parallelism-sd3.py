@@ -342,15 +342,7 @@ def fits(plan, free, processes_here=1):
 
 def show_plan(args, plan):
     """--plan: the split, and whether each GPU can hold what it must, without loading anything."""
-    if args.device_memory is not None:
-        where, memory = "a GPU", args.device_memory
-    elif plan["device"] != "cpu":  # the present GPU with the least free memory
-        kind = torch.accelerator.current_accelerator().type
-        free = {i: free_memory(torch.device(kind, i)) for i in range(torch.accelerator.device_count())}
-        index = min(free, key=free.get)
-        where, memory = f"{kind}:{index}", free[index]
-    else:
-        where, memory = "cpu", psutil.virtual_memory().available
+    where, memory = plan_memory(args)
     ok, why = fits(plan, memory, 2 if plan["device"] == "cpu" else 1)
     plan = {**plan, "device_memory": memory, "fits": ok, "problems": [] if ok else [why]}
     if args.json:
@@ -725,6 +717,19 @@ def weigh_components(model, index, dtype):
         float32 = {n: torch.float32 for n, _ in module.named_parameters() if set(n.split(".")) & keep}
         sizes[name] = compute_module_sizes(module, dtype=dtype, special_dtypes=float32)[""]
     return sizes
+
+
+# Copied from context-parallelism-flux.py::plan_memory
+def plan_memory(args):
+    """The memory the plan is for: --device-memory, else the present GPU with the least free, else the RAM."""
+    if args.device_memory is not None:
+        return "a GPU", args.device_memory
+    if args.device != "cpu" and torch.accelerator.is_available():
+        kind = torch.accelerator.current_accelerator().type
+        free = {i: free_memory(torch.device(kind, i)) for i in range(torch.accelerator.device_count())}
+        index = min(free, key=free.get)
+        return f"{kind}:{index}", free[index]
+    return "cpu", psutil.virtual_memory().available
 
 
 if __name__ == "__main__":

@@ -407,18 +407,6 @@ def fit(plan, device_memory, ram=None, processes_here=1):
                    "several GPUs for a model too large for any one of them; or make smaller images")
 
 
-def plan_memory(args):
-    """The memory the plan is for: --device-memory, else the present GPU with the least free, else the RAM."""
-    if args.device_memory is not None:
-        return "a GPU", args.device_memory
-    if args.device != "cpu" and torch.accelerator.is_available():
-        kind = torch.accelerator.current_accelerator().type
-        free = {i: free_memory(torch.device(kind, i)) for i in range(torch.accelerator.device_count())}
-        index = min(free, key=free.get)
-        return f"{kind}:{index}", free[index]
-    return "cpu", psutil.virtual_memory().available
-
-
 def print_plan(args, plan):
     """--plan: the split, and whether each GPU can hold what it must, without loading anything."""
     where, memory = plan_memory(args)
@@ -956,6 +944,17 @@ def weigh_components(model, index, dtype):
         sizes[name] = compute_module_sizes(module, dtype=dtype, special_dtypes=float32)[""]
     return sizes
 
+
+def plan_memory(args):
+    """The memory the plan is for: --device-memory, else the present GPU with the least free, else the RAM."""
+    if args.device_memory is not None:
+        return "a GPU", args.device_memory
+    if args.device != "cpu" and torch.accelerator.is_available():
+        kind = torch.accelerator.current_accelerator().type
+        free = {i: free_memory(torch.device(kind, i)) for i in range(torch.accelerator.device_count())}
+        index = min(free, key=free.get)
+        return f"{kind}:{index}", free[index]
+    return "cpu", psutil.virtual_memory().available
 
 
 if __name__ == "__main__":
