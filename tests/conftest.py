@@ -119,6 +119,13 @@ def assert_clear_error(result, *expected):
         assert text in lines[0]
 
 
+def assert_one_report_with_every_process(stdout, processes=2):
+    """The scripts that make one image together: one report, by the main process, with the time per step, the time
+    since the start, and the peak memory of each process."""
+    assert stdout.count("made ") == 1 and "s per step" in stdout and "since the start" in stdout
+    assert all(f"rank {rank} on cpu" in stdout for rank in range(processes))
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

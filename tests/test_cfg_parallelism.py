@@ -17,8 +17,9 @@ import torch
 from accelerate import PartialState
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from tests.conftest import (ROOT, accelerate_launch, accelerator, assert_clear_error, launched_as, load_script,
-                            offline_env, pixels, run, run_main, torchrun)
+from tests.conftest import (ROOT, accelerate_launch, accelerator, assert_clear_error,
+                            assert_one_report_with_every_process, launched_as, load_script, offline_env, pixels, run,
+                            run_main, torchrun)
 from tests.test_readme_programs import with_tiny_pipeline
 
 # The tests that share the module-scoped runs below go to one pytest-xdist worker, which makes each run once.
@@ -129,9 +130,7 @@ def test_each_process_ran_the_transformer_on_its_half_of_the_guidance_batch(laun
 
 @SHARED_RUNS
 def test_only_the_main_process_reports_with_every_process_peak_memory(with_torchrun):
-    out = with_torchrun.result.stdout
-    assert out.count("made ") == 1 and "s per step" in out and "since the start" in out
-    assert "rank 0 on cpu" in out and "rank 1 on cpu" in out
+    assert_one_report_with_every_process(with_torchrun.result.stdout)
 
 
 @SHARED_RUNS
