@@ -37,6 +37,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import sys
 import threading
 import time
@@ -79,12 +80,12 @@ def main():
     if args.plan:
         return show_plan(args, plan)
 
-    # 1. One process per device, as in the context parallel script: Accelerate reads the launcher's rank and world
-    #    size, picks this process's device and joins the group (xccl on Intel GPUs, nccl on NVIDIA, gloo on the
-    #    CPU with cpu=True). A week's timeout: the first run downloads 16 GB; a stall is --stall-timeout's.
-    distributed_state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available(),
-                                     timeout=timedelta(days=7))
-    device = set_up_this_process(args, plan, distributed_state)  # its device, its GPU's memory, the baseline's note
+    # 1. One process per device, in one group (form_the_group), as in the other scripts: Accelerate reads the
+    #    launcher's rank and world size and picks this process's device; the group joins the GPUs with their own
+    #    backend (xccl on Intel GPUs, nccl on NVIDIA) and the CPUs with gloo. A week's timeout: the first run
+    #    downloads 16 GB; a stall is --stall-timeout's.
+    distributed_state, device = form_the_group(args)
+    set_up_this_process(args, plan, distributed_state, device)  # its GPU's memory, the baseline's note
 
     # 2. Every process loads the WHOLE pipeline onto its own device.
     pipeline = load_sd3(args, plan).to(device)
@@ -97,7 +98,7 @@ def main():
     # 4. Generate: both processes run the same call from the same noise (a CPU generator, the same seed) and take
     #    the same steps; a process whose steps stop ends the job (--stall-timeout) instead of leaving the other
     #    waiting in the next all-gather.
-    distributed_state.wait_for_everyone()  # every process has loaded: from here on, steps are expected
+    wait_for_everyone(device)  # every process has loaded: from here on, steps are expected
     watchdog = StallWatchdog(args.stall_timeout, distributed_state.is_main_process, args.num_inference_steps)
     step_times, t0 = [], time.perf_counter()
     image = pipeline(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
@@ -167,16 +168,13 @@ def check_before_loading(args):
     return plan
 
 
-def set_up_this_process(args, plan, distributed_state):
-    """After joining the group: this process's device, the libraries quiet but on the main process, its GPU's free
-    memory checked, the baseline's note; returns the device."""
-    check_group_formed(distributed_state)
-    device = process_device(distributed_state)
+def set_up_this_process(args, plan, distributed_state, device):
+    """After joining the group: the libraries quiet but on the main process, its GPU's free memory checked, the
+    baseline's note."""
     quiet_libraries(main_process=distributed_state.is_main_process, verbose=args.verbose)
     check_gpu_memory(plan, device)  # each process, its own GPU
     if distributed_state.num_processes == 1 and distributed_state.is_main_process:
         print(two_process_note(), file=sys.stderr, flush=True)
-    return device
 
 
 def parse_args():
@@ -428,13 +426,67 @@ def end_process_group():
         torch.distributed.destroy_process_group()
 
 
+# Copied from data-parallelism-accelerate.py::form_the_group
+def form_the_group(args):
+    """One process per device, all of them in one process group; returns Accelerate's state and this process's
+    device. Accelerate reads the rank and world size the launcher set and picks this process's device (xpu:<local
+    rank>, cuda:<local rank>: the local rank modulo the devices this process sees). The group is formed here, with
+    two backends: the GPUs' own for their tensors (xccl on Intel GPUs, nccl on NVIDIA) and gloo for what is
+    exchanged on the CPU (the prompts' split, each process's numbers, diffusers' size exchanges), named "cpu:gloo"
+    on every machine, the CPU-only ones too. It forms through the launcher's key-value store (the "env://"
+    rendezvous that init_process_group would make itself): first each process says there which GPU it got, before
+    the GPUs' backend connects them (check_one_process_per_device). The group waits a week for a process that is
+    still loading or generating, not NCCL's 10 minutes: a process that stops is for --stall-timeout to end."""
+    cpu = args.device == "cpu" or not torch.accelerator.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_available():  # a plain run forms none
+        week = timedelta(days=7)
+        store, rank, world_size = next(torch.distributed.rendezvous("env://", timeout=week))
+        backend = "cpu:gloo"
+        if not cpu:
+            kind = torch.accelerator.current_accelerator().type  # "xpu" or "cuda"
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            check_one_process_per_device(store, rank, world_size, torch.device(
+                kind, local_rank % torch.accelerator.device_count()))  # the device Accelerate will pick
+            backend += f",{kind}:{torch.distributed.Backend.default_device_backend_map[kind]}"
+        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=week)
+    distributed_state = PartialState(cpu=cpu)
+    check_group_formed(distributed_state)
+    return distributed_state, process_device(distributed_state)
+
+
+# Copied from data-parallelism-accelerate.py::check_one_process_per_device
+def check_one_process_per_device(store, rank, world_size, device):
+    """Two processes on one GPU: where a mask shows several processes the same GPUs (CUDA_VISIBLE_DEVICES=0 for
+    2 processes: a Slurm job given one GPU, a mask set to hide a laptop's screen GPU), their local ranks pick the
+    same device, and the GPUs' backend fails on it ("Duplicate GPU detected") or they share its memory. Each
+    process writes the GPU it got into the launcher's store, by UUID where torch gives one (else by machine, mask
+    and index), and reads the others'; two on one GPU are refused in one line, before the backend connects them."""
+    uuid = getattr(torch.get_device_module(device).get_device_properties(device), "uuid", None)
+    mask = " ".join(f"{name}={os.environ[name]}" for name in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")
+                    if os.environ.get(name) is not None)
+    store.set(f"gpu-of-rank-{rank}", json.dumps({"gpu": str(uuid) if uuid else [socket.gethostname(), mask, str(
+        device)], "device": str(device), "host": socket.gethostname(), "mask": mask}))
+    first = {}  # each GPU, and the first rank on it
+    for other in range(world_size):
+        said = json.loads(store.get(f"gpu-of-rank-{other}"))
+        gpu = json.dumps(said["gpu"])
+        if gpu in first:
+            shown = f"{said['mask']} shows these processes the same GPUs" if said["mask"] else (
+                "each process picks the GPU of its local rank")
+            fail(f"ranks {first[gpu]} and {other} would both run on {said['device']} of {said['host']} ("
+                 f"{said['gpu'] if isinstance(said['gpu'], str) else 'the same GPU'}): {shown}; start one process "
+                 "per GPU (torchrun: --nproc-per-node, accelerate launch: --num_processes), or give each process a "
+                 "GPU of its own")
+        first[gpu] = other
+
+
 # Copied from data-parallelism-accelerate.py::check_group_formed
 def check_group_formed(distributed_state):
     """Several processes that formed no group would each do the whole job alone: stop instead."""
     if distributed_state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
         fail(f"the launcher started {os.environ['WORLD_SIZE']} processes but they formed no group, so each would "
-             f"do the whole job alone: on Intel GPUs this torch ({torch.__version__}) lacks the xccl backend "
-             "(install the XPU build of torch 2.8 or newer)")
+             f"do the whole job alone: this torch ({torch.__version__}) has no torch.distributed; install one that "
+             "has (PyPI's, or torch's XPU build for Intel GPUs)")
 
 
 # Copied from data-parallelism-accelerate.py::quiet_libraries
@@ -661,6 +713,17 @@ def save(image, path):
         fail(f"cannot write {path} ({e.strerror or e}): make room, or choose another --output", code=1)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# Copied from context-parallelism-flux.py::wait_for_everyone
+def wait_for_everyone(device):
+    """Wait until every process of the group is here (a barrier), on this process's own device. Accelerate's
+    wait_for_everyone names the device of the local rank (cuda:1 for local rank 1) wherever torch can use a GPU:
+    not the device of a process whose GPU a mask renumbered (each process sees its one GPU as device 0), and a GPU
+    for processes on the CPU too (--device cpu on a machine with GPUs). On the CPU this names none: torch then
+    takes the group's CPU backend, gloo."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier(device_ids=None if device.type == "cpu" else [device.index])
 
 
 # Copied from context-parallelism-flux.py::StallWatchdog

@@ -37,6 +37,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import sys
 import threading
 import time
@@ -118,7 +119,7 @@ def main():
 
     # 4. Generate: every process runs the same call with the same starting noise (a CPU generator, the same seed).
     #    From here on every process makes steps: one that stops for --stall-timeout ends the job (StallWatchdog).
-    distributed_state.wait_for_everyone()  # every process has loaded: from here on, steps are expected
+    wait_for_everyone(device)  # every process has loaded: from here on, steps are expected
     watchdog = StallWatchdog(args.stall_timeout, distributed_state.is_main_process, args.num_inference_steps)
     pipeline.set_progress_bar_config(disable=not distributed_state.is_main_process)
     clock = StepClock(device, watchdog)
@@ -450,27 +451,6 @@ def check_plan(args, plan):
             fail(why, code=1)
 
 
-def form_the_group(args):
-    """One process per device, in one process group. Accelerate reads the rank and world size the launcher set, picks
-    this process's device (xpu:<local rank>, cuda:<local rank>) and takes the group formed here. Its backends: the
-    GPUs' own for the attention's all-to-alls (xccl on Intel, nccl on NVIDIA), and gloo for small CPU messages,
-    named "cpu:gloo" on every machine: ulysses_anything's per-process size exchange takes the CPU only where the
-    group's backend names "cpu" (diffusers/models/_modeling_parallel.py, gather_size_by_comm), else the GPU, with a
-    copy each way, or, on a CPU-only machine whose torch was built for CUDA, a GPU that is not there (plain "gloo",
-    what Accelerate's own CPU group is named, fails so). The processes first meet once every one has loaded (the
-    first run downloads 32 GB): a week, not NCCL's 10 minutes; a failure still ends the job at once (the launcher
-    stops every process when one fails). Returns the state and this process's device."""
-    cpu = args.device == "cpu" or not torch.accelerator.is_available()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_available():  # a plain run forms none
-        kind = None if cpu else torch.accelerator.current_accelerator().type  # "xpu" or "cuda"
-        torch.distributed.init_process_group(
-            "cpu:gloo" + (f",{kind}:{torch.distributed.Backend.default_device_backend_map[kind]}" if kind else ""),
-            timeout=timedelta(days=7))
-    distributed_state = PartialState(cpu=cpu)
-    check_group_formed(distributed_state)
-    return distributed_state, process_device(distributed_state)
-
-
 def one_process_note(device):
     """A single process makes the image alone, with no parallelism: the baseline. Say how to launch N."""
     devices = torch.accelerator.device_count() if device.type != "cpu" else 0
@@ -727,13 +707,67 @@ def check_launch(args):
              f"to work as a group: {fix}")
 
 
+# Copied from data-parallelism-accelerate.py::form_the_group
+def form_the_group(args):
+    """One process per device, all of them in one process group; returns Accelerate's state and this process's
+    device. Accelerate reads the rank and world size the launcher set and picks this process's device (xpu:<local
+    rank>, cuda:<local rank>: the local rank modulo the devices this process sees). The group is formed here, with
+    two backends: the GPUs' own for their tensors (xccl on Intel GPUs, nccl on NVIDIA) and gloo for what is
+    exchanged on the CPU (the prompts' split, each process's numbers, diffusers' size exchanges), named "cpu:gloo"
+    on every machine, the CPU-only ones too. It forms through the launcher's key-value store (the "env://"
+    rendezvous that init_process_group would make itself): first each process says there which GPU it got, before
+    the GPUs' backend connects them (check_one_process_per_device). The group waits a week for a process that is
+    still loading or generating, not NCCL's 10 minutes: a process that stops is for --stall-timeout to end."""
+    cpu = args.device == "cpu" or not torch.accelerator.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_available():  # a plain run forms none
+        week = timedelta(days=7)
+        store, rank, world_size = next(torch.distributed.rendezvous("env://", timeout=week))
+        backend = "cpu:gloo"
+        if not cpu:
+            kind = torch.accelerator.current_accelerator().type  # "xpu" or "cuda"
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            check_one_process_per_device(store, rank, world_size, torch.device(
+                kind, local_rank % torch.accelerator.device_count()))  # the device Accelerate will pick
+            backend += f",{kind}:{torch.distributed.Backend.default_device_backend_map[kind]}"
+        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=week)
+    distributed_state = PartialState(cpu=cpu)
+    check_group_formed(distributed_state)
+    return distributed_state, process_device(distributed_state)
+
+
+# Copied from data-parallelism-accelerate.py::check_one_process_per_device
+def check_one_process_per_device(store, rank, world_size, device):
+    """Two processes on one GPU: where a mask shows several processes the same GPUs (CUDA_VISIBLE_DEVICES=0 for
+    2 processes: a Slurm job given one GPU, a mask set to hide a laptop's screen GPU), their local ranks pick the
+    same device, and the GPUs' backend fails on it ("Duplicate GPU detected") or they share its memory. Each
+    process writes the GPU it got into the launcher's store, by UUID where torch gives one (else by machine, mask
+    and index), and reads the others'; two on one GPU are refused in one line, before the backend connects them."""
+    uuid = getattr(torch.get_device_module(device).get_device_properties(device), "uuid", None)
+    mask = " ".join(f"{name}={os.environ[name]}" for name in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")
+                    if os.environ.get(name) is not None)
+    store.set(f"gpu-of-rank-{rank}", json.dumps({"gpu": str(uuid) if uuid else [socket.gethostname(), mask, str(
+        device)], "device": str(device), "host": socket.gethostname(), "mask": mask}))
+    first = {}  # each GPU, and the first rank on it
+    for other in range(world_size):
+        said = json.loads(store.get(f"gpu-of-rank-{other}"))
+        gpu = json.dumps(said["gpu"])
+        if gpu in first:
+            shown = f"{said['mask']} shows these processes the same GPUs" if said["mask"] else (
+                "each process picks the GPU of its local rank")
+            fail(f"ranks {first[gpu]} and {other} would both run on {said['device']} of {said['host']} ("
+                 f"{said['gpu'] if isinstance(said['gpu'], str) else 'the same GPU'}): {shown}; start one process "
+                 "per GPU (torchrun: --nproc-per-node, accelerate launch: --num_processes), or give each process a "
+                 "GPU of its own")
+        first[gpu] = other
+
+
 # Copied from data-parallelism-accelerate.py::check_group_formed
 def check_group_formed(distributed_state):
     """Several processes that formed no group would each do the whole job alone: stop instead."""
     if distributed_state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
         fail(f"the launcher started {os.environ['WORLD_SIZE']} processes but they formed no group, so each would "
-             f"do the whole job alone: on Intel GPUs this torch ({torch.__version__}) lacks the xccl backend "
-             "(install the XPU build of torch 2.8 or newer)")
+             f"do the whole job alone: this torch ({torch.__version__}) has no torch.distributed; install one that "
+             "has (PyPI's, or torch's XPU build for Intel GPUs)")
 
 
 # Copied from data-parallelism-accelerate.py::quiet_libraries
@@ -823,12 +857,13 @@ def no_fp64_remedy(pipeline, devices, announce=True):
     """FLUX builds its rotary position embedding in float64 on the device (diffusers' FluxPosEmbed; diffusers falls
     back to float32 on mps and npu only), and Intel's Arc A-series GPUs (A310 to A770, and the Arc graphics of Core
     Ultra "Meteor Lake" laptops) have no FP64: torch stops with "Required aspect fp64 is not supported on the
-    device". Where a device of the run reports no FP64, compute that embedding on the CPU (a few hundred KB once a
-    step: the same float64 numbers) and hand it to the device; elsewhere change nothing. Returns those devices."""
+    device". Where a device of the run reports no FP64 and the transformer's rotary embedding asks for float64,
+    compute that embedding on the CPU (a few hundred KB once a step: the same float64 numbers) and hand it to the
+    device; elsewhere change nothing (QwenImage's, complex64, needs nothing). Returns those devices."""
     lacking = [torch.device(d) for d in devices if torch.device(d).type not in ("cpu", "meta") and not getattr(
         torch.get_device_module(torch.device(d)).get_device_properties(torch.device(d)), "has_fp64", True)]
     pos_embed = getattr(getattr(pipeline, "transformer", None), "pos_embed", None)
-    if not lacking or pos_embed is None:
+    if not lacking or pos_embed is None or not asks_for_float64(pos_embed):
         return []
     remove_hook_from_module(pos_embed)  # accelerate's hook would move its input back to the device first
     pipeline.transformer.pos_embed = OnTheCPU(pos_embed)
@@ -836,6 +871,27 @@ def no_fp64_remedy(pipeline, devices, announce=True):
         print(f"note: {', '.join(map(str, lacking))} has no FP64 (Intel Arc A-series): FLUX's rotary position "
               "embedding, built in float64, is computed on the CPU", file=sys.stderr, flush=True)
     return lacking
+
+
+# Copied from data-parallelism-accelerate.py::asks_for_float64
+def asks_for_float64(pos_embed):
+    """Whether a rotary position embedding called as `pos_embed(ids)` (FLUX.1's, Flux2's, ...: ids of shape
+    (tokens, axes)) computes in float64: run once on the CPU for one token, with every result's dtype watched. One
+    called otherwise (QwenImage's `pos_embed(img_shapes, max_txt_seq_len=..., device=...)`) is not run."""
+    if list(inspect.signature(type(pos_embed).forward).parameters) != ["self", "ids"]:
+        return False
+    dtypes = set()
+
+    class WatchDtypes(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            dtypes.update(t.dtype for t in (result if isinstance(result, (tuple, list)) else [result])
+                          if isinstance(t, torch.Tensor))
+            return result
+
+    with WatchDtypes(), torch.no_grad():
+        type(pos_embed).forward(pos_embed, torch.zeros(1, len(getattr(pos_embed, "axes_dim", [0, 0, 0]))))
+    return torch.float64 in dtypes
 
 
 # Copied from data-parallelism-accelerate.py::OnTheCPU
@@ -863,6 +919,16 @@ def gpu_memory(device, peak=False):
 # Copied from data-parallelism-accelerate.py::size
 def size(b):
     return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.1f} MiB"
+
+
+def wait_for_everyone(device):
+    """Wait until every process of the group is here (a barrier), on this process's own device. Accelerate's
+    wait_for_everyone names the device of the local rank (cuda:1 for local rank 1) wherever torch can use a GPU:
+    not the device of a process whose GPU a mask renumbered (each process sees its one GPU as device 0), and a GPU
+    for processes on the CPU too (--device cpu on a machine with GPUs). On the CPU this names none: torch then
+    takes the group's CPU backend, gloo."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier(device_ids=None if device.type == "cpu" else [device.index])
 
 
 class StallWatchdog:

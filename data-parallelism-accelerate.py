@@ -34,6 +34,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import sys
 import threading
 import time
@@ -86,12 +87,14 @@ def main():
         return print_plan(args, sizes)
     check_launch(args)  # one process per device, and a torch that can join them into a group
 
-    # 1. One process per device: Accelerate reads what the launcher set, picks this process's device (xpu:<local
-    #    rank>, cuda:<local rank>) and joins the group (xccl on Intel GPUs, nccl on NVIDIA; cpu=True: gloo on the
-    #    CPU). A week's timeout, not NCCL's 10 minutes: a process that is done waits for the others (step 5).
-    distributed_state = PartialState(cpu=args.device == "cpu" or not torch.accelerator.is_available(),
-                                     timeout=timedelta(days=7))
-    device = join_the_group(args, distributed_state)
+    # 1. One process per device, in one group (form_the_group): Accelerate reads what the launcher set and picks
+    #    this process's device (xpu:<local rank>, cuda:<local rank>); the group joins the GPUs with their own
+    #    backend (xccl on Intel GPUs, nccl on NVIDIA) and the CPUs with gloo, and waits a week, not NCCL's 10
+    #    minutes: a process that is done waits for the others (step 5).
+    distributed_state, device = form_the_group(args)
+    quiet_libraries(main_process=distributed_state.is_main_process, verbose=args.verbose)
+    if distributed_state.num_processes == 1:
+        idle_devices_note(args)  # one process on a machine of several GPUs: say how to use them all
 
     # 2. The main process finds what is left to make (images already on disk are kept) and tells the others, so
     #    that every process splits the same list, even one that starts after another has saved images.
@@ -368,16 +371,6 @@ def describe_mode(args, plan, device):
                 f"layer at every step (at most {size(needs['sequential'])}), many times slower, and {ram}; "
                 "--offload model or none turns it off")
     return f"memory: the whole pipeline on {device} (--offload none)"
-
-
-def join_the_group(args, distributed_state):
-    """Once PartialState has started: the processes did form one group, the libraries speak once (the main
-    process), a lone process on a machine of several GPUs says how to use them all; and this process's device."""
-    check_group_formed(distributed_state)
-    quiet_libraries(main_process=distributed_state.is_main_process, verbose=args.verbose)
-    if distributed_state.num_processes == 1:
-        idle_devices_note(args)
-    return process_device(distributed_state)
 
 
 def idle_devices_note(args):
@@ -823,12 +816,64 @@ def check_launch(args):
              f"to work as a group: {fix}")
 
 
+def form_the_group(args):
+    """One process per device, all of them in one process group; returns Accelerate's state and this process's
+    device. Accelerate reads the rank and world size the launcher set and picks this process's device (xpu:<local
+    rank>, cuda:<local rank>: the local rank modulo the devices this process sees). The group is formed here, with
+    two backends: the GPUs' own for their tensors (xccl on Intel GPUs, nccl on NVIDIA) and gloo for what is
+    exchanged on the CPU (the prompts' split, each process's numbers, diffusers' size exchanges), named "cpu:gloo"
+    on every machine, the CPU-only ones too. It forms through the launcher's key-value store (the "env://"
+    rendezvous that init_process_group would make itself): first each process says there which GPU it got, before
+    the GPUs' backend connects them (check_one_process_per_device). The group waits a week for a process that is
+    still loading or generating, not NCCL's 10 minutes: a process that stops is for --stall-timeout to end."""
+    cpu = args.device == "cpu" or not torch.accelerator.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_available():  # a plain run forms none
+        week = timedelta(days=7)
+        store, rank, world_size = next(torch.distributed.rendezvous("env://", timeout=week))
+        backend = "cpu:gloo"
+        if not cpu:
+            kind = torch.accelerator.current_accelerator().type  # "xpu" or "cuda"
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            check_one_process_per_device(store, rank, world_size, torch.device(
+                kind, local_rank % torch.accelerator.device_count()))  # the device Accelerate will pick
+            backend += f",{kind}:{torch.distributed.Backend.default_device_backend_map[kind]}"
+        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=week)
+    distributed_state = PartialState(cpu=cpu)
+    check_group_formed(distributed_state)
+    return distributed_state, process_device(distributed_state)
+
+
+def check_one_process_per_device(store, rank, world_size, device):
+    """Two processes on one GPU: where a mask shows several processes the same GPUs (CUDA_VISIBLE_DEVICES=0 for
+    2 processes: a Slurm job given one GPU, a mask set to hide a laptop's screen GPU), their local ranks pick the
+    same device, and the GPUs' backend fails on it ("Duplicate GPU detected") or they share its memory. Each
+    process writes the GPU it got into the launcher's store, by UUID where torch gives one (else by machine, mask
+    and index), and reads the others'; two on one GPU are refused in one line, before the backend connects them."""
+    uuid = getattr(torch.get_device_module(device).get_device_properties(device), "uuid", None)
+    mask = " ".join(f"{name}={os.environ[name]}" for name in ("CUDA_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")
+                    if os.environ.get(name) is not None)
+    store.set(f"gpu-of-rank-{rank}", json.dumps({"gpu": str(uuid) if uuid else [socket.gethostname(), mask, str(
+        device)], "device": str(device), "host": socket.gethostname(), "mask": mask}))
+    first = {}  # each GPU, and the first rank on it
+    for other in range(world_size):
+        said = json.loads(store.get(f"gpu-of-rank-{other}"))
+        gpu = json.dumps(said["gpu"])
+        if gpu in first:
+            shown = f"{said['mask']} shows these processes the same GPUs" if said["mask"] else (
+                "each process picks the GPU of its local rank")
+            fail(f"ranks {first[gpu]} and {other} would both run on {said['device']} of {said['host']} ("
+                 f"{said['gpu'] if isinstance(said['gpu'], str) else 'the same GPU'}): {shown}; start one process "
+                 "per GPU (torchrun: --nproc-per-node, accelerate launch: --num_processes), or give each process a "
+                 "GPU of its own")
+        first[gpu] = other
+
+
 def check_group_formed(distributed_state):
     """Several processes that formed no group would each do the whole job alone: stop instead."""
     if distributed_state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
         fail(f"the launcher started {os.environ['WORLD_SIZE']} processes but they formed no group, so each would "
-             f"do the whole job alone: on Intel GPUs this torch ({torch.__version__}) lacks the xccl backend "
-             "(install the XPU build of torch 2.8 or newer)")
+             f"do the whole job alone: this torch ({torch.__version__}) has no torch.distributed; install one that "
+             "has (PyPI's, or torch's XPU build for Intel GPUs)")
 
 
 def quiet_libraries(main_process, verbose):
@@ -911,12 +956,13 @@ def no_fp64_remedy(pipeline, devices, announce=True):
     """FLUX builds its rotary position embedding in float64 on the device (diffusers' FluxPosEmbed; diffusers falls
     back to float32 on mps and npu only), and Intel's Arc A-series GPUs (A310 to A770, and the Arc graphics of Core
     Ultra "Meteor Lake" laptops) have no FP64: torch stops with "Required aspect fp64 is not supported on the
-    device". Where a device of the run reports no FP64, compute that embedding on the CPU (a few hundred KB once a
-    step: the same float64 numbers) and hand it to the device; elsewhere change nothing. Returns those devices."""
+    device". Where a device of the run reports no FP64 and the transformer's rotary embedding asks for float64,
+    compute that embedding on the CPU (a few hundred KB once a step: the same float64 numbers) and hand it to the
+    device; elsewhere change nothing (QwenImage's, complex64, needs nothing). Returns those devices."""
     lacking = [torch.device(d) for d in devices if torch.device(d).type not in ("cpu", "meta") and not getattr(
         torch.get_device_module(torch.device(d)).get_device_properties(torch.device(d)), "has_fp64", True)]
     pos_embed = getattr(getattr(pipeline, "transformer", None), "pos_embed", None)
-    if not lacking or pos_embed is None:
+    if not lacking or pos_embed is None or not asks_for_float64(pos_embed):
         return []
     remove_hook_from_module(pos_embed)  # accelerate's hook would move its input back to the device first
     pipeline.transformer.pos_embed = OnTheCPU(pos_embed)
@@ -924,6 +970,26 @@ def no_fp64_remedy(pipeline, devices, announce=True):
         print(f"note: {', '.join(map(str, lacking))} has no FP64 (Intel Arc A-series): FLUX's rotary position "
               "embedding, built in float64, is computed on the CPU", file=sys.stderr, flush=True)
     return lacking
+
+
+def asks_for_float64(pos_embed):
+    """Whether a rotary position embedding called as `pos_embed(ids)` (FLUX.1's, Flux2's, ...: ids of shape
+    (tokens, axes)) computes in float64: run once on the CPU for one token, with every result's dtype watched. One
+    called otherwise (QwenImage's `pos_embed(img_shapes, max_txt_seq_len=..., device=...)`) is not run."""
+    if list(inspect.signature(type(pos_embed).forward).parameters) != ["self", "ids"]:
+        return False
+    dtypes = set()
+
+    class WatchDtypes(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            dtypes.update(t.dtype for t in (result if isinstance(result, (tuple, list)) else [result])
+                          if isinstance(t, torch.Tensor))
+            return result
+
+    with WatchDtypes(), torch.no_grad():
+        type(pos_embed).forward(pos_embed, torch.zeros(1, len(getattr(pos_embed, "axes_dim", [0, 0, 0]))))
+    return torch.float64 in dtypes
 
 
 class OnTheCPU(torch.nn.Module):

@@ -30,6 +30,7 @@ full-size image and one transformer block working on 4096 image + 512 text token
 import argparse
 import contextlib
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -667,12 +668,13 @@ def no_fp64_remedy(pipeline, devices, announce=True):
     """FLUX builds its rotary position embedding in float64 on the device (diffusers' FluxPosEmbed; diffusers falls
     back to float32 on mps and npu only), and Intel's Arc A-series GPUs (A310 to A770, and the Arc graphics of Core
     Ultra "Meteor Lake" laptops) have no FP64: torch stops with "Required aspect fp64 is not supported on the
-    device". Where a device of the run reports no FP64, compute that embedding on the CPU (a few hundred KB once a
-    step: the same float64 numbers) and hand it to the device; elsewhere change nothing. Returns those devices."""
+    device". Where a device of the run reports no FP64 and the transformer's rotary embedding asks for float64,
+    compute that embedding on the CPU (a few hundred KB once a step: the same float64 numbers) and hand it to the
+    device; elsewhere change nothing (QwenImage's, complex64, needs nothing). Returns those devices."""
     lacking = [torch.device(d) for d in devices if torch.device(d).type not in ("cpu", "meta") and not getattr(
         torch.get_device_module(torch.device(d)).get_device_properties(torch.device(d)), "has_fp64", True)]
     pos_embed = getattr(getattr(pipeline, "transformer", None), "pos_embed", None)
-    if not lacking or pos_embed is None:
+    if not lacking or pos_embed is None or not asks_for_float64(pos_embed):
         return []
     remove_hook_from_module(pos_embed)  # accelerate's hook would move its input back to the device first
     pipeline.transformer.pos_embed = OnTheCPU(pos_embed)
@@ -680,6 +682,27 @@ def no_fp64_remedy(pipeline, devices, announce=True):
         print(f"note: {', '.join(map(str, lacking))} has no FP64 (Intel Arc A-series): FLUX's rotary position "
               "embedding, built in float64, is computed on the CPU", file=sys.stderr, flush=True)
     return lacking
+
+
+# Copied from data-parallelism-accelerate.py::asks_for_float64
+def asks_for_float64(pos_embed):
+    """Whether a rotary position embedding called as `pos_embed(ids)` (FLUX.1's, Flux2's, ...: ids of shape
+    (tokens, axes)) computes in float64: run once on the CPU for one token, with every result's dtype watched. One
+    called otherwise (QwenImage's `pos_embed(img_shapes, max_txt_seq_len=..., device=...)`) is not run."""
+    if list(inspect.signature(type(pos_embed).forward).parameters) != ["self", "ids"]:
+        return False
+    dtypes = set()
+
+    class WatchDtypes(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            dtypes.update(t.dtype for t in (result if isinstance(result, (tuple, list)) else [result])
+                          if isinstance(t, torch.Tensor))
+            return result
+
+    with WatchDtypes(), torch.no_grad():
+        type(pos_embed).forward(pos_embed, torch.zeros(1, len(getattr(pos_embed, "axes_dim", [0, 0, 0]))))
+    return torch.float64 in dtypes
 
 
 # Copied from data-parallelism-accelerate.py::OnTheCPU

@@ -92,8 +92,8 @@ MUTATIONS = [
              "ulysses_anything=False,", ("tests/test_context_parallelism.py", "-k", "do_not_divide")),
     Mutation("context-prompt-counted-as-padded", CP, 'if index.get("_class_name") not in TEMPLATED_PIPELINES:',
              "if True:", ("tests/test_context_parallelism.py", "-k", "real_prompt_tokens")),
-    Mutation("context-group-without-gloo", CP, '"cpu:gloo" + (f",{kind}:', '"gloo" + (f",{kind}:',
-             ("tests/test_context_parallelism.py", "-k", "cpu_gloo_backend")),
+    Mutation("group-without-gloo", DP, '        backend = "cpu:gloo"\n', '        backend = "gloo"\n',
+             ("tests/test_gpu_machines.py", "-k", "wait_for_the_others_for_days")),
     Mutation("context-heads-check-removed", CP, "        fail(plan[\"problems\"][0])", "        pass",
              ("tests/test_context_parallelism.py", "-k", "cannot_share or degrees")),
     # --- cfg-parallelism-sd3.py ---

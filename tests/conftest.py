@@ -30,6 +30,15 @@ DATA_PARALLEL = ROOT / "data-parallelism-accelerate.py"
 IMAGES = "[0-9]*-*.png"  # the data parallel script's images, 000-<prompt>.png ..., not its contact sheet
 
 
+def simulated_gpus(monkeypatch, count, kind="cuda", fp64=True):
+    """This test's process on a machine with `count` GPUs of `kind`, as torch answers about them at every depth the
+    libraries ask (tests/simulate/fake_gpus.py), until the test ends. Returns the physical GPUs a mask leaves."""
+    from tests.simulate import fake_gpus
+
+    return fake_gpus.simulate(count, kind, fp64, patch=lambda owner, name, value: monkeypatch.setattr(
+        owner, name, value, raising=False))
+
+
 def accelerator(test):
     """A test that needs a GPU (Intel XPU or NVIDIA CUDA): marked `gpu` (`uv run pytest -m gpu` runs these alone),
     and skipped, reported as skipped, where there is none. The GPU tests run one at a time, on one pytest-xdist

@@ -21,7 +21,7 @@ import torch
 from diffusers import ContextParallelConfig, FluxPipeline, FluxTransformer2DModel, QwenImagePipeline
 
 from tests.conftest import (ROOT, accelerator, assert_clear_error, assert_one_report_with_every_process, launched_as,
-                            load_script, offline_env, pixels, run, run_main, torchrun)
+                            load_script, offline_env, pixels, run, run_main, simulated_gpus, torchrun)
 from tests.test_readme import CP_ACCELERATE, CP_TORCHRUN_STAGED, CP_TORCHRUN_TINY, run_readme_command
 
 # The tests that share the module-scoped runs below go to one pytest-xdist worker, which makes each run once.
@@ -331,12 +331,14 @@ def test_a_plan_for_qwenimage_offers_no_staged_load(script, monkeypatch, capsys,
 def test_the_group_has_a_cpu_gloo_backend_for_ulysses_anythings_size_exchange(kind, expected, script, monkeypatch):
     """diffusers' gather_size_by_comm exchanges the processes' sizes on the CPU only where the group's backend names
     "cpu"; else on torch.accelerator.current_accelerator(): a copy each way on GPUs, and on this CPU-only machine a
-    CUDA device that is not there. Observed: the backend the script forms its group with."""
+    CUDA device that is not there. Observed: the backend the script forms its group with, on a simulated machine
+    with 2 GPUs of each kind (and none)."""
     formed = []
     if kind:
-        monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
-        monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device(kind))
+        simulated_gpus(monkeypatch, 2, kind)
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "rendezvous", lambda url, **kwargs: iter([(
+        torch.distributed.HashStore(), 0, 1)]))
     monkeypatch.setattr(torch.distributed, "init_process_group",
                         lambda backend, **kwargs: formed.append(backend) or (_ for _ in ()).throw(SystemExit(9)))
     with pytest.raises(SystemExit):

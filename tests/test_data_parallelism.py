@@ -260,13 +260,14 @@ def test_an_output_folder_that_is_not_writable_is_refused_before_anything_is_mad
 
 def test_processes_that_formed_no_group_stop_instead_of_each_making_every_image(tiny_sd3, tmp_path, monkeypatch,
                                                                                 capsys):
-    """2 processes started by a launcher, each alone (a torch without the backend, or PartialState() without
-    cpu=True on the CPU): each would make every image. main() stops first, in one line."""
+    """2 processes started by a launcher, each alone (a torch without torch.distributed): each would make every
+    image. main() stops first, in one line."""
     script = load_script(DATA_PARALLEL)
     for name, value in {"WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2, "RANK": 0, "LOCAL_RANK": 0}.items():
         monkeypatch.setenv(name, str(value))
     alone = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True, device=torch.device("cpu"),
                             split_between_processes=contextlib.nullcontext)  # alone: every prompt its share
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: False)
     monkeypatch.setattr(script, "PartialState", lambda **kwargs: alone)  # what such a process's state says
     monkeypatch.setattr(script, "broadcast_object_list", lambda objects: objects)  # alone, the collectives are no-ops
     monkeypatch.setattr(script, "gather_object", lambda objects: objects)

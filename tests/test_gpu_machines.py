@@ -402,23 +402,33 @@ def test_device_cpu_skips_the_gpu_launch_checks(data_parallel, monkeypatch, caps
 
 def test_a_process_that_is_done_can_wait_for_the_others_for_days(data_parallel, monkeypatch, tiny_sd3, tmp_path):
     """The group's timeout: NCCL's default (10 minutes) would end a job whose other processes still load or
-    generate while one waits in gather_object. Checked at the call, since no test can wait that long."""
+    generate while one waits in gather_object. Checked at the calls that form the group (process 0 of 2, on the
+    CPU), since no test can wait that long."""
     asked = {}
 
     class Stop(Exception):
         pass
 
-    def partial_state(**kwargs):
-        asked.update(kwargs)
+    def rendezvous(url, **kwargs):
+        asked["rendezvous"] = (url, kwargs)
+        yield torch.distributed.HashStore(), 0, 2
+
+    def init_process_group(backend, **kwargs):
+        asked.update(backend=backend, **kwargs)
         raise Stop
 
-    monkeypatch.setattr(data_parallel, "PartialState", partial_state)
+    monkeypatch.setattr(torch.distributed, "rendezvous", rendezvous)
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    for name, value in launched_as(0).items():
+        monkeypatch.setenv(name, value) if value is not None else monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(sys, "argv", ["data-parallelism-accelerate.py", "--model", str(tiny_sd3), "--output-dir",
                                       str(tmp_path / "out"), "--device", "cpu"])
     with pytest.raises(Stop):
         data_parallel.main()
-    assert asked["cpu"] is True
-    assert asked["timeout"] >= timedelta(days=1) > max(default_pg_nccl_timeout, default_pg_timeout)
+    assert asked["backend"] == "cpu:gloo" and (asked["rank"], asked["world_size"]) == (0, 2)
+    week = timedelta(days=1)
+    assert asked["timeout"] >= week > max(default_pg_nccl_timeout, default_pg_timeout)
+    assert asked["rendezvous"][0] == "env://" and asked["rendezvous"][1]["timeout"] >= week
 
 
 # --- on real GPUs: skipped where there are none ---

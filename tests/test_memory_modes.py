@@ -300,7 +300,7 @@ def test_model_offload_goes_to_this_processs_own_device_not_device_0(script, mon
     monkeypatch.setattr(pipeline_utils, "get_device", lambda: "cuda")  # diffusers' own look at the machine
     monkeypatch.setattr(script, "check_torch_can_use_the_gpus", lambda device: None)  # tests/test_gpu_machines.py
     monkeypatch.setattr(script, "check_launch", lambda args: None)
-    monkeypatch.setattr(script, "PartialState", lambda **kwargs: RankOfTwo(rank))
+    monkeypatch.setattr(script, "form_the_group", lambda args: (RankOfTwo(rank), RankOfTwo(rank).device))
     # What the main process sends every rank: the images to make, (index, prompt); it is sent to itself as is.
     monkeypatch.setattr(script, "broadcast_object_list", lambda objects: [[(0, "a red fox")]] if rank else objects)
     monkeypatch.setattr(script, "gather_object", lambda objects: objects)

@@ -2,8 +2,12 @@
 `sitecustomize` at start-up from the first folder on its path that has one). Each does nothing unless its
 environment variable is set:
 
-- FAKE_GPUS=N: torch believes this machine has N NVIDIA GPUs (tests/test_the_tests.py). They cannot compute: a test
-  that really uses a GPU is marked `gpu`, and the tests of the tests leave those out (-m "not gpu").
+- FAKE_GPUS=N: torch believes this machine has N GPUs, down to what torch.distributed asks its C++ side
+  (tests/simulate/fake_gpus.py): NVIDIA's, or Intel's with FAKE_ACCELERATOR=xpu; without FP64 with FAKE_NO_FP64=1.
+  FAKE_MASK_PER_PROCESS=1: each launched process is shown only the GPU of its local rank (CUDA_VISIBLE_DEVICES or
+  ZE_AFFINITY_MASK set to it), as Slurm's --gpus-per-task=1 or a wrapper script does: each sees one GPU, index 0.
+  FAKE_GPUS_SEEN=FOLDER: each process writes there what torch told it (the proof that a run was simulated). The
+  GPUs cannot compute: a test that really uses a GPU is marked `gpu` (tests/test_the_tests.py).
 - HANG_RANK=R: the process of rank R (the launcher's RANK) hangs when it saves its first image, as a process whose
   GPU or file system stopped responding (tests/test_long_runs.py).
 - KILL_RANK_WRITING=R: the process of rank R is killed (SIGKILL, as by the kernel's out-of-memory killer or a
@@ -20,15 +24,14 @@ environment variable is set:
 import os
 
 if os.environ.get("FAKE_GPUS"):
-    import torch
+    import fake_gpus
 
-    _count = int(os.environ["FAKE_GPUS"])
-    torch.accelerator.is_available = lambda: True
-    torch.accelerator.device_count = lambda: _count
-    torch.accelerator.current_accelerator = lambda check_available=False: torch.device("cuda")
-    torch.cuda.is_available = lambda: True
-    torch.cuda.device_count = lambda: _count
-    torch.cuda.is_bf16_supported = lambda including_emulation=True: True  # GPUs of today
+    _kind = os.environ.get("FAKE_ACCELERATOR", "cuda")
+    if os.environ.get("FAKE_MASK_PER_PROCESS") and "LOCAL_RANK" in os.environ:  # before torch reads the mask
+        os.environ[fake_gpus.MASKS[_kind]] = os.environ["LOCAL_RANK"]
+    fake_gpus.simulate(int(os.environ["FAKE_GPUS"]), _kind, fp64=not os.environ.get("FAKE_NO_FP64"))
+    if os.environ.get("FAKE_GPUS_SEEN"):
+        fake_gpus.record(os.environ["FAKE_GPUS_SEEN"])
 
 if os.environ.get("HANG_RANK") is not None and os.environ.get("RANK") == os.environ["HANG_RANK"]:
     import time
