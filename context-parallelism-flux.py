@@ -113,9 +113,12 @@ def main():
     if args.attention_backend != "native":
         pipeline.transformer.set_attention_backend(args.attention_backend)
 
-    # 3. Context parallelism: split the transformer's sequence between the processes (enable_context_parallelism).
+    # 3. Context parallelism: split the transformer's sequence between the processes, laid out on a device mesh
+    #    whose dimensions diffusers names "ring" and "ulysses" (ring x ulysses = N processes).
     if distributed_state.num_processes > 1:
-        enable_context_parallelism(pipeline, plan, device)
+        mesh = init_device_mesh(device.type, (plan["ring_degree"], plan["ulysses_degree"]),
+                                mesh_dim_names=("ring", "ulysses"))
+        enable_context_parallelism(pipeline, plan, mesh)
 
     # 4. Generate: every process runs the same call with the same starting noise (a CPU generator, the same seed).
     #    From here on every process makes steps: one that stops for --stall-timeout ends the job (StallWatchdog).
@@ -492,24 +495,24 @@ def encode_and_free_text_encoders(args, plan, device):
     return dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
 
 
-def enable_context_parallelism(pipeline, plan, device):
-    """Split the transformer's sequence between the processes. Its hooks (the model's own plan) hand each process
-    1/N of the image tokens and 1/N of the prompt tokens as they enter the transformer, and gather the N pieces of
-    the output after its last layer. In every attention, Ulysses swaps the pieces with an all-to-all, so that each
-    process holds every token for 1/N of the heads, attends, and swaps back; ring attention (--ring-degree) instead
-    passes the keys and values around. Where N does not divide the tokens or the heads, ulysses_anything lets the
-    shares differ by one token, and pads the heads."""
-    ring, ulysses = plan["ring_degree"], plan["ulysses_degree"]  # ring x ulysses = N processes
-    config = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, ulysses_anything=plan["ulysses_anything"],
-                                   mesh=init_device_mesh(device.type, (ring, ulysses), mesh_dim_names=(
-                                       "ring", "ulysses")))  # on this process's device type
+def enable_context_parallelism(pipeline, plan, mesh):
+    """Split the transformer's sequence between the processes of `mesh` (its dimensions named "ring" and "ulysses",
+    as diffusers wants them: the whole mesh, or the sub-mesh of a group in a larger one). Its hooks (the model's own
+    plan) hand each process 1/N of the image tokens and 1/N of the prompt tokens as they enter the transformer, and
+    gather the N pieces of the output after its last layer. In every attention, Ulysses swaps the pieces with
+    all-to-alls (the query, key and value on the way in, the output on the way out), so that each process holds
+    every token for 1/N of the heads, attends, and swaps back; ring attention (--ring-degree) instead passes the
+    keys and values around. Where N does not divide the tokens or the heads, ulysses_anything lets the shares
+    differ by one token, and pads the heads."""
+    config = ContextParallelConfig(ring_degree=plan["ring_degree"], ulysses_degree=plan["ulysses_degree"],
+                                   ulysses_anything=plan["ulysses_anything"], mesh=mesh)
     # diffusers 0.42 picks the process's device as `rank % torch.accelerator.device_count()`
     # (diffusers/models/modeling_utils.py, ModelMixin._resolve_parallel_config): a division by zero where
     # there is no accelerator. There, and only there, count the CPU as one device while it does.
     with (unittest.mock.patch("torch.accelerator.device_count", return_value=1)
           if not torch.accelerator.is_available() else contextlib.nullcontext()):
         pipeline.transformer.enable_parallelism(config=config)
-    if device.type == "cpu" and plan["ulysses_anything"]:  # gloo: see all_gather_of_any_sizes
+    if mesh.device_type == "cpu" and plan["ulysses_anything"]:  # gloo: see all_gather_of_any_sizes
         torch.distributed.all_gather = all_gather_of_any_sizes(torch.distributed.all_gather)
 
 
