@@ -28,6 +28,18 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the project's virtual environment: accelerate and torchrun live here
 DATA_PARALLEL = ROOT / "data-parallelism-accelerate.py"
 IMAGES = "[0-9]*-*.png"  # the data parallel script's images, 000-<prompt>.png ..., not its contact sheet
+SIMULATE = ROOT / "tests" / "simulate"  # sitecustomize.py: simulated GPUs, hangs, kills, full disks (its docstring)
+
+
+def probe_env(folder, code):
+    """The environment that runs CODE at the start of every Python process of a run: a probe inside the processes
+    (Python imports `sitecustomize` from the first folder on PYTHONPATH that has one). It runs after
+    tests/simulate/sitecustomize.py, so that a probed run can also be simulated (FAKE_GPUS=..., STALL_RANK=...)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        f"exec(compile(open({str(SIMULATE / 'sitecustomize.py')!r}).read(), 'simulate', 'exec'))\n\n" + code,
+        encoding="utf-8")
+    return {"PYTHONPATH": os.pathsep.join([str(folder), str(SIMULATE)])}
 
 
 def simulated_gpus(monkeypatch, count, kind="cuda", fp64=True):
