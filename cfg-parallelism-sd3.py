@@ -100,14 +100,12 @@ def main():
     #    waiting in the next all-gather.
     wait_for_everyone(device)  # every process has loaded: from here on, steps are expected
     watchdog = StallWatchdog(args.stall_timeout, distributed_state.is_main_process, args.num_inference_steps)
-    step_times, t0 = [], time.perf_counter()
+    clock = StepClock(device, watchdog)
     image = pipeline(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                      num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                      max_sequence_length=args.max_sequence_length,
-                     generator=torch.Generator("cpu").manual_seed(args.seed),
-                     callback_on_step_end=lambda pipe, step, t, kw: watchdog.beat() or step_times.append(
-                         time.perf_counter()) or {}).images[0]
-    seconds = time.perf_counter() - t0
+                     generator=torch.Generator("cpu").manual_seed(args.seed), callback_on_step_end=clock.step).images[0]
+    clock.stop()
 
     # 5. The main process saves the image, whole or not at all, and reports every process's numbers.
     stats = gather_object([{"rank": distributed_state.process_index, "device": str(device),
@@ -115,7 +113,7 @@ def main():
     watchdog.close()  # after the last collective: a process that stopped before it is still caught
     if distributed_state.is_main_process:
         save(image, args.output)
-        report_the_run(args, plan, stats, image, seconds, step_times, t0)
+        report_the_run(args, plan, stats, image, clock)
 
 
 def split_the_guidance_batch(transformer, rank):
@@ -386,12 +384,12 @@ def load_sd3(args, plan):
         return DiffusionPipeline.from_pretrained(args.model, dtype=getattr(torch, plan["dtype"]))
 
 
-def report_the_run(args, plan, stats, image, seconds, step_times, t0):
+def report_the_run(args, plan, stats, image, clock):
     n = len(stats)
-    per_step = (step_times[-1] - t0) / len(step_times) if step_times else seconds
     print(f"split: the guidance batch of 2 between {n} process(es): " + (
         "1 each, rank 0 the negative prompt's half, rank 1 the prompt's" if n > 1 else "both halves in this one"))
-    print(f"made {args.output} ({image.width}x{image.height}) in {seconds:.2f} s, {per_step:.3f} s per step, "
+    print(f"made {args.output} ({image.width}x{image.height}) in {clock.seconds:.2f} s, {clock.per_step():.3f} s per "
+          f"step, "
           f"{time.time() - psutil.Process().create_time():.1f} s since the start; peak memory: "
           + "; ".join(f"rank {s['rank']} on {s['device']} {s['peak']}" for s in stats))
 
@@ -724,6 +722,33 @@ def wait_for_everyone(device):
     takes the group's CPU backend, gloo."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier(device_ids=None if device.type == "cpu" else [device.index])
+
+
+# Copied from context-parallelism-flux.py::StepClock
+class StepClock:
+    """The pipeline call's time and the end of each of its steps (its callback_on_step_end, which also tells the
+    watchdog); started, it resets the GPU's peak memory. On a GPU the host queues work ahead of the device: each
+    step's end is read once the device has done that step's work (a synchronize, a few microseconds a step), so
+    that "s per step" is the GPU's time, not the time to queue it."""
+
+    def __init__(self, device, watchdog):
+        if device.type != "cpu":
+            torch.accelerator.reset_peak_memory_stats(device)
+        self.device, self.watchdog, self.step_ends, self.seconds = device, watchdog, [], None
+        self.t0 = time.perf_counter()
+
+    def step(self, pipeline, step, timestep, callback_kwargs):
+        if self.device.type != "cpu":
+            torch.accelerator.synchronize(self.device)
+        self.step_ends.append(time.perf_counter())
+        self.watchdog.beat()
+        return {}
+
+    def stop(self):
+        self.seconds = time.perf_counter() - self.t0
+
+    def per_step(self):
+        return (self.step_ends[-1] - self.t0) / len(self.step_ends) if self.step_ends else self.seconds
 
 
 # Copied from context-parallelism-flux.py::StallWatchdog

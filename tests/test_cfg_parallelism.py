@@ -17,9 +17,9 @@ import torch
 from accelerate import PartialState
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from tests.conftest import (ROOT, accelerate_launch, accelerator, assert_clear_error,
-                            assert_one_report_with_every_process, launched_as, load_script, offline_env, pixels, run,
-                            run_main, torchrun)
+from tests.conftest import (ROOT, accelerator, assert_clear_error, assert_one_report_with_every_process, launched_as,
+                            load_script, offline_env, pixels, probe_env, run, run_main, torchrun)
+from tests.test_readme import CFG_ACCELERATE, CFG_TORCHRUN_TINY, run_readme_command
 from tests.test_readme_programs import with_tiny_pipeline
 
 # The tests that share the module-scoped runs below go to one pytest-xdist worker, which makes each run once.
@@ -53,8 +53,7 @@ PROBE = textwrap.dedent("""
 def with_probe(tmp_path):
     """The environment that puts PROBE in every process, and the folder where it writes what it saw."""
     (tmp_path / "probe").mkdir()
-    (tmp_path / "sitecustomize.py").write_text(PROBE)
-    return {"PYTHONPATH": str(tmp_path), "CFG_PROBE": str(tmp_path / "probe")}, tmp_path / "probe"
+    return {**probe_env(tmp_path / "site", PROBE), "CFG_PROBE": str(tmp_path / "probe")}, tmp_path / "probe"
 
 
 def batches_seen(probes):
@@ -81,21 +80,23 @@ def one_process(tiny_sd3, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def with_torchrun(tiny_sd3, tmp_path_factory):
-    """torchrun, 2 processes, with PROBE in each."""
+def with_torchrun(tiny, tmp_path_factory):
+    """The README's torchrun command for the tiny SD3 (on a simulated machine: tests/test_readme.py,
+    ON_SIMULATED_GPUS), 2 processes, with PROBE in each."""
     out = tmp_path_factory.mktemp("torchrun")
     env, probes = with_probe(tmp_path_factory.mktemp("probe"))
-    result = run(torchrun(2, CFG_PARALLEL, "--model", tiny_sd3, *FAST, "--output", out / "fox.png"), env=env)
-    return SimpleNamespace(result=result, out=out, image=out / "fox.png", probes=probes)
+    result = run_readme_command(CFG_TORCHRUN_TINY, tiny, out, **env)
+    return SimpleNamespace(result=result, out=out, image=out / "out.png", probes=probes)
 
 
 @pytest.fixture(scope="module")
-def with_accelerate(tiny_sd3, tmp_path_factory):
-    """accelerate launch --multi_gpu, 2 processes, with PROBE in each."""
+def with_accelerate(tiny, tmp_path_factory):
+    """The page's accelerate launch command (--multi_gpu added where there is no GPU), 2 processes, with PROBE in
+    each."""
     out = tmp_path_factory.mktemp("accelerate")
     env, probes = with_probe(tmp_path_factory.mktemp("probe"))
-    result = run(accelerate_launch(2, CFG_PARALLEL, "--model", tiny_sd3, *FAST, "--output", out / "fox.png"), env=env)
-    return SimpleNamespace(result=result, out=out, image=out / "fox.png", probes=probes)
+    result = run_readme_command(CFG_ACCELERATE, tiny, out, **env)
+    return SimpleNamespace(result=result, out=out, image=out / "out.png", probes=probes)
 
 
 # --- the tiny SD3, 1 and 2 CPU processes ---

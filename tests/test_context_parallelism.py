@@ -21,7 +21,7 @@ import torch
 from diffusers import ContextParallelConfig, FluxPipeline, FluxTransformer2DModel, QwenImagePipeline
 
 from tests.conftest import (ROOT, accelerator, assert_clear_error, assert_one_report_with_every_process, launched_as,
-                            load_script, offline_env, pixels, run, run_main, simulated_gpus, torchrun)
+                            load_script, offline_env, pixels, probe_env, run, run_main, simulated_gpus, torchrun)
 from tests.test_readme import CP_ACCELERATE, CP_TORCHRUN_STAGED, CP_TORCHRUN_TINY, run_readme_command
 
 # The tests that share the module-scoped runs below go to one pytest-xdist worker, which makes each run once.
@@ -60,8 +60,7 @@ def with_probe(tmp_path):
     """The environment that puts PROBE in every process, and the folder where it writes what it saw."""
     probes = tmp_path / "probe"
     probes.mkdir()
-    (tmp_path / "sitecustomize.py").write_text(PROBE)
-    return {"PYTHONPATH": str(tmp_path), "CP_PROBE": str(probes)}, probes
+    return {**probe_env(tmp_path / "site", PROBE), "CP_PROBE": str(probes)}, probes
 
 
 @pytest.fixture(scope="module")
@@ -363,6 +362,34 @@ def test_gloo_still_refuses_pieces_of_unequal_size_and_the_workaround_gathers_th
         torch.distributed.destroy_process_group()
 
 
+# --- a GPU without FP64 (Intel Arc A-series), simulated ---
+
+
+def test_without_fp64_qwenimage_keeps_its_rotary_embedding_and_runs(script, monkeypatch, capsys, tiny_qwenimage):
+    """The FP64 remedy computes on the CPU a rotary embedding called as `pos_embed(ids)` that asks for float64
+    (FLUX.1's). QwenImage calls its own as `pos_embed(img_shapes, max_txt_seq_len=..., device=...)`, in complex64:
+    on a simulated Arc A770 (no FP64), the remedy leaves it as it is and says nothing, and the pipeline runs its
+    transformer (wrapped, it stopped with a TypeError). The image is the one made before the simulation."""
+    pipeline = QwenImagePipeline.from_pretrained(tiny_qwenimage, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def image():
+        return pixels_of(pipeline(FOX, height=32, width=32, num_inference_steps=1,
+                                  generator=torch.Generator("cpu").manual_seed(3)).images[0])
+
+    before, original = image(), pipeline.transformer.pos_embed
+    simulated_gpus(monkeypatch, 1, "xpu", fp64=False)
+    assert not torch.get_device_module("xpu").get_device_properties(0).has_fp64  # the simulation holds
+    capsys.readouterr()
+    assert script.no_fp64_remedy(pipeline, [torch.device("xpu", 0)]) == []
+    assert pipeline.transformer.pos_embed is original and capsys.readouterr().err == ""
+    assert np.array_equal(image(), before)
+
+
+def pixels_of(image):
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
 # --- a process that stops mid-image: the job ends, in one line ---
 
 
@@ -484,6 +511,26 @@ def test_two_gpus_make_the_image_of_one_faster_per_step(tmp_path):
         images[n] = pixels(out)
     assert np.abs(images[2] - images[1]).mean() < 2
     assert times[2] < times[1]
+
+
+@accelerator
+@pytest.mark.skipif(torch.accelerator.device_count() < 2, reason="needs 2 GPUs or more")
+def test_two_gpus_split_a_size_and_a_prompt_they_do_not_divide(tmp_path):
+    """ulysses_anything on the GPUs' own backend (nccl, xccl: uneven all-to-alls and an uneven all-gather, with the
+    sizes exchanged on the group's gloo), which the CPU tests run on gloo alone: 496x496 (961 image tokens) and 511
+    prompt tokens on 2 GPUs, against 1 GPU, in bfloat16. Tolerance: the even test's (above)."""
+    benchmark = load_script(ROOT / "benchmarks" / "context_parallel.py")
+    model = benchmark.build_pipeline(tmp_path / "model", hidden=768, heads=12, blocks=(2, 4))
+    images, said = {}, {}
+    for n in (1, 2):
+        out = tmp_path / f"{n}.png"
+        said[n] = run(torchrun(n, CONTEXT_PARALLEL, "--model", model, "--height", "496", "--width", "496",
+                               "--max-sequence-length", "511", "--num-inference-steps", "8", "--output", out),
+                      timeout=900).stdout
+        images[n] = pixels(out)
+    assert "961 image tokens + 511 prompt tokens between 2 process(es): up to 737 tokens per process" in said[2]
+    assert "(uneven: ulysses_anything)" in said[2]
+    assert np.abs(images[2] - images[1]).mean() < 2
 
 
 @SHARED_RUNS

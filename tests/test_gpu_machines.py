@@ -7,7 +7,10 @@ real commands on the GPUs of the machine, and are skipped (reported as skipped) 
 
 import argparse
 import json
+import os
 import re
+import shlex
+import socket
 import sys
 from datetime import timedelta
 
@@ -16,13 +19,15 @@ import pytest
 import torch
 from torch.distributed.constants import default_pg_nccl_timeout, default_pg_timeout
 
-from tests.conftest import (BIN, DATA_PARALLEL, ROOT, accelerator, assert_clear_error, free_port, launched_as,
-                            load_script, pixels, python, read_manifest, run, run_main, torchrun)
+from tests.conftest import (BIN, DATA_PARALLEL, ROOT, SIMULATE, accelerator, assert_clear_error, free_port,
+                            launched_as, load_script, pixels, python, read_manifest, run, run_main, simulated_gpus,
+                            torchrun)
 
 SCRIPTS = [DATA_PARALLEL, ROOT / "model-parallelism-flux.py"]  # both have the "no silent CPU" check
 # ...and so has the context parallel script, whose checks are the data parallel script's own, word for word
 # (tests/test_context_parallelism.py): it is run where that is cheap, in this process.
 EVERY_SCRIPT = [*SCRIPTS, ROOT / "context-parallelism-flux.py"]
+DISTRIBUTED = [DATA_PARALLEL, ROOT / "context-parallelism-flux.py", ROOT / "cfg-parallelism-sd3.py"]  # form a group
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
 NVIDIA_GPU, INTEL_GPU = ("0x10de", "0x030200"), ("0x8086", "0x030000")  # a 3D controller, a VGA controller
 INTEL_BRIDGES = [("0x8086", "0x060000"), ("0x8086", "0x060400"), ("0x8086", "0x0c0330")]  # host, PCI, USB
@@ -368,6 +373,75 @@ def test_a_launch_mistake_is_said_by_the_first_process_of_each_machine_only(data
     assert code not in (None, 0) and err == ""
 
 
+# --- one process per GPU, whatever the masks: each process says which GPU it got, before the GPUs' backend starts ---
+
+
+@pytest.mark.parametrize("script_path", DISTRIBUTED, ids=lambda path: path.name)
+def test_two_processes_shown_the_same_gpu_are_refused_in_one_line(script_path, tiny, tmp_path):
+    """CUDA_VISIBLE_DEVICES=0 for the 2 processes of a launch on a machine with one GPU (a Slurm job given one GPU,
+    a mask set to hide a screen's GPU): both would run on device 0, and NCCL would stop at its first collective
+    ("Duplicate GPU detected"), or they would share its memory. Simulated (tests/simulate/fake_gpus.py): the launch
+    check lets a mask through, so each process writes the GPU it got into the launcher's store, and the script
+    stops, in one line, before any GPU backend or weight is loaded. The launcher's own report may follow."""
+    model = tiny["sd3" if "sd3" in script_path.name or "data" in script_path.name else "flux"]
+    out = ["--output-dir", tmp_path / "out"] if script_path == DATA_PARALLEL else ["--output", tmp_path / "out.png"]
+    result = run(torchrun(2, script_path, "--model", model, *FAST, *out), check=False, timeout=120, env={
+        "PYTHONPATH": str(SIMULATE), "FAKE_GPUS": "1", "CUDA_VISIBLE_DEVICES": "0"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: ranks 0 and 1 would both run on cuda:0 of {socket.gethostname()} (GPU-5eed0000-0000-"
+                      "4000-8000-000000000000): CUDA_VISIBLE_DEVICES=0 shows these processes the same GPUs; start "
+                      "one process per GPU (torchrun: --nproc-per-node, accelerate launch: --num_processes), or give "
+                      "each process a GPU of its own"], result.stderr
+    assert f'File "{script_path}"' not in result.stderr  # no traceback from the script (torchrun's own may follow)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("rank0, rank1, refused", [
+    (("1", 0), ("0", 0), False),  # a mask each: both see their GPU as device 0, and they are 2 GPUs
+    (("0", 0), ("0", 0), True),  # the same mask for both: one GPU
+    ((None, 0), (None, 1), False),  # no mask: local ranks 0 and 1 on devices 0 and 1
+    ((None, 1), ("1", 0), True),  # device 1 unmasked is the same GPU as device 0 under the mask "1"
+], ids=["a-gpu-each", "the-same-mask", "no-mask", "the-same-gpu-under-two-names"])
+def test_the_gpu_a_process_got_is_told_apart_by_its_uuid_through_any_mask(rank0, rank1, refused, data_parallel,
+                                                                           monkeypatch, capsys):
+    """The check as each of 2 ranks in turn, in this process, through one store (the launcher's; here a HashStore),
+    on a machine with 2 simulated GPUs: each rank has its own mask (CUDA_VISIBLE_DEVICES, or none) and device."""
+    store = torch.distributed.HashStore()
+    for rank, ((mask, index), world_size) in enumerate([(rank0, 1), (rank1, 2)]):  # rank 0 reads only its own
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        if mask is not None:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", mask)
+        simulated_gpus(monkeypatch, 2, "cuda")
+        try:
+            data_parallel.check_one_process_per_device(store, rank, world_size, torch.device("cuda", index))
+            said = None
+        except SystemExit:
+            said = capsys.readouterr().err
+    assert (said is not None) == refused
+    if refused:
+        assert_one_error_line(said, 2, "ranks 0 and 1 would both run on", "GPU-5eed0000-0000-4000-8000-00000000000",
+                              "give each process a GPU of its own")
+
+
+def test_the_barrier_names_the_device_this_process_uses_and_none_on_the_cpu(monkeypatch):
+    """Accelerate's wait_for_everyone passes the local rank as the barrier's device (cuda:1 for local rank 1): not
+    the device of a process whose mask shows it one GPU, as device 0, and a GPU even for CPU processes, wherever
+    torch can use one (torch's barrier takes torch._C._get_accelerator()'s type). The scripts' own barrier names
+    this process's device: here local rank 1 with a mask of its own, on 2 simulated GPUs; and the CPU."""
+    script = load_script(ROOT / "context-parallelism-flux.py")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    simulated_gpus(monkeypatch, 2, "cuda")
+    asked = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda **kwargs: asked.append(kwargs.get("device_ids")))
+    device = torch.device("cuda", 1 % torch.accelerator.device_count())  # Accelerate's pick: local rank % devices
+    script.wait_for_everyone(device)
+    script.wait_for_everyone(torch.device("cpu"))
+    assert asked == [[0], None]
+
+
 def test_an_xpu_torch_without_xccl_is_refused_with_the_xpu_wheel_command(data_parallel, monkeypatch, capsys):
     err, code = launch(data_parallel, monkeypatch, capsys, kind="xpu", devices=2, processes=2, backends=("gloo",))
     assert_one_error_line(err, code, torch.__version__, "xccl", "--index-url https://download.pytorch.org/whl/xpu")
@@ -484,6 +558,58 @@ def test_one_process_on_a_machine_with_several_gpus_notes_the_command_and_runs(t
     assert f"note: this machine has {n} " in result.stderr
     assert f"accelerate launch --multi_gpu --num_processes {n} data-parallelism-accelerate.py" in result.stderr
     assert len(read_manifest(tmp_path / "out")) == 4  # the default prompts, all made
+
+
+@accelerator
+def test_device_cpu_beside_the_gpus_runs_each_scripts_readme_command(tiny, tmp_path):
+    """The README's tiny commands, --device cpu as written, on this machine's real GPUs (elsewhere the suite makes
+    them on simulated ones, tests/test_readme.py: ON_SIMULATED_GPUS): the CPU on purpose, beside 1 GPU or several,
+    2 processes too, whatever the GPUs' count."""
+    from tests.test_readme import (CFG_TORCHRUN_TINY, CP_TORCHRUN_TINY, DP_ACCELERATE_TINY, MP_TINY, as_test,
+                                   page_lines)
+
+    for n, line in enumerate([DP_ACCELERATE_TINY, MP_TINY, CP_TORCHRUN_TINY, CFG_TORCHRUN_TINY]):
+        assert line in page_lines() and "--device cpu" in line
+        out = tmp_path / str(n)
+        result = run(as_test(shlex.split(line), tiny, out, free_port()), timeout=600)
+        assert "Traceback" not in result.stderr
+        made = list(out.glob("out/[0-9]*.png")) if "data-parallelism" in line else [out / "out.png"]
+        assert made and all(pixels(path).shape == (64, 64, 3) for path in made), line
+
+
+@accelerator
+def test_two_processes_on_one_real_gpu_are_refused_in_one_line(tiny_sd3, tmp_path):
+    """The first GPU alone, shown to the 2 processes of a launch by a mask: one line, before NCCL or XCCL starts
+    (its own error would be "Duplicate GPU detected", a traceback from each process)."""
+    kind = torch.accelerator.current_accelerator().type
+    mask = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}[kind]
+    first = (os.environ.get(mask) or "0").split(",")[0]
+    result = run(torchrun(2, DATA_PARALLEL, "--model", tiny_sd3, *FAST, "--output-dir", tmp_path / "out"),
+                 check=False, timeout=120, env={mask: first})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: ranks 0 and 1 would both run on {kind}:0 "), errors
+    assert "Duplicate GPU" not in result.stderr and f'File "{DATA_PARALLEL}"' not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@accelerator
+@pytest.mark.skipif(torch.accelerator.device_count() < 2, reason="needs 2 GPUs or more")
+def test_a_mask_per_process_runs_each_on_its_own_gpu(tiny_flux, tmp_path):
+    """A launcher that gives each process its own GPU by a mask (Slurm's --gpus-per-task=1; here a wrapper that
+    sets the mask to the local rank's GPU): each sees one GPU, as device 0, and the context parallel run, with its
+    barrier on that device, makes the image one process makes."""
+    kind = torch.accelerator.current_accelerator().type
+    mask = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}[kind]
+    visible = (os.environ.get(mask) or ",".join(map(str, range(torch.accelerator.device_count())))).split(",")
+    wrapper = tmp_path / "a_gpu_each.py"
+    wrapper.write_text(f"import os, sys\nos.environ[{mask!r}] = {visible!r}[int(os.environ['LOCAL_RANK'])]\n"
+                       "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n")
+    args = ["--model", tiny_flux, *FAST, "--dtype", "float32"]
+    run(python(ROOT / "context-parallelism-flux.py", *args, "--output", tmp_path / "one.png"))
+    result = run(torchrun(2, wrapper, ROOT / "context-parallelism-flux.py", *args, "--output", tmp_path / "two.png"))
+    assert f"rank 0 on {kind}:0" in result.stdout and f"rank 1 on {kind}:0" in result.stdout  # device 0 each
+    assert np.abs(pixels(tmp_path / "two.png") - pixels(tmp_path / "one.png")).max() <= GPU_TOLERANCE
 
 
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine where torch sees no GPU")

@@ -19,6 +19,7 @@ script, which assert more about the run (RUN_ELSEWHERE), two commands that becom
 """
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -30,7 +31,8 @@ from unittest import mock
 
 import pytest
 
-from tests.conftest import BIN, IMAGES, ROOT, free_port, load_script, offline_env, read_manifest, run, run_main
+from tests.conftest import (BIN, IMAGES, ROOT, SIMULATE, free_port, load_script, offline_env, read_manifest, run,
+                            run_main)
 from tests.test_readme_programs import PAGES, README, bash_lines, launch_commands, programs
 
 FLUX_DEV_CONFIGS = ROOT / "tests" / "fixtures" / "flux1-dev"
@@ -65,17 +67,70 @@ CP_TORCHRUN_TINY = ("uv run torchrun --nproc-per-node 2 context-parallelism-flux
                     "--width 64 --num-inference-steps 2 --output outputs/tiny-flux-context-parallel.png --device cpu")
 CP_TORCHRUN_STAGED = "uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --staged"
 CP_ACCELERATE = "uv run accelerate launch --num_processes 2 context-parallelism-flux.py"
+CFG_TORCHRUN_TINY = ("uv run torchrun --nproc-per-node 2 cfg-parallelism-sd3.py --model tiny/sd3 --height 64 --width "
+                     "64 --num-inference-steps 2 --output outputs/tiny-sd3-cfg-parallel.png --device cpu")
+CFG_ACCELERATE = "uv run accelerate launch --num_processes 2 cfg-parallelism-sd3.py"
 RUN_ELSEWHERE = {"DP_TORCHRUN": "test_data_parallelism.py", "DP_ACCELERATE_TINY": "test_data_parallelism.py",
                  "CP_TORCHRUN_TINY": "test_context_parallelism.py", "CP_TORCHRUN_STAGED": "test_context_parallelism.py",
-                 "CP_ACCELERATE": "test_context_parallelism.py"}
+                 "CP_ACCELERATE": "test_context_parallelism.py", "CFG_TORCHRUN_TINY": "test_cfg_parallelism.py",
+                 "CFG_ACCELERATE": "test_cfg_parallelism.py"}
+
+# Page commands made on a simulated GPU machine (tests/simulate/fake_gpus.py: torch answers as a machine with GPUs
+# does, down to what torch.distributed asks its C++ side; the GPUs cannot compute), all of them on the CPU: what
+# `--device cpu` does on a user's machine with 1 GPU or 2, NVIDIA's or Intel's, and where a mask gives each process
+# a GPU of its own (FAKE_MASK_PER_PROCESS). Every script meets each of these (tests/test_the_tests.py), in runs the
+# suite makes anyway; each run checks that its processes saw the simulated GPUs (run_on_the_machine).
+MP_TINY = ("uv run model-parallelism-flux.py --model tiny/flux --height 64 --width 64 --num-inference-steps 2 --output "
+           "outputs/tiny-flux.png --device cpu")
+MP_STAGED = "uv run model-parallelism-flux.py --staged"
+ON_SIMULATED_GPUS = {
+    DP_ACCELERATE_TINY: {"FAKE_GPUS": "1", "FAKE_ACCELERATOR": "cuda"},
+    DP_TORCHRUN: {"FAKE_GPUS": "2", "FAKE_ACCELERATOR": "xpu"},
+    CP_TORCHRUN_TINY: {"FAKE_GPUS": "2", "FAKE_ACCELERATOR": "cuda", "FAKE_MASK_PER_PROCESS": "1"},
+    CP_ACCELERATE: {"FAKE_GPUS": "1", "FAKE_ACCELERATOR": "xpu"},
+    CFG_TORCHRUN_TINY: {"FAKE_GPUS": "2", "FAKE_ACCELERATOR": "xpu", "FAKE_MASK_PER_PROCESS": "1"},
+    CFG_ACCELERATE: {"FAKE_GPUS": "1", "FAKE_ACCELERATOR": "cuda"},
+    MP_TINY: {"FAKE_GPUS": "2", "FAKE_ACCELERATOR": "cuda"},
+    MP_STAGED: {"FAKE_GPUS": "1", "FAKE_ACCELERATOR": "xpu"},
+}
 
 
 def run_readme_command(line, tiny, tmp_path, **env):
     """Run the command LINE, which must be in a page (the README or docs/) as written, as
-    test_every_readme_command_runs runs each (as_test: the tiny pipelines, a few steps at 64 px, on the CPU), with
-    `env` added (a probe); fail the test if it fails. What it makes is in tmp_path: out/ (data parallel) or out.png."""
+    test_every_readme_command_runs runs each (as_test: the tiny pipelines, a few steps at 64 px, on the CPU, on its
+    simulated GPU machine if it has one), with `env` added (a probe); fail the test if it fails. What it makes is in
+    tmp_path: out/ (data parallel) or out.png."""
     assert line in page_lines(), f"no page has the command {line!r} any more"
-    return run(as_test(shlex.split(line, comments=True), tiny, tmp_path, free_port()), timeout=600, env=env)
+    return run_on_the_machine(shlex.split(line, comments=True), tiny, tmp_path, **env)
+
+
+def run_on_the_machine(argv, tiny, tmp_path, **env):
+    """Run a page's command (as_test), on the simulated GPU machine ON_SIMULATED_GPUS gives it (or a command alike),
+    and check that every process of the script saw those GPUs; fail the test if it fails."""
+    machine = next((machine for line, machine in ON_SIMULATED_GPUS.items() if runs_alike(
+        shlex.split(line, comments=True), tmp_path) == runs_alike(argv, tmp_path)), None)
+    with tempfile.TemporaryDirectory(prefix="simulated-") as seen:  # beside what the run makes, not in it
+        if machine:
+            env = {**machine, "FAKE_GPUS_SEEN": seen, **env,
+                   "PYTHONPATH": os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(SIMULATE)]))}
+        result = run(as_test(argv, tiny, tmp_path, free_port()), timeout=600, env=env)
+        if machine:
+            assert_the_script_saw_the_gpus(Path(seen), argv, machine)
+    return result
+
+
+def assert_the_script_saw_the_gpus(seen, argv, machine):
+    """Each process of the script (not the launcher's) saw the simulated GPUs: their kind at torch's C++ side, and
+    how many (one each where a mask gives each process its own)."""
+    script = next(word for word in argv if word in SCRIPTS)
+    processes = int(next((argv[i + 1] for i, word in enumerate(argv) if word in (
+        "--nproc-per-node", "--num_processes")), 1))
+    records = [json.loads(path.read_text()) for path in seen.glob("seen-*.json")]
+    ran = [r for r in records if Path(r["argv0"]).name == script]
+    each = 1 if machine.get("FAKE_MASK_PER_PROCESS") else int(machine["FAKE_GPUS"])
+    assert len(ran) == processes, records
+    assert all((r["accelerator"], r["devices"], r["available"]) == (machine["FAKE_ACCELERATOR"], each, True)
+               for r in ran), ran
 
 
 def as_test(argv, tiny, tmp_path, port):
@@ -286,7 +341,7 @@ def test_every_page_command_is_run_by_a_test():
 def test_every_readme_command_runs(argv, tiny, tmp_path):
     command = as_test(argv, tiny, tmp_path, free_port())
     if command[0] != sys.executable or "--plan" not in command:
-        run(command, timeout=600)
+        run_on_the_machine(argv, tiny, tmp_path)
         return
     # A plan loads nothing and starts no process: its main() in this process prints what the command prints. It
     # exits 0 whether the plan fits or not: the verdict is what tells. It must fit, but where a page shows

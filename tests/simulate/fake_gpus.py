@@ -105,7 +105,9 @@ def record(folder):
     the mask): the proof, for the tests of the tests, that a run was made on the simulated machine."""
     import json
 
-    seen = {"rank": os.environ.get("RANK"), "accelerator": torch._C._get_accelerator().type,
+    import sys
+
+    seen = {"argv0": sys.argv[0], "rank": os.environ.get("RANK"), "accelerator": torch._C._get_accelerator().type,
             "devices": torch.accelerator.device_count(), "available": torch.accelerator.is_available(),
             "mask": {name: os.environ[name] for name in MASKS.values() if name in os.environ}}
     with open(os.path.join(folder, f"seen-{os.getpid()}.json"), "w") as file:
