@@ -14,7 +14,7 @@ pipeline = DiffusionPipeline.from_pretrained("black-forest-labs/FLUX.1-dev",
                                              dtype=torch.bfloat16 if on_gpu else torch.float32)
 pipeline.to(distributed_state.device)  # the WHOLE pipeline on every process's own device
 
-# Split the transformer's tokens between the processes; each attention swaps them with an all-to-all (Ulysses).
+# Split the transformer's tokens between the processes; each attention swaps them with all-to-alls (Ulysses).
 # diffusers 0.42 picks a device as `rank % torch.accelerator.device_count()`, 0 on a CPU: count one while it does.
 with contextlib.nullcontext() if on_gpu else unittest.mock.patch("torch.accelerator.device_count", return_value=1):
     config = ContextParallelConfig(ulysses_degree=distributed_state.num_processes)
