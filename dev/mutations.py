@@ -103,6 +103,15 @@ MUTATIONS = [
              "        split[0] = False\n", ("tests/test_cfg_parallelism.py", "-k", "its_half_of_the_guidance_batch")),
     Mutation("cfg-stall-timeout-ignored", CFG, "StallWatchdog(args.stall_timeout,", "StallWatchdog(3600,",
              ("tests/test_cfg_parallelism.py", "-k", "stops_mid_image")),
+    # --- the guards for GPU machines: a group's barrier, one process per GPU, FP64 ---
+    Mutation("barrier-on-the-local-ranks-device", CP,
+             'torch.distributed.barrier(device_ids=None if device.type == "cpu" else [device.index])',
+             'torch.distributed.barrier(device_ids=[int(os.environ.get("LOCAL_RANK", "0"))])',
+             ("tests/test_gpu_machines.py", "-k", "barrier_names")),
+    Mutation("two-processes-on-one-gpu-let-through", DP, "        if gpu in first:\n", "        if False:\n",
+             ("tests/test_gpu_machines.py", "-k", "uuid_through_any_mask")),
+    Mutation("fp64-remedy-for-any-rotary-embedding", CP, " or not asks_for_float64(pos_embed):", ":",
+             ("tests/test_context_parallelism.py", "-k", "without_fp64")),
 ]
 
 
