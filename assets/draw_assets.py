@@ -131,7 +131,7 @@ def context_parallelism_workflow():
     draw.text((40, 225), "every GPU holds the WHOLE transformer; each runs every block on its 2304 tokens. "
               "In each of the 57 blocks' attention:", fill=INK, font=font(17))
     rows = [("Q, K, V of MY 2304 tokens, all 24 heads", ORANGE),
-            ("all-to-all: send heads 12-23 of my tokens, receive heads 0-11 of the other's", GREEN),
+            ("3 all-to-alls (Q, K, V): send heads 12-23 of my tokens, receive heads 0-11 of the other's", GREEN),
             ("attend: ALL 4608 tokens, MY 12 heads (Ulysses)", ORANGE),
             ("all-to-all back: MY 2304 tokens, all 24 heads", GREEN)]
     for k, (text, fill) in enumerate(rows):
@@ -145,6 +145,57 @@ def context_parallelism_workflow():
     draw.text((width / 2, height - 30), "ring attention (--ring-degree) passes keys and values round the GPUs instead "
               "of swapping heads; the native attention cannot (no log-sum-exp)", fill=MUTED, font=font(15), anchor="mm")
     image.save(ASSETS / "context-parallelism-workflow.png")
+
+
+def techniques_side_by_side():
+    """The README's picture: every technique of the repository in one image, each as what each GPU holds and what
+    passes between the GPUs while they work, from the scripts' own splits."""
+    panels = [
+        ("Data parallelism", "data-parallelism-accelerate.py", "many images",
+         [("GPU 0", "whole pipeline\nprompts 0-4"), ("GPU 1", "whole pipeline\nprompts 5-9")],
+         "nothing while they work", BLUE),
+        ("Groups inside data parallelism", "data-parallelism-accelerate.py --context-parallel 2",
+         "many images, each one sooner",
+         [("GPUs 0+1", "group 0: prompts 0-4\neach image split in 2"), ("GPUs 2+3", "group 1: prompts 5-9\n"
+                                                                          "each image split in 2")],
+         "inside a group: context's or CFG's exchanges;\nbetween groups: nothing", BLUE),
+        ("Model parallelism (device maps)", "model-parallelism-flux.py", "a model too big for one GPU",
+         [("GPU 0", "transformer blocks 0-18\n+ T5"), ("GPU 1", "blocks 19-56\n+ CLIP, VAE")],
+         "the activations, once a step:\nthe GPUs take turns, no faster", PURPLE),
+        ("Sharded weights + context parallelism", "context-parallelism-flux.py --shard-weights",
+         "a model too big for one GPU, and faster",
+         [("GPU 0", "1/2 of every block's weights\n1/2 of the tokens"),
+          ("GPU 1", "the other 1/2 of the weights\nthe other 1/2 of the tokens")],
+         "each block's weights gathered before it runs;\n4 all-to-alls in every attention", PURPLE),
+        ("Context parallelism", "context-parallelism-flux.py", "one image sooner (FLUX.1, QwenImage)",
+         [("GPU 0", "whole pipeline\nimage tokens 0-2047"), ("GPU 1", "whole pipeline\nimage tokens 2048-4095")],
+         "4 all-to-alls in every attention\n(query, key, value; the output back)", ORANGE),
+        ("CFG parallelism", "cfg-parallelism-sd3.py", "one image sooner (SD3.5, with guidance)",
+         [("GPU 0", "whole pipeline\nthe negative prompt's half"), ("GPU 1", "whole pipeline\nthe prompt's half")],
+         "the two halves' predictions:\none all-gather a step", ORANGE),
+    ]
+    cols, panel_w, panel_h = 3, 470, 330
+    width, height = cols * panel_w + 40, 110 + 2 * panel_h + 40
+    image = Image.new("RGB", (width, height), PAPER)
+    draw = ImageDraw.Draw(image)
+    title(draw, "Six ways to use several GPUs for one diffusion pipeline",
+          "what each GPU holds (boxes) and what passes between the GPUs while they work (between the boxes)", width)
+    for k, (name, command, use, gpus, passes, fill) in enumerate(panels):
+        x0, y0 = 20 + (k % cols) * panel_w, 100 + (k // cols) * panel_h
+        draw.rounded_rectangle((x0 + 6, y0, x0 + panel_w - 6, y0 + panel_h - 14), radius=14, outline=MUTED, width=2)
+        draw.text((x0 + panel_w / 2, y0 + 24), name, fill=INK, font=font(20), anchor="mm")
+        draw.text((x0 + panel_w / 2, y0 + 50), command, fill=MUTED, font=font(13, mono=True), anchor="mm")
+        for g, (label, held) in enumerate(gpus):
+            bx = x0 + 22 + g * 232
+            draw.text((bx + 98, y0 + 80), label, fill=INK, font=font(16), anchor="mm")
+            box(draw, (bx, y0 + 94, bx + 196, y0 + 170), held, fill, 14)
+        draw.line([(x0 + 218, y0 + 132), (x0 + 254, y0 + 132)], fill=INK, width=3)
+        arrow(draw, (x0 + 236, y0 + 132), (x0 + 254, y0 + 132))
+        arrow(draw, (x0 + 236, y0 + 132), (x0 + 218, y0 + 132))
+        draw.multiline_text((x0 + panel_w / 2, y0 + 220), passes, fill=INK, font=font(15), anchor="mm",
+                            align="center", spacing=5)
+        draw.text((x0 + panel_w / 2, y0 + 280), f"for: {use}", fill=INK, font=font(16), anchor="mm")
+    image.save(ASSETS / "techniques.png")
 
 
 def model_sharding():
@@ -242,6 +293,7 @@ def draw_width(font_, line):
 
 
 if __name__ == "__main__":
+    techniques_side_by_side()
     data_parallelism_workflow()
     model_parallelism_workflow()
     context_parallelism_workflow()
