@@ -10,13 +10,17 @@ then holds every token for 1/N of the heads, attends, and swaps back. diffusers 
 (`ContextParallelConfig`, `transformer.enable_parallelism`); the script only launches one process per GPU.
 
 Use it to make one image faster when the pipeline fits on each GPU (FLUX.1-dev: 31.4 GiB in bfloat16, 22.3 GiB
-with --staged). For many images, data-parallelism-accelerate.py is faster still (the GPUs never talk); for a
-model too large for any one GPU, model-parallelism-flux.py spreads one copy over them.
+with --staged). For a model too large for any one GPU, --shard-weights keeps 1/N of the transformer's and of the
+largest text encoder's weights on each GPU (PyTorch's FSDP2), gathering each block's just before it runs: every
+GPU added takes memory off each and time off each step, at the cost of moving the transformer's weights between
+the GPUs every step (worth it over NVLink or Xe Link). For many images, data-parallelism-accelerate.py is faster
+still (the GPUs never talk); model-parallelism-flux.py spreads one copy over the GPUs, which take turns.
 
     uv run torchrun --nproc-per-node 2 context-parallelism-flux.py                  # 2 GPUs (Intel or NVIDIA)
     uv run accelerate launch --num_processes 2 context-parallelism-flux.py          # the same, with accelerate
     uv run context-parallelism-flux.py                                              # 1 GPU: the baseline
     uv run context-parallelism-flux.py --plan --num-devices 2 --device-memory 24GiB # will it fit? no download
+    uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --shard-weights --staged  # FLUX.1-dev, 2 x 16 GB
     uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --model tiny/flux --height 64 --width 64 \
         --num-inference-steps 2                                                     # on the CPU
 
@@ -329,7 +333,8 @@ def read_configs(model):
 def prompt_tokens(args, index):
     """The prompt's tokens as the transformer gets them, which the processes split. FLUX.1's T5 pads the prompt to
     --max-sequence-length. QwenImage's pipeline wraps the prompt in its template, drops the template's first tokens
-    and pads nothing: count them with its own tokenizer and template (the tokenizer alone is loaded, no weights)."""
+    and pads nothing: count them with its own tokenizer and template (the tokenizer alone is loaded, no weights);
+    in a folder of configs alone (no tokenizer), at --max-sequence-length, the most they can be."""
     if index.get("_class_name") not in TEMPLATED_PIPELINES:
         return args.max_sequence_length
     if Path(args.model).expanduser().is_dir() and not (Path(args.model).expanduser() / "tokenizer").is_dir():
@@ -1307,7 +1312,7 @@ if __name__ == "__main__":
     except torch.OutOfMemoryError:  # on the one process that ran out: say which, and what to try
         state = PartialState()
         fail(f"rank {state.process_index} ran out of memory on {state.device}: try --staged, a smaller "
-             "--height/--width, or model-parallelism-flux.py for a model too large for one GPU; --plan shows what "
-             "fits", code=1, every_process=True)
+             "--height/--width, or --shard-weights for a model too large for one GPU; --plan shows what fits",
+             code=1, every_process=True)
     finally:  # every way out, fail() and SIGTERM included, leaves the process group first
         end_process_group()

@@ -31,8 +31,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,10 +252,12 @@ def print_projection(args, links):
 
 
 def transformer_bytes(configs):
-    """The transformer's bfloat16 bytes, from the script's own plan of the configs (no weights)."""
-    result = subprocess.run([sys.executable, SCRIPT, "--plan", "--json", "--model", configs, "--num-devices", "2",
-                             "--device-memory", "80GiB"], capture_output=True, text=True, check=True)
-    return json.loads(result.stdout)["components"]["transformer"]
+    """The transformer's bfloat16 bytes, from its published config (tests/fixtures), built with no weights."""
+    index = DiffusionPipeline.load_config(configs)
+    cls = getattr(diffusers, index["transformer"][1])
+    with torch.device("meta"):
+        transformer = cls.from_config(cls.load_config(configs, subfolder="transformer"))
+    return sum(p.numel() for p in transformer.parameters()) * 2
 
 
 if __name__ == "__main__":

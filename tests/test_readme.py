@@ -65,9 +65,17 @@ CP_TORCHRUN_TINY = ("uv run torchrun --nproc-per-node 2 context-parallelism-flux
                     "--width 64 --num-inference-steps 2 --output outputs/tiny-flux-context-parallel.png --device cpu")
 CP_TORCHRUN_STAGED = "uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --staged"
 CP_ACCELERATE = "uv run accelerate launch --num_processes 2 context-parallelism-flux.py"
+SHARD_TORCHRUN_TINY = ("uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --shard-weights --model "
+                       "tiny/flux --height 64 --width 64 --num-inference-steps 2 --output "
+                       "outputs/tiny-flux-sharded.png --device cpu")
+SHARD_STAGED = "uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --shard-weights --staged"
+SHARD_QWENIMAGE_TINY = ("uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --shard-weights --model "
+                        "tiny/qwenimage --prompt \"a fox\" --height 48 --width 48 --num-inference-steps 2 --output "
+                        "outputs/tiny-qwenimage-sharded.png --device cpu")
 RUN_ELSEWHERE = {"DP_TORCHRUN": "test_data_parallelism.py", "DP_ACCELERATE_TINY": "test_data_parallelism.py",
                  "CP_TORCHRUN_TINY": "test_context_parallelism.py", "CP_TORCHRUN_STAGED": "test_context_parallelism.py",
-                 "CP_ACCELERATE": "test_context_parallelism.py"}
+                 "CP_ACCELERATE": "test_context_parallelism.py", "SHARD_TORCHRUN_TINY": "test_sharded_weights.py",
+                 "SHARD_STAGED": "test_sharded_weights.py", "SHARD_QWENIMAGE_TINY": "test_sharded_weights.py"}
 
 
 def run_readme_command(line, tiny, tmp_path, **env):
@@ -111,6 +119,8 @@ def as_test(argv, tiny, tmp_path, port):
         args += ["--model", str(tiny["sd3"]), "--prompts", "4", "--size", "64", "--steps", "1", "--no-warm-up"]
     elif program == "benchmarks/context_parallel.py":  # a small random FLUX: 2 heads of 64
         args += ["--hidden", "128", "--sizes", "64", "--steps", "2", "--repeats", "1", "--no-warm-up"]
+    elif program == "benchmarks/sharded_weights.py":  # the sharded run alone, on a small random FLUX
+        args += ["--runs", "sharded", "--hidden", "128", "--size", "64", "--steps", "2", "--no-warm-up"]
     elif program == "benchmarks/cfg_parallel.py":  # a small random SD3: 1 block, hidden size 32
         args += ["--hidden", "32", "--layers", "1", "--size", "64", "--steps", "2", "--repeats", "1", "--no-warm-up"]
     script = next((a for a in [program, *args] if a in SCRIPTS), None)
