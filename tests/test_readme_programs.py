@@ -352,12 +352,13 @@ def test_cfg_parallel_program_saves_one_image_from_the_main_process(program, com
 
 
 @runs_of("examples/sharded_context_parallel.py")
-def test_sharded_program_holds_half_of_the_transformer_in_each_process_and_makes_diffusers_image(program, command,
-                                                                                                runs, tiny_flux):
-    """Each process says what it holds of the transformer (its parameters' local shards): at most 0.55 of them, and
-    all of them together; one image, by process 0, the image diffusers' FluxPipeline makes alone with the same
-    prompt, seed and defaults (to 1 of 255 on the CPU; a GPU's bfloat16 is left to the script's GPU test)."""
-    from diffusers import FluxPipeline
+def test_sharded_program_holds_half_of_the_transformer_in_each_process_and_saves_one_image(program, command, runs,
+                                                                                          tiny_flux):
+    """Each process says what it holds of the transformer (its parameters' local shards): at most 0.55 of the
+    parameters the tiny Flux's transformer has (counted here, loaded whole), and all of them together; one image, by
+    process 0. (The image against diffusers' own, for the same calls in the full script: tests/test_sharded_weights.py;
+    here it would cost a 28-step 1024x1024 run in the test's process.)"""
+    from diffusers import FluxTransformer2DModel
 
     run = runs(program, command)
     run.succeeded()
@@ -365,14 +366,9 @@ def test_sharded_program_holds_half_of_the_transformer_in_each_process_and_makes
     held = {int(rank): (int(mine), int(full)) for rank, mine, full in re.findall(
         r"^process (\d+) holds (\d+) of (\d+) parameters$", run.result.stdout, flags=re.MULTILINE)}
     assert sorted(held) == list(range(run.processes)), run.result.stdout
-    full = held[0][1]
+    full = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer").num_parameters()
+    assert {f for _, f in held.values()} == {full}
     assert all(mine <= 0.55 * full for mine, _ in held.values()) and sum(m for m, _ in held.values()) >= full
-    if not torch.accelerator.is_available():
-        pipeline = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
-        pipeline.set_progress_bar_config(disable=True)
-        expected = pipeline("A cat holding a sign that says hello world", guidance_scale=3.5,
-                            generator=torch.Generator("cpu").manual_seed(0)).images[0]
-        assert np.abs(pixels(saved_file(run, run.saves[0])) - np.asarray(expected.convert("RGB"), np.int16)).max() <= 1
 
 
 def check_one_image_by_the_main_process(run):
