@@ -115,7 +115,7 @@ MUTATIONS = [
              "    text = load_pipeline(args, plan, device, None, without=",
              ("tests/test_sharded_weights.py", "-k", "staged")),
     Mutation("shard-no-prefetch", CP, "            block.set_modules_to_forward_prefetch([following])",
-             "            pass", ("tests/test_sharded_weights.py", "-k", "prefetch")),
+             "            pass", ("tests/test_sharded_weights.py", "-k", "asks_for_the_next")),
     Mutation("shard-plan-counts-whole-components", CP, "            share += -(-rows // processes) * (bytes_ // rows)",
              "            share += bytes_", ("tests/test_sharded_weights.py", "-k", "plan or fits")),
     Mutation("shard-ram-check-removed", CP,
