@@ -44,10 +44,13 @@ from context_parallel import build_pipeline, call_seconds, per_step_seconds  # n
 SCRIPT = ROOT / "context-parallelism-flux.py"
 GB = 1e9
 GiB = 2**30
-# The runs: (name, sharded, prefetch). "one" is the baseline, a plain process.
-RUNS = {"one": ("1 process", False, True), "context": ("context parallel", False, True),
-        "sharded": ("context parallel, weights sharded", True, True),
-        "no-prefetch": ("context parallel, weights sharded, no prefetch", True, False)}
+# The runs: name -> (label, sharded, prefetch, the script's other flags). "one" is the baseline, a plain process.
+# "bfloat16" gathers half the bytes of float32 weights, but a CPU without bfloat16 matrix units computes slower.
+RUNS = {"one": ("1 process", False, True, []), "context": ("context parallel", False, True, []),
+        "sharded": ("context parallel, weights sharded", True, True, []),
+        "no-prefetch": ("context parallel, weights sharded, no prefetch", True, False, []),
+        "bfloat16": ("context parallel, weights sharded, in bfloat16", True, True, ["--dtype", "bfloat16"])}
+DEFAULT_RUNS = ["one", "context", "sharded", "no-prefetch"]
 # Each direction of one GPU's link, in GB/s (10^9 bytes), as published: the least time a step's gathers can take.
 LINKS = {
     "NVLink 4 (H100 SXM)": (450, "NVIDIA H100 datasheet: 900 GB/s of NVLink per GPU, both directions together"),
@@ -109,8 +112,8 @@ PROBE = textwrap.dedent("""
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=2, help="processes of the parallel runs (default: 2)")
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS),
-                        help="which runs, in this order; the first is the baseline (default: all)")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=DEFAULT_RUNS,
+                        help="which runs, in this order; the first is the baseline (default: %(default)s)")
     parser.add_argument("--model", help="pipeline to run (default: a random-weight FLUX built on the spot)")
     parser.add_argument("--size", type=int, default=1024, help="image height and width (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps (default: %(default)s)")
@@ -156,12 +159,12 @@ def measure(args, work):
             sys.exit(f"error: the warm-up run failed:\n{warm_up.stderr[-3000:]}")
     best = {}
     for name in [name for _ in range(args.repeats) for name in args.runs]:  # in turn, not one kind after another
-        label, sharded, prefetch = RUNS[name]
+        label, sharded, prefetch, flags = RUNS[name]
         n = 1 if name == "one" else args.processes
         out, probes = work / f"{name}.png", work / f"probe-{name}"
         probes.mkdir(exist_ok=True)
         script = [SCRIPT, "--model", model, *size, "--num-inference-steps", str(args.steps), "--output", out,
-                  *(["--shard-weights"] if sharded else [])]
+                  *(["--shard-weights"] if sharded else []), *flags]
         torchrun = [Path(sys.executable).parent / "torchrun", "--nproc-per-node", str(n), "--standalone"]
         command = [sys.executable, *script] if n == 1 else [*torchrun, *script]
         run_env = dict(env, PYTHONPATH=os.pathsep.join([str(work / "probe"), env.get("PYTHONPATH", "")]),
