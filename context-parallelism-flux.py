@@ -5,18 +5,22 @@
 
 Every GPU holds the whole pipeline, as in data parallelism, but all of them make the SAME image together: the
 transformer's sequence (the image's 4096 tokens at 1024x1024 and the prompt's 512) is split N ways, each GPU runs
-every block on its 1/N of the tokens, and in each attention the GPUs swap pieces with an all-to-all (Ulysses): each
+every block on its 1/N of the tokens, and in each attention the GPUs swap pieces with all-to-alls (Ulysses): each
 then holds every token for 1/N of the heads, attends, and swaps back. diffusers does it all
 (`ContextParallelConfig`, `transformer.enable_parallelism`); the script only launches one process per GPU.
 
 Use it to make one image faster when the pipeline fits on each GPU (FLUX.1-dev: 31.4 GiB in bfloat16, 22.3 GiB
-with --staged). For many images, data-parallelism-accelerate.py is faster still (the GPUs never talk); for a
-model too large for any one GPU, model-parallelism-flux.py spreads one copy over them.
+with --staged). For a model too large for any one GPU, --shard-weights keeps 1/N of the transformer's and of the
+largest text encoder's weights on each GPU (PyTorch's FSDP2), gathering each block's just before it runs: every
+GPU added takes memory off each and time off each step, at the cost of moving the transformer's weights between
+the GPUs every step (worth it over NVLink or Xe Link). For many images, data-parallelism-accelerate.py is faster
+still (the GPUs never talk); model-parallelism-flux.py spreads one copy over the GPUs, which take turns.
 
     uv run torchrun --nproc-per-node 2 context-parallelism-flux.py                  # 2 GPUs (Intel or NVIDIA)
     uv run accelerate launch --num_processes 2 context-parallelism-flux.py          # the same, with accelerate
     uv run context-parallelism-flux.py                                              # 1 GPU: the baseline
     uv run context-parallelism-flux.py --plan --num-devices 2 --device-memory 24GiB # will it fit? no download
+    uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --shard-weights --staged  # FLUX.1-dev, 2 x 16 GB
     uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --model tiny/flux --height 64 --width 64 \
         --num-inference-steps 2                                                     # on the CPU
 
@@ -52,13 +56,16 @@ import huggingface_hub
 import psutil
 import torch
 import transformers
-from accelerate import PartialState
+from accelerate import PartialState, init_empty_weights
 from accelerate.hooks import remove_hook_from_module
 from accelerate.utils import compute_module_sizes, convert_file_size_to_int, gather_object
 from accelerate.utils.memory import clear_device_cache
 from diffusers import AutoencoderKL, ContextParallelConfig, DiffusionPipeline
 from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 DEFAULT_PROMPT = "A cat holding a sign that says hello world"  # the sharding script's: compare image for image
@@ -106,9 +113,15 @@ def main():
         print(one_process_note(device), file=sys.stderr, flush=True)
 
     # 2. Every process loads the WHOLE pipeline onto its own device (with --staged: the text encoders first,
-    #    which encode the prompt and are freed, then the transformer and the VAE).
-    inputs = encode_and_free_text_encoders(args, plan, device) if args.staged else dict(prompt=args.prompt)
-    pipeline = load_pipeline(args, plan, without=TEXT_ENCODERS if args.staged else ()).to(device)
+    #    which encode the prompt and are freed, then the transformer and the VAE). With --shard-weights no process
+    #    holds the transformer or the largest text encoder whole: FSDP2 shards them over a 1-D mesh of all N
+    #    processes (each holds 1/N of every block's weights, and gathers a block's weights just before it runs),
+    #    and the main process alone reads their weights from the disk and sends each process its shard.
+    shard_mesh = init_device_mesh(device.type, (distributed_state.num_processes,), mesh_dim_names=("shard",)) if (
+        args.shard_weights) else None
+    inputs = encode_and_free_text_encoders(args, plan, device, shard_mesh) if args.staged else dict(
+        prompt=args.prompt)
+    pipeline = load_pipeline(args, plan, device, shard_mesh, without=TEXT_ENCODERS if args.staged else ())
     no_fp64_remedy(pipeline, [device], announce=distributed_state.is_main_process)  # FLUX on Intel Arc A-series
     if args.attention_backend != "native":
         pipeline.transformer.set_attention_backend(args.attention_backend)
@@ -132,7 +145,7 @@ def main():
 
     # 5. The main process saves the image, whole or not at all, and reports every process's numbers.
     stats = gather_object([{"rank": distributed_state.process_index, "device": str(device),
-                            "peak": peak_memory_in_words(device)}])
+                            "peak": peak_memory_in_words(device), "held": parameters_held(pipeline, plan)}])
     watchdog.close()  # the last collective is over
     if distributed_state.is_main_process:
         save(image, args.output)
@@ -159,7 +172,7 @@ def parse_args():
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                         help="weights' dtype; auto is bfloat16 on GPUs and float32 on the CPU (default: %(default)s)")
     parser.add_argument("--ulysses-degree", type=int,
-                        help="processes that split the heads in each attention with an all-to-all (default: the "
+                        help="processes that split the heads in each attention with all-to-alls (default: the "
                              "number of processes, divided by --ring-degree)")
     parser.add_argument("--ring-degree", type=int, default=1,
                         help="processes that pass keys and values round a ring instead; needs --attention-backend "
@@ -168,6 +181,11 @@ def parse_args():
                         help="diffusers' attention backend: native is torch's scaled_dot_product_attention, on any "
                              "device; the others return the log-sum-exp that ring attention needs (default: "
                              "%(default)s)")
+    parser.add_argument("--shard-weights", action="store_true",
+                        help="for a model too big for one GPU: each process holds 1/N of the transformer's and the "
+                             "largest text encoder's weights (FSDP2), gathering each block's just before it runs; "
+                             "the main process alone reads them from the disk (FLUX.1-dev on 2 x 16 GiB with "
+                             "--staged, Qwen-Image on 4 x 24 GiB)")
     parser.add_argument("--staged", action="store_true",
                         help="load the text encoders, encode the prompt, free them, then load the transformer and VAE: "
                              "each GPU holds 9.1 GiB less of FLUX.1-dev at its peak")
@@ -270,6 +288,13 @@ def make_plan(args):
     needs = {"whole": weights + reserve}  # every component at once, while the VAE decodes
     if can_stage:  # --staged: the text encoders alone (and freed), then the transformer and the VAE
         needs["staged"] = max(text + TEXT_ENCODER_RESERVE, weights - text + reserve)
+    sharded, shard_problems = plan_shards(args, index, dtype, components, processes) if args.shard_weights else (
+        {}, [])
+    if sharded:  # each process holds its shards, the other components whole, and what it gathers at most
+        shares = {name: s["share"] for name, s in sharded.items()}
+        needs["sharded"] = sharded_need(components, sharded, shares, reserve, staged=False)
+        if can_stage:
+            needs["sharded_staged"] = sharded_need(components, sharded, shares, reserve, staged=True)
     on_gpu = args.device_memory is not None or (args.device != "cpu" and torch.accelerator.is_available())
     return {"model": args.model, "pipeline": index.get("_class_name"), "transformer": index["transformer"][1],
             "processes": processes, "ring_degree": args.ring_degree, "ulysses_degree": ulysses, "heads": heads,
@@ -280,10 +305,11 @@ def make_plan(args):
             "heads_per_process": -(-heads // ulysses) if heads else None,
             "dtype": str(dtype).removeprefix("torch."), "components": components, "weights": weights,
             "text_encoders": text, "reserved_for_activations": reserve, "needs": needs, "staged": args.staged,
-            "can_stage": can_stage, "device": "GPU" if on_gpu else "cpu",
+            "can_stage": can_stage, "device": "GPU" if on_gpu else "cpu", "shard_weights": args.shard_weights,
+            "sharded": sharded,
             "problems": split_problems(args, processes, ulysses, heads, image_tokens, text_tokens, patch, uneven) + (
                 [f"--staged is for FLUX.1 pipelines; {args.model} is a {index.get('_class_name')}"]
-                if args.staged and not can_stage else [])}
+                if args.staged and not can_stage else []) + shard_problems}
 
 
 def read_configs(model):
@@ -307,9 +333,12 @@ def read_configs(model):
 def prompt_tokens(args, index):
     """The prompt's tokens as the transformer gets them, which the processes split. FLUX.1's T5 pads the prompt to
     --max-sequence-length. QwenImage's pipeline wraps the prompt in its template, drops the template's first tokens
-    and pads nothing: count them with its own tokenizer and template (the tokenizer alone is loaded, no weights)."""
+    and pads nothing: count them with its own tokenizer and template (the tokenizer alone is loaded, no weights);
+    in a folder of configs alone (no tokenizer), at --max-sequence-length, the most they can be."""
     if index.get("_class_name") not in TEMPLATED_PIPELINES:
         return args.max_sequence_length
+    if Path(args.model).expanduser().is_dir() and not (Path(args.model).expanduser() / "tokenizer").is_dir():
+        return args.max_sequence_length  # a folder of configs alone (tests/fixtures): the most the prompt can be
     weights = {name: None for name, spec in index.items() if isinstance(spec, list) and name != "tokenizer"}
     diffusers.utils.logging.disable_progress_bar()  # a bar for one tokenizer: no
     with explained_load_errors(args.model), warnings.catch_warnings(action="ignore"):
@@ -387,18 +416,92 @@ def even_split_problems(args, processes, ulysses, heads, image_tokens, text_toke
     return problems
 
 
+def plan_shards(args, index, dtype, components, processes):
+    """--shard-weights, from the configs alone (the components built with no weights): which components are sharded
+    (the transformer and the largest text encoder), and for each what one process holds (its largest shard: FSDP2
+    cuts every weight in N along its first dimension, the first processes taking a row more where N does not
+    divide it) and what it gathers at most at once: its own weights outside the groups (the embedders, the last
+    norm and projection), gathered for the whole call, and the largest of its groups (shard_units) twice over, the
+    block that runs and the next one, prefetched (a group outside the block lists, such as Qwen2.5-VL's output
+    head, once). Returns those figures by component, and the problems (one line each)."""
+    texts = [name for name in TEXT_ENCODERS if name in components]
+    names = ["transformer", *([max(texts, key=components.get)] if texts else [])]
+    sharded, problems = {}, []
+    if processes == 1:
+        problems.append("--shard-weights shares the weights between processes, and one process holds them all: "
+                        f"launch 2 or more (`torchrun --nproc-per-node 2 {Path(sys.argv[0]).name} ...`), or leave "
+                        "--shard-weights out")
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    for name in names:
+        module = empty_component(args.model, index, name)
+        units = shard_units(module)
+        if not units:
+            problems.append(f"--shard-weights: {name} ({type(module).__name__}) names no blocks for FSDP to gather one "
+                            "at a time (its class has no _no_split_modules): leave --shard-weights out, or use "
+                            "model-parallelism-flux.py (FLUX.1)")
+            continue
+        unit_names = {unit_name: unit for unit_name, unit in module.named_modules() if unit in units}
+        own, per_unit, share, total = 0, Counter(), 0, 0
+        for parameter_name, parameter in module.named_parameters():
+            owner = max((u for u in unit_names if parameter_name.startswith(u + ".")), key=len, default=None)
+            bytes_ = parameter.numel() * itemsize
+            total += bytes_
+            rows = parameter.shape[0] if parameter.dim() else 1
+            share += -(-rows // processes) * (bytes_ // rows)  # the first processes' shard, the largest
+            if owner is None:
+                own += bytes_
+            else:
+                per_unit[owner] += bytes_
+        chained = {id(block) for order in block_orders(module, units) for block in order}
+        largest = max(per_unit, key=lambda u: per_unit[u] * (2 if id(unit_names[u]) in chained else 1))
+        times = 2 if id(unit_names[largest]) in chained else 1
+        sharded[name] = {"bytes": total, "share": share, "groups": len(units), "largest_group": largest,
+                         "largest_group_class": type(unit_names[largest]).__name__,
+                         "largest_group_bytes": per_unit[largest], "prefetched": times == 2, "own": own,
+                         "gathered": own + times * per_unit[largest]}
+    return sharded, problems
+
+
+def sharded_need(components, sharded, shares, reserve, staged):
+    """What one process holds at its busiest with --shard-weights: its share of each sharded component (`shares`),
+    the other components whole, the most it gathers at once (one sharded component runs at a time), and the
+    activations' reserve; with --staged, the busier of the two stages."""
+    def stage(names):
+        return sum(shares.get(name, components[name]) for name in names) + max(
+            [sharded[name]["gathered"] for name in names if name in sharded], default=0)
+    text = [name for name in components if name in TEXT_ENCODERS]
+    if not staged:
+        return stage(components) + reserve
+    return max(stage(text) + TEXT_ENCODER_RESERVE, stage([name for name in components if name not in text]) + reserve)
+
+
+def fewest_processes(plan, device_memory, staged):
+    """The fewest processes (one per GPU of `device_memory`) that hold the pipeline with --shard-weights, each a
+    1/N shard; None where even the parts every GPU holds whole do not fit."""
+    for n in range(2, 257):
+        shares = {name: -(-s["bytes"] // n) for name, s in plan["sharded"].items()}
+        if sharded_need(plan["components"], plan["sharded"], shares, plan["reserved_for_activations"],
+                        staged) <= device_memory:
+            return n
+    return None
+
+
 def fit(plan, device_memory, ram=None, processes_here=1):
     """Whether each GPU (or, on the CPU, the RAM of this machine's processes) can hold what the run needs, and the
     one line that says what to do where it cannot."""
-    mode = "staged" if plan["staged"] else "whole"
-    need = plan["needs"][mode]
-    if plan["device"] == "cpu":  # every process holds a copy in RAM
-        need, device_memory = need * processes_here, ram
+    mode = ("sharded_" if plan["shard_weights"] else "") + ("staged" if plan["staged"] else "whole")
+    need = plan["needs"][mode.replace("sharded_whole", "sharded")]
+    if plan["device"] == "cpu":  # every process holds a copy in RAM (or its shards, and process 0 reads each whole)
+        need, device_memory = need * processes_here + max(
+            [s["bytes"] for s in plan["sharded"].values()], default=0), ram
     if need <= device_memory:
         return True, None
     if plan["device"] == "cpu":
+        held = "its shards and the rest" if plan["shard_weights"] else "a copy each"
         return False, (f"{plan['model']} does not fit: {processes_here} process(es) on the CPU need {size(need)} of "
-                       f"RAM, a copy each, and {size(device_memory)} is free: run fewer processes, or free some memory")
+                       f"RAM, {held}, and {size(device_memory)} is free: run fewer processes, or free some memory")
+    if plan["shard_weights"]:
+        return False, sharded_does_not_fit(plan, need, device_memory)
     where = (f"each GPU holds the whole pipeline: it needs {size(need)} "
              f"({size(plan['weights'] - (plan['text_encoders'] if plan['staged'] else 0))} of weights, "
              f"{size(plan['reserved_for_activations'])} for activations) and has {size(device_memory)} free")
@@ -407,8 +510,24 @@ def fit(plan, device_memory, ram=None, processes_here=1):
                        f"and are freed first: {size(plan['text_encoders'])} less per GPU)")
     return False, (f"{plan['model']} does not fit: {where}" + ("" if plan["staged"] or not plan["can_stage"] else
                    f", even with --staged ({size(plan['needs']['staged'])})")
-                   + ": model-parallelism-flux.py spreads one copy over "
-                   "several GPUs for a model too large for any one of them; or make smaller images")
+                   + ": add --shard-weights (each GPU then holds 1/N of the transformer and of the largest text "
+                   "encoder: --plan --shard-weights tells what fits), or model-parallelism-flux.py spreads one copy "
+                   "over several GPUs for a model too large for any one of them; or make smaller images")
+
+
+def sharded_does_not_fit(plan, need, device_memory):
+    """The line for --shard-weights on GPUs that cannot hold their shards: --staged where that fits, else the fewest
+    GPUs of this size that can."""
+    where = (f"each of {plan['processes']} GPUs holds its shards: it needs {size(need)} and has "
+             f"{size(device_memory)} free")
+    if not plan["staged"] and plan["can_stage"] and plan["needs"]["sharded_staged"] <= device_memory:
+        return (f"{plan['model']} does not fit: {where}: add --staged (the text encoders encode the prompt and are "
+                f"freed first: {size(plan['needs']['sharded_staged'])})")
+    fewest = fewest_processes(plan, device_memory, plan["staged"])
+    if fewest is None:
+        return (f"{plan['model']} does not fit: {where}, and even the parts every GPU holds whole and the blocks it "
+                "gathers leave no room on GPUs of this size: make smaller images, or use larger GPUs")
+    return f"{plan['model']} does not fit: {where}: run {fewest} processes or more, one per GPU of this size"
 
 
 def print_plan(args, plan):
@@ -439,9 +558,35 @@ def print_plan(args, plan):
         saved = plan["needs"]["whole"] - plan["needs"]["staged"]
         print(f"  --staged (text encoders freed after encoding): needs {size(plan['needs']['staged'])}, "
               + (f"{size(saved)} less" if saved > 0 else "no less"))
+    if plan["sharded"]:
+        print_shards(plan, memory)
     for problem in plan["problems"]:
         print(f"  NO: {problem}")
     print(f"  fits: {'yes' if plan['fits'] else 'NO'}")
+
+
+def print_shards(plan, memory):
+    """--plan --shard-weights: what each GPU holds of each sharded component, what it gathers, what it needs."""
+    n = plan["processes"]
+    print(f"  --shard-weights, 1/{n} of these on each GPU (FSDP2), each block's weights gathered just before it runs:")
+    for name, s in plan["sharded"].items():
+        print(f"    {name:<14} {size(s['share']):>10} of {size(s['bytes'])}; gathers at most {size(s['gathered'])}: "
+              + (f"two {s['largest_group_class']} of {size(s['largest_group_bytes'])} (one runs, the next is "
+                 "prefetched)" if s["prefetched"] else f"its {s['largest_group']} ({size(s['largest_group_bytes'])})")
+              + (f" and {size(s['own'])} outside its blocks" if s["own"] else ""))
+    whole = [name for name in plan["components"] if name not in plan["sharded"]]
+    shares = sum(s["share"] for s in plan["sharded"].values())
+    print(f"    {'whole':<14} {size(sum(plan['components'][name] for name in whole)):>10} ({', '.join(whole)})")
+    print(f"  sharded, each GPU needs {size(plan['needs']['sharded'])} ({size(shares)} of shards, the rest whole, the "
+          f"gathered blocks, {size(plan['reserved_for_activations'])} for activations)")
+    if "sharded_staged" in plan["needs"]:
+        print(f"  sharded and --staged: needs {size(plan['needs']['sharded_staged'])}")
+    for staged in (False, True) if "sharded_staged" in plan["needs"] else (False,):
+        fewest = fewest_processes(plan, memory, staged)
+        print(f"  the fewest GPUs of {size(memory)} that hold it sharded{' and --staged' if staged else ''}: "
+              + (str(fewest) if fewest else "none (make smaller images)"))
+    print(f"  host RAM while loading: process 0 reads each sharded component whole, one at a time, and sends the "
+          f"shards: {size(max(s['bytes'] for s in plan['sharded'].values()))} at most")
 
 
 def check_plan(args, plan):
@@ -452,6 +597,14 @@ def check_plan(args, plan):
         fits, why = fit(plan, None, psutil.virtual_memory().available, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if not fits:
             fail(why, code=1)
+    elif plan["sharded"] and os.environ.get("RANK", "0") == os.environ.get("LOCAL_RANK", "0"):
+        # The machine of process 0 (whose processes' local ranks are their ranks): process 0 reads each sharded
+        # component whole into RAM before it sends the shards.
+        largest = max(plan["sharded"], key=lambda name: plan["sharded"][name]["bytes"])
+        if plan["sharded"][largest]["bytes"] > psutil.virtual_memory().available:
+            fail(f"--shard-weights: process 0 reads the {largest} whole into RAM before it sends each process its "
+                 f"shard: {size(plan['sharded'][largest]['bytes'])}, and this machine has "
+                 f"{size(psutil.virtual_memory().available)} free: free some memory", code=1)
 
 
 def one_process_note(device):
@@ -476,23 +629,139 @@ def check_device_memory(args, plan, device):
         fail(f"{device}: {why}", code=1, every_process=True)
 
 
-def load_pipeline(args, plan, without=()):
-    """The pipeline at the run's dtype, without the components named (None: not loaded)."""
+def load_pipeline(args, plan, device, shard_mesh=None, without=()):
+    """The pipeline at the run's dtype on this process's device, without the components named (None: not loaded).
+    With a shard mesh (--shard-weights), its sharded components are loaded first, sharded (load_sharded), and handed
+    to from_pretrained, which loads only the others."""
+    sharded = {name: load_sharded(args, plan, name, shard_mesh, device)
+               for name in plan["sharded"] if name not in without} if shard_mesh else {}
     left_out = {name: None for name in without} | (  # the tokenizers go with the text encoders
         {"tokenizer": None, "tokenizer_2": None} if "text_encoder" in without else {})
     with explained_load_errors(args.model):
-        return DiffusionPipeline.from_pretrained(args.model, dtype=getattr(torch, plan["dtype"]), **left_out)
+        pipeline = DiffusionPipeline.from_pretrained(args.model, dtype=getattr(torch, plan["dtype"]), **left_out,
+                                                     **sharded)
+    return pipeline.to(device)
 
 
-def encode_and_free_text_encoders(args, plan, device):
+def encode_and_free_text_encoders(args, plan, device, shard_mesh=None):
     """--staged: the text encoders alone encode the prompt, and are freed before the transformer is loaded."""
-    text = load_pipeline(args, plan, without=("transformer", "vae")).to(device)
+    text = load_pipeline(args, plan, device, shard_mesh, without=("transformer", "vae"))
     with torch.no_grad():
         prompt_embeds, pooled_prompt_embeds, _ = text.encode_prompt(
             prompt=args.prompt, prompt_2=None, device=device, max_sequence_length=args.max_sequence_length)
     del text  # drop every reference to their weights, then give the memory back
     clear_device_cache(garbage_collection=True)
     return dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
+
+
+def load_sharded(args, plan, name, mesh, device):
+    """One component of the pipeline (the transformer, a text encoder), sharded over the processes of `mesh`, a 1-D
+    mesh of the whole group, with FSDP2, its weights read from the disk once. Process 0 alone reads them, whole,
+    into RAM (from_pretrained on the CPU). Every process builds the component from its config with no weights
+    (accelerate's init_empty_weights: its parameters on the meta device, but what the config computes, rotary
+    tables and position ids, real), shards it (shard_weights), makes room on its device for its own shards
+    (to_empty), and receives them from process 0 one weight at a time (torch.distributed.checkpoint's
+    set_model_state_dict, broadcast_from_rank0). Process 0 also sends the dtype it loaded each weight in, and the
+    buffers that no state dict carries (Qwen2.5-VL's inv_freq, CLIP's position_ids), as it loaded them: the
+    component is then the one from_pretrained loads, sharded."""
+    index = DiffusionPipeline.load_config(args.model)
+    loaded = None
+    if torch.distributed.get_rank() == 0:
+        library, class_name = index[name]
+        cls = getattr(importlib.import_module(library), class_name)
+        with explained_load_errors(args.model):
+            loaded = cls.from_pretrained(args.model, subfolder=name, dtype=getattr(torch, plan["dtype"]))
+    sent = [{"dtypes": {n: p.dtype for n, p in loaded.named_parameters(remove_duplicate=False)},
+             "buffers": dict(loaded.named_buffers())} if loaded is not None else None]
+    torch.distributed.broadcast_object_list(sent, src=0)  # a few names and small tensors
+    component = empty_component(args.model, index, name)
+    names, cast = {id(p): n for n, p in component.named_parameters()}, {}
+    for module in component.modules():  # each weight in the dtype process 0 loaded it in (a tied weight stays tied)
+        for parameter_name, parameter in list(module.named_parameters(recurse=False)):
+            if id(parameter) not in cast:
+                cast[id(parameter)] = torch.nn.Parameter(parameter.to(sent[0]["dtypes"][names[id(parameter)]]),
+                                                         requires_grad=False)
+            setattr(module, parameter_name, cast[id(parameter)])
+    shard_weights(component, mesh)
+    component.to_empty(device=device)  # this process's shards, allocated on its device, not yet filled
+    set_model_state_dict(component, loaded.state_dict() if loaded is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer_name, buffer in sent[0]["buffers"].items():
+        owner, _, attribute = buffer_name.rpartition(".")
+        setattr(component.get_submodule(owner), attribute, buffer.to(device))
+    del loaded, sent  # process 0's whole copy
+    gc.collect()
+    return component.eval()
+
+
+def empty_component(model, index, name):
+    """A component of the pipeline built from its config.json with no weights (parameters on the meta device, as
+    from_pretrained builds it before it reads them), its buffers and other tensors computed as the config says."""
+    library, class_name = index[name]
+    cls = getattr(importlib.import_module(library), class_name)
+    with explained_load_errors(model), warnings.catch_warnings(action="ignore"), init_empty_weights(
+            include_buffers=False):
+        if issubclass(cls, diffusers.ModelMixin):
+            return cls.from_config(cls.load_config(model, subfolder=name))
+        component = cls(transformers.AutoConfig.from_pretrained(model, subfolder=name))
+    component.tie_weights()  # init_empty_weights makes each weight anew, a tied one too (T5's embedding): tie again
+    return component
+
+
+def shard_units(module):
+    """The groups of weights that FSDP gathers one at a time, in the order they run: the model's blocks (its
+    `_no_split_modules`: the layers Accelerate never cuts between devices, 57 in FLUX.1's transformer, 24 in T5),
+    and, in a text encoder, the token embedding and the output head where their weights are not tied (each 1 GiB in
+    Qwen2.5-VL: left to the model's own group, they would stay gathered for its whole call). The rest (the
+    embedders, the final norm and projection) is the model's own group."""
+    names = set(getattr(module, "_no_split_modules", None) or [])
+    units = [m for m in module.modules() if names & {c.__name__ for c in type(m).__mro__}]  # FSDP's subclasses too
+    if isinstance(module, transformers.PreTrainedModel) and units:
+        holders = Counter(id(p) for _, p in module.named_parameters(remove_duplicate=False))
+        units += [m for m in (module.get_input_embeddings(), module.get_output_embeddings())  # not tied to another
+                  if m is not None and m not in units and holders[id(m.weight)] == 1]  # (T5's is the encoder's too)
+    return units
+
+
+def shard_weights(component, mesh):
+    """FSDP2 on a component: each block (shard_units) a group of its own, then the rest with the component itself;
+    every weight cut along its first dimension between the processes of the 1-D `mesh` (a 2-D mesh would make FSDP
+    replicate along one dimension: HSDP). reshard_after_forward=True: a block's gathered weights are freed as soon
+    as it has run (the component itself too, whose forward is the pipeline's call). Each block asks for the next
+    block of its list to be gathered as soon as its own weights are in (set_modules_to_forward_prefetch), so that
+    the next gather overlaps this block's compute where the device can (a GPU's communication stream)."""
+    units = shard_units(component)
+    for unit in reversed(units):  # bottom-up: a group takes the weights no group below it took
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    fully_shard(component, mesh=mesh, reshard_after_forward=True)
+    for order in block_orders(component, units):
+        for block, following in zip(order, order[1:]):
+            block.set_modules_to_forward_prefetch([following])
+    return component
+
+
+def block_orders(component, units):
+    """The blocks in the order they run: each parent's lists of blocks (nn.ModuleList), one after the other (FLUX's
+    19 double-stream blocks, then its 38 single-stream ones)."""
+    orders = []
+    for parent in component.modules():
+        order = [block for blocks in parent.children() if isinstance(blocks, torch.nn.ModuleList) and len(blocks)
+                 and all(block in units for block in blocks) for block in blocks]
+        if order:
+            orders.append(order)
+    return orders
+
+
+def parameters_held(pipeline, plan):
+    """{component: [the parameters this process holds, all of them]} for each sharded component still loaded."""
+    held = {}
+    for name in plan["sharded"]:
+        component = getattr(pipeline, name, None)
+        if component is not None:
+            parameters = list(component.parameters())
+            held[name] = [sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in parameters),
+                          sum(p.numel() for p in parameters)]
+    return held
 
 
 def enable_context_parallelism(pipeline, plan, mesh):
@@ -553,6 +822,12 @@ def report(args, plan, stats, image, clock):
           f"{plan['tokens_per_process'] if n > 1 else plan['image_tokens'] + plan['text_tokens']} tokens per process"
           + (f", {up_to}{plan['heads_per_process']} of {plan['heads']} heads each in every attention" if n > 1 else "")
           + (" (uneven: ulysses_anything)" if n > 1 and plan["ulysses_anything"] else ""))
+    for name in plan["sharded"]:  # what each process really held (a staged run's text encoder is gone by now)
+        held = [s["held"][name] for s in stats if name in s["held"]]
+        if held:
+            print(f"weights sharded: {name}: each process held at most {max(h[0] for h in held)} of its "
+                  f"{held[0][1]} parameters ({max(h[0] for h in held) / held[0][1]:.2f}), the main process alone "
+                  "read them from the disk")
     print(f"made {args.output} ({image.width}x{image.height}) in {clock.seconds:.2f} s, {clock.per_step():.3f} s per "
           f"step, {time.time() - psutil.Process().create_time():.1f} s since the start; peak memory: "
           + "; ".join(f"rank {s['rank']} on {s['device']} {s['peak']}" for s in stats))
@@ -1042,7 +1317,7 @@ if __name__ == "__main__":
     except torch.OutOfMemoryError:  # on the one process that ran out: say which, and what to try
         state = PartialState()
         fail(f"rank {state.process_index} ran out of memory on {state.device}: try --staged, a smaller "
-             "--height/--width, or model-parallelism-flux.py for a model too large for one GPU; --plan shows what "
-             "fits", code=1, every_process=True)
+             "--height/--width, or --shard-weights for a model too large for one GPU; --plan shows what fits",
+             code=1, every_process=True)
     finally:  # every way out, fail() and SIGTERM included, leaves the process group first
         end_process_group()

@@ -70,10 +70,18 @@ CP_ACCELERATE = "uv run accelerate launch --num_processes 2 context-parallelism-
 CFG_TORCHRUN_TINY = ("uv run torchrun --nproc-per-node 2 cfg-parallelism-sd3.py --model tiny/sd3 --height 64 --width "
                      "64 --num-inference-steps 2 --output outputs/tiny-sd3-cfg-parallel.png --device cpu")
 CFG_ACCELERATE = "uv run accelerate launch --num_processes 2 cfg-parallelism-sd3.py"
+SHARD_TORCHRUN_TINY = ("uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --shard-weights --model "
+                       "tiny/flux --height 64 --width 64 --num-inference-steps 2 --output "
+                       "outputs/tiny-flux-sharded.png --device cpu")
+SHARD_STAGED = "uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --shard-weights --staged"
+SHARD_QWENIMAGE_TINY = ("uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --shard-weights --model "
+                        "tiny/qwenimage --prompt \"a fox\" --height 48 --width 48 --num-inference-steps 2 --output "
+                        "outputs/tiny-qwenimage-sharded.png --device cpu")
 RUN_ELSEWHERE = {"DP_TORCHRUN": "test_data_parallelism.py", "DP_ACCELERATE_TINY": "test_data_parallelism.py",
                  "CP_TORCHRUN_TINY": "test_context_parallelism.py", "CP_TORCHRUN_STAGED": "test_context_parallelism.py",
                  "CP_ACCELERATE": "test_context_parallelism.py", "CFG_TORCHRUN_TINY": "test_cfg_parallelism.py",
-                 "CFG_ACCELERATE": "test_cfg_parallelism.py"}
+                 "CFG_ACCELERATE": "test_cfg_parallelism.py", "SHARD_TORCHRUN_TINY": "test_sharded_weights.py",
+                 "SHARD_STAGED": "test_sharded_weights.py", "SHARD_QWENIMAGE_TINY": "test_sharded_weights.py"}
 
 # Page commands made on a simulated GPU machine (tests/simulate/fake_gpus.py: torch answers as a machine with GPUs
 # does, down to what torch.distributed asks its C++ side; the GPUs cannot compute), all of them on the CPU: what
@@ -166,6 +174,8 @@ def as_test(argv, tiny, tmp_path, port):
         args += ["--model", str(tiny["sd3"]), "--prompts", "4", "--size", "64", "--steps", "1", "--no-warm-up"]
     elif program == "benchmarks/context_parallel.py":  # a small random FLUX: 2 heads of 64
         args += ["--hidden", "128", "--sizes", "64", "--steps", "2", "--repeats", "1", "--no-warm-up"]
+    elif program == "benchmarks/sharded_weights.py":  # the sharded run alone, on a small random FLUX
+        args += ["--runs", "sharded", "--hidden", "128", "--size", "64", "--steps", "2", "--no-warm-up"]
     elif program == "benchmarks/cfg_parallel.py":  # a small random SD3: 1 block, hidden size 32
         args += ["--hidden", "32", "--layers", "1", "--size", "64", "--steps", "2", "--repeats", "1", "--no-warm-up"]
     script = next((a for a in [program, *args] if a in SCRIPTS), None)

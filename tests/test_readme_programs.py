@@ -208,7 +208,7 @@ def run_program(program, command, tiny_path, folder, timeout=600, a_gpu_a_proces
 
 PROGRAMS = programs()
 CHECKED = {"examples/data_parallel.py", "examples/model_parallel.py", "examples/context_parallel.py",
-           "examples/cfg_parallel.py"}  # below
+           "examples/cfg_parallel.py", "examples/sharded_context_parallel.py"}  # below
 RUNS = [(program, command) for program in PROGRAMS for command in program.commands]
 
 
@@ -349,6 +349,26 @@ def test_cfg_parallel_program_saves_one_image_from_the_main_process(program, com
     run = runs(program, command)
     run.succeeded()
     check_one_image_by_the_main_process(run)
+
+
+@runs_of("examples/sharded_context_parallel.py")
+def test_sharded_program_holds_half_of_the_transformer_in_each_process_and_saves_one_image(program, command, runs,
+                                                                                          tiny_flux):
+    """Each process says what it holds of the transformer (its parameters' local shards): at most 0.55 of the
+    parameters the tiny Flux's transformer has (counted here, loaded whole), and all of them together; one image, by
+    process 0. (The image against diffusers' own, for the same calls in the full script: tests/test_sharded_weights.py;
+    here it would cost a 28-step 1024x1024 run in the test's process.)"""
+    from diffusers import FluxTransformer2DModel
+
+    run = runs(program, command)
+    run.succeeded()
+    check_one_image_by_the_main_process(run)
+    held = {int(rank): (int(mine), int(full)) for rank, mine, full in re.findall(
+        r"^process (\d+) holds (\d+) of (\d+) parameters$", run.result.stdout, flags=re.MULTILINE)}
+    assert sorted(held) == list(range(run.processes)), run.result.stdout
+    full = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer").num_parameters()
+    assert {f for _, f in held.values()} == {full}
+    assert all(mine <= 0.55 * full for mine, _ in held.values()) and sum(m for m, _ in held.values()) >= full
 
 
 def check_one_image_by_the_main_process(run):
