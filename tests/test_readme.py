@@ -39,7 +39,7 @@ SCRIPTS = {"data-parallelism-accelerate.py": "sd3", "model-parallelism-flux.py":
            "context-parallelism-flux.py": "flux", "cfg-parallelism-sd3.py": "sd3"}
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
 # Real models a page names with --model, and the tiny pipeline of the same class that stands in for each here.
-REAL_MODELS_RUN_TINY = {"Qwen/Qwen-Image": "qwenimage"}
+REAL_MODELS_RUN_TINY = {"Qwen/Qwen-Image": "qwenimage", "black-forest-labs/FLUX.1-dev": "flux"}
 
 
 def page_lines():
@@ -65,17 +65,24 @@ CP_TORCHRUN_TINY = ("uv run torchrun --nproc-per-node 2 context-parallelism-flux
                     "--width 64 --num-inference-steps 2 --output outputs/tiny-flux-context-parallel.png --device cpu")
 CP_TORCHRUN_STAGED = "uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --staged"
 CP_ACCELERATE = "uv run accelerate launch --num_processes 2 context-parallelism-flux.py"
+GROUPS_CONTEXT = ("uv run torchrun --nproc-per-node 4 data-parallelism-accelerate.py --context-parallel 2 --model "
+                  "black-forest-labs/FLUX.1-dev --prompts-file prompts.txt")
+GROUPS_CFG = ("uv run torchrun --nproc-per-node 4 data-parallelism-accelerate.py --cfg-parallel --prompts-file "
+              "prompts.txt")
 RUN_ELSEWHERE = {"DP_TORCHRUN": "test_data_parallelism.py", "DP_ACCELERATE_TINY": "test_data_parallelism.py",
                  "CP_TORCHRUN_TINY": "test_context_parallelism.py", "CP_TORCHRUN_STAGED": "test_context_parallelism.py",
-                 "CP_ACCELERATE": "test_context_parallelism.py"}
+                 "CP_ACCELERATE": "test_context_parallelism.py", "GROUPS_CONTEXT": "test_groups.py",
+                 "GROUPS_CFG": "test_groups.py"}
 
 
-def run_readme_command(line, tiny, tmp_path, **env):
+def run_readme_command(line, tiny, tmp_path, check=True, timeout=600, **env):
     """Run the command LINE, which must be in a page (the README or docs/) as written, as
     test_every_readme_command_runs runs each (as_test: the tiny pipelines, a few steps at 64 px, on the CPU), with
-    `env` added (a probe); fail the test if it fails. What it makes is in tmp_path: out/ (data parallel) or out.png."""
+    `env` added (a probe); with `check`, fail the test if it fails. What it makes is in tmp_path: out/ (data
+    parallel) or out.png."""
     assert line in page_lines(), f"no page has the command {line!r} any more"
-    return run(as_test(shlex.split(line, comments=True), tiny, tmp_path, free_port()), timeout=600, env=env)
+    return run(as_test(shlex.split(line, comments=True), tiny, tmp_path, free_port()), timeout=timeout, check=check,
+               env=env)
 
 
 def as_test(argv, tiny, tmp_path, port):
@@ -111,6 +118,8 @@ def as_test(argv, tiny, tmp_path, port):
         args += ["--model", str(tiny["sd3"]), "--prompts", "4", "--size", "64", "--steps", "1", "--no-warm-up"]
     elif program == "benchmarks/context_parallel.py":  # a small random FLUX: 2 heads of 64
         args += ["--hidden", "128", "--sizes", "64", "--steps", "2", "--repeats", "1", "--no-warm-up"]
+    elif program == "benchmarks/groups.py":  # a small random FLUX: 2 heads of 64; 2 prompts
+        args += ["--hidden", "128", "--size", "64", "--steps", "2", "--prompts", "2", "--repeats", "1", "--no-warm-up"]
     elif program == "benchmarks/cfg_parallel.py":  # a small random SD3: 1 block, hidden size 32
         args += ["--hidden", "32", "--layers", "1", "--size", "64", "--steps", "2", "--repeats", "1", "--no-warm-up"]
     script = next((a for a in [program, *args] if a in SCRIPTS), None)
@@ -121,10 +130,13 @@ def as_test(argv, tiny, tmp_path, port):
         args += [a for flag, value in zip(FAST[::2], FAST[1::2]) if flag not in args for a in (flag, value)]
         args += ["--output", str(tmp_path / "out.png"), "--device", "cpu"]
     elif script and "--help" not in args:
+        # The family of the model the command names (a tiny one by now), or the script's own.
+        family = next((name for name, path in tiny.items() if "--model" in args and args[args.index("--model") + 1]
+                       == str(path)), SCRIPTS[script])
         if "--plan" in args:
-            args += ["--model", str(SD35_MEDIUM_CONFIGS if SCRIPTS[script] == "sd3" else FLUX_DEV_CONFIGS)]
+            args += ["--model", str(SD35_MEDIUM_CONFIGS if family == "sd3" else FLUX_DEV_CONFIGS)]
         elif script.startswith("data"):
-            args += ["--model", str(tiny["sd3"]), *FAST, "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
+            args += ["--model", str(tiny[family]), *FAST, "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
         else:
             args += ["--model", str(tiny[SCRIPTS[script]]), *FAST, "--output", str(tmp_path / "out.png"), "--device",
                      "cpu"]
