@@ -52,7 +52,7 @@ import psutil
 import torch
 import transformers
 from accelerate import PartialState
-from accelerate.utils import compute_module_sizes, convert_file_size_to_int, gather, gather_object
+from accelerate.utils import compute_module_sizes, convert_file_size_to_int, gather_object
 from diffusers import AutoencoderKL, DiffusionPipeline
 from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
 
@@ -91,9 +91,10 @@ def main():
     pipeline = load_sd3(args, plan).to(device)
     pipeline.set_progress_bar_config(disable=not distributed_state.is_main_process)
 
-    # 3. CFG parallelism: each process runs the transformer on its half of the guidance batch (the hooks below).
+    # 3. CFG parallelism: each process runs the transformer on its half of the guidance batch, and the two
+    #    exchange their halves' predictions (split_the_guidance_batch: two hooks, near the end of this file).
     if distributed_state.num_processes == 2:
-        split_the_guidance_batch(pipeline.transformer, distributed_state.process_index)
+        split_the_guidance_batch(pipeline.transformer, torch.distributed.group.WORLD)
 
     # 4. Generate: both processes run the same call from the same noise (a CPU generator, the same seed) and take
     #    the same steps; a process whose steps stop ends the job (--stall-timeout) instead of leaving the other
@@ -114,43 +115,6 @@ def main():
     if distributed_state.is_main_process:
         save(image, args.output)
         report_the_run(args, plan, stats, image, clock)
-
-
-def split_the_guidance_batch(transformer, rank):
-    """CFG parallelism on the transformer: before each call, a forward pre-hook keeps this process's half of the
-    doubled guidance batch; after it, a forward hook all-gathers the two halves' predictions, so that the pipeline
-    goes on (noise_pred.chunk(2), the guidance, the scheduler's step) as if this process had run the whole batch.
-    A call whose batch is not the doubled guidance batch runs whole, on both processes."""
-    split = [False]  # whether the call now running was split: the pre-hook says, the forward hook reads
-
-    def take_my_half(module, args, kwargs):
-        split[0] = is_the_guidance_batch(kwargs)
-        if not split[0]:
-            return None  # nothing changed: this call runs whole
-        # The pipeline built the batch as [negative, prompt]: rank 0 keeps the first half, the negative
-        # (unconditional) one; rank 1 the second, the prompt's.
-        return args, {name: value.chunk(2)[rank] if name in GUIDANCE_BATCHED else value
-                      for name, value in kwargs.items()}
-
-    def gather_both_halves(module, args, kwargs, output):
-        if not split[0]:
-            return None
-        # The one exchange of the step: each process sends its half's prediction and receives the other's, in rank
-        # order (negative first), the batch of two the pipeline expects back.
-        return gather(output)
-
-    transformer.register_forward_pre_hook(take_my_half, with_kwargs=True)
-    transformer.register_forward_hook(gather_both_halves, with_kwargs=True)
-
-
-def is_the_guidance_batch(kwargs):
-    """The pipeline's guidance call: an even batch of latents whose halves are the same latents (the pipeline's
-    torch.cat([latents] * 2)). Skip-layer guidance's extra call, on the prompt's half alone, is not one."""
-    latents = kwargs.get("hidden_states")
-    if latents is None or latents.shape[0] % 2:
-        return False
-    negative, prompt = latents.chunk(2)
-    return torch.equal(negative, prompt)
 
 
 def check_before_loading(args):
@@ -818,6 +782,50 @@ def plan_memory(args):
         index = min(free, key=free.get)
         return f"{kind}:{index}", free[index]
     return "cpu", psutil.virtual_memory().available
+
+
+def split_the_guidance_batch(transformer, group):
+    """CFG parallelism on the transformer, between the 2 processes of `group` (a process group: every process of
+    the job in cfg-parallelism-sd3.py; a group of 2 of them in data-parallelism-accelerate.py --cfg-parallel):
+    before each call, a forward pre-hook keeps this process's half of the doubled guidance batch, chosen by its rank
+    in the group; after it, a forward hook all-gathers the two halves' predictions within the group, so that the
+    pipeline goes on (noise_pred.chunk(2), the guidance, the scheduler's step) as if this process had run the whole
+    batch. A call whose batch is not the doubled guidance batch runs whole, on both processes. (The pipelines call
+    the transformer with return_dict=False: its output is a tuple, the prediction first.)"""
+    rank = torch.distributed.get_rank(group)  # in the group: 0 or 1, whatever this process's rank in the job
+    split = [False]  # whether the call now running was split: the pre-hook says, the forward hook reads
+
+    def take_my_half(module, args, kwargs):
+        split[0] = is_the_guidance_batch(kwargs)
+        if not split[0]:
+            return None  # nothing changed: this call runs whole
+        # The pipeline built the batch as [negative, prompt]: the group's rank 0 keeps the first half, the negative
+        # (unconditional) one; its rank 1 the second, the prompt's.
+        return args, {name: value.chunk(2)[rank] if name in GUIDANCE_BATCHED else value
+                      for name, value in kwargs.items()}
+
+    def gather_both_halves(module, args, kwargs, output):
+        if not split[0]:
+            return None
+        # The one exchange of the step: each process of the group sends its half's prediction and receives the
+        # other's, in the group's rank order (negative first), the batch of two the pipeline expects back.
+        prediction = output[0]
+        both = prediction.new_empty((2 * prediction.shape[0], *prediction.shape[1:]))
+        torch.distributed.all_gather_into_tensor(both, prediction.contiguous(), group=group)
+        return (both, *output[1:])
+
+    transformer.register_forward_pre_hook(take_my_half, with_kwargs=True)
+    transformer.register_forward_hook(gather_both_halves, with_kwargs=True)
+
+
+def is_the_guidance_batch(kwargs):
+    """The pipeline's guidance call: an even batch of latents whose halves are the same latents (the pipeline's
+    torch.cat([latents] * 2)). Skip-layer guidance's extra call, on the prompt's half alone, is not one."""
+    latents = kwargs.get("hidden_states")
+    if latents is None or latents.shape[0] % 2:
+        return False
+    negative, prompt = latents.chunk(2)
+    return torch.equal(negative, prompt)
 
 
 if __name__ == "__main__":

@@ -388,12 +388,6 @@ def split_problems(args, processes, ulysses, heads, image_tokens, text_tokens, p
     return problems
 
 
-def heads_can_be_padded(heads, n):
-    """Whether Ulysses anything can share `heads` between `n` processes: diffusers pads them to a multiple of n
-    only where the padding is less than the heads each process gets (_maybe_pad_qkv_head)."""
-    return heads % n == 0 or n - heads % n < -(-heads // n)
-
-
 def even_split_problems(args, processes, ulysses, heads, image_tokens, text_tokens, patch):
     """With ring attention (no ulysses_anything) the processes must divide the heads and both kinds of tokens."""
     problems = []
@@ -762,48 +756,6 @@ def parameters_held(pipeline, plan):
             held[name] = [sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in parameters),
                           sum(p.numel() for p in parameters)]
     return held
-
-
-def enable_context_parallelism(pipeline, plan, mesh):
-    """Split the transformer's sequence between the processes of `mesh` (its dimensions named "ring" and "ulysses",
-    as diffusers wants them: the whole mesh, or the sub-mesh of a group in a larger one). Its hooks (the model's own
-    plan) hand each process 1/N of the image tokens and 1/N of the prompt tokens as they enter the transformer, and
-    gather the N pieces of the output after its last layer. In every attention, Ulysses swaps the pieces with
-    all-to-alls (the query, key and value on the way in, the output on the way out), so that each process holds
-    every token for 1/N of the heads, attends, and swaps back; ring attention (--ring-degree) instead passes the
-    keys and values around. Where N does not divide the tokens or the heads, ulysses_anything lets the shares
-    differ by one token, and pads the heads."""
-    config = ContextParallelConfig(ring_degree=plan["ring_degree"], ulysses_degree=plan["ulysses_degree"],
-                                   ulysses_anything=plan["ulysses_anything"], mesh=mesh)
-    # diffusers 0.42 picks the process's device as `rank % torch.accelerator.device_count()`
-    # (diffusers/models/modeling_utils.py, ModelMixin._resolve_parallel_config): a division by zero where
-    # there is no accelerator. There, and only there, count the CPU as one device while it does.
-    with (unittest.mock.patch("torch.accelerator.device_count", return_value=1)
-          if not torch.accelerator.is_available() else contextlib.nullcontext()):
-        pipeline.transformer.enable_parallelism(config=config)
-    if mesh.device_type == "cpu" and plan["ulysses_anything"]:  # gloo: see all_gather_of_any_sizes
-        torch.distributed.all_gather = all_gather_of_any_sizes(torch.distributed.all_gather)
-
-
-def all_gather_of_any_sizes(all_gather):
-    """torch.distributed.all_gather, for a gloo group too where the pieces differ in size. ulysses_anything gathers
-    the transformer's output from pieces of unequal length (diffusers/hooks/context_parallel.py,
-    _all_gather_anything, with dist.all_gather): nccl and xccl gather those as they are, gloo refuses them
-    ("ProcessGroupGloo::allgather: invalid tensor size"). Here each piece is padded to the longest, gathered, and
-    cut back to its own length."""
-    def gather(tensor_list, tensor, group=None, async_op=False):
-        if async_op or all(t.shape == tensor.shape for t in tensor_list):
-            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
-        dim = next(d for d in range(tensor.dim()) if len({t.shape[d] for t in [tensor, *tensor_list]}) > 1)
-        shape = list(tensor.shape)
-        shape[dim] = max(t.shape[dim] for t in tensor_list)
-        padded = tensor.new_zeros(shape)
-        padded.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
-        pieces = [tensor.new_empty(shape) for _ in tensor_list]
-        all_gather(pieces, padded, group=group)
-        for out, piece in zip(tensor_list, pieces):
-            out.copy_(piece.narrow(dim, 0, out.shape[dim]))
-    return gather
 
 
 def call_options(args, pipeline):
@@ -1304,6 +1256,54 @@ def plan_memory(args):
         index = min(free, key=free.get)
         return f"{kind}:{index}", free[index]
     return "cpu", psutil.virtual_memory().available
+
+
+def enable_context_parallelism(pipeline, plan, mesh):
+    """Split the transformer's sequence between the processes of `mesh` (its dimensions named "ring" and "ulysses",
+    as diffusers wants them: the whole mesh, or the sub-mesh of a group in a larger one). Its hooks (the model's own
+    plan) hand each process 1/N of the image tokens and 1/N of the prompt tokens as they enter the transformer, and
+    gather the N pieces of the output after its last layer. In every attention, Ulysses swaps the pieces with
+    all-to-alls (the query, key and value on the way in, the output on the way out), so that each process holds
+    every token for 1/N of the heads, attends, and swaps back; ring attention (--ring-degree) instead passes the
+    keys and values around. Where N does not divide the tokens or the heads, ulysses_anything lets the shares
+    differ by one token, and pads the heads."""
+    config = ContextParallelConfig(ring_degree=plan["ring_degree"], ulysses_degree=plan["ulysses_degree"],
+                                   ulysses_anything=plan["ulysses_anything"], mesh=mesh)
+    # diffusers 0.42 picks the process's device as `rank % torch.accelerator.device_count()`
+    # (diffusers/models/modeling_utils.py, ModelMixin._resolve_parallel_config): a division by zero where
+    # there is no accelerator. There, and only there, count the CPU as one device while it does.
+    with (unittest.mock.patch("torch.accelerator.device_count", return_value=1)
+          if not torch.accelerator.is_available() else contextlib.nullcontext()):
+        pipeline.transformer.enable_parallelism(config=config)
+    if mesh.device_type == "cpu" and plan["ulysses_anything"]:  # gloo: see all_gather_of_any_sizes
+        torch.distributed.all_gather = all_gather_of_any_sizes(torch.distributed.all_gather)
+
+
+def all_gather_of_any_sizes(all_gather):
+    """torch.distributed.all_gather, for a gloo group too where the pieces differ in size. ulysses_anything gathers
+    the transformer's output from pieces of unequal length (diffusers/hooks/context_parallel.py,
+    _all_gather_anything, with dist.all_gather): nccl and xccl gather those as they are, gloo refuses them
+    ("ProcessGroupGloo::allgather: invalid tensor size"). Here each piece is padded to the longest, gathered, and
+    cut back to its own length."""
+    def gather(tensor_list, tensor, group=None, async_op=False):
+        if async_op or all(t.shape == tensor.shape for t in tensor_list):
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        dim = next(d for d in range(tensor.dim()) if len({t.shape[d] for t in [tensor, *tensor_list]}) > 1)
+        shape = list(tensor.shape)
+        shape[dim] = max(t.shape[dim] for t in tensor_list)
+        padded = tensor.new_zeros(shape)
+        padded.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+        pieces = [tensor.new_empty(shape) for _ in tensor_list]
+        all_gather(pieces, padded, group=group)
+        for out, piece in zip(tensor_list, pieces):
+            out.copy_(piece.narrow(dim, 0, out.shape[dim]))
+    return gather
+
+
+def heads_can_be_padded(heads, n):
+    """Whether Ulysses anything can share `heads` between `n` processes: diffusers pads them to a multiple of n
+    only where the padding is less than the heads each process gets (_maybe_pad_qkv_head)."""
+    return heads % n == 0 or n - heads % n < -(-heads // n)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,24 @@ exactly once, and prompt i always gets the same picture (its seed is --seed + i)
     uv run accelerate launch --multi_gpu --num_processes 2 data-parallelism-accelerate.py --model tiny/sd3  # CPU
     uv run data-parallelism-accelerate.py --plan --device-memory 12GiB       # will it fit on a 12 GB card?
 
+Many images, each one sooner: with --context-parallel N (FLUX.1, QwenImage...) or --cfg-parallel (SD3.5) the
+processes work in groups of N (of 2), laid out on a device mesh whose "data" dimension is the groups: each group
+takes its share of the prompts, and its processes make each image together, splitting its tokens (context
+parallelism) or its guidance batch (CFG parallelism). 8 GPUs in 4 groups of 2 make 4 images at a time, each
+about twice as fast as one GPU would:
+
+    uv run torchrun --nproc-per-node 8 data-parallelism-accelerate.py --context-parallel 2 \
+        --model black-forest-labs/FLUX.1-dev
+
 Launcher options (--num_processes, --multi_gpu, ...) go *before* the script's name: what comes after it is
-handed to the script. The images land in --output-dir as 000-<prompt>.png, 001-..., with manifest.jsonl.
-Running the same command again makes only the images that are missing.
+handed to the script. The images land in --output-dir as 000-<prompt>.png, 001-..., with metadata.jsonl, which
+makes the folder a dataset (`datasets.load_dataset("imagefolder", data_dir=...)`). Running the same command again
+makes only the images that are missing.
 
 Each GPU must hold the pipeline: SD3.5-medium is 15.2 GiB in bfloat16, plus activations. Where it does not fit
-whole (12 and 16 GB cards), each process uses diffusers' model CPU offload on its own GPU, and says so; --plan
-tells beforehand, from the configs alone, which memory mode each process will use.
+whole (12 and 16 GB cards), each process uses diffusers' model CPU offload on its own GPU, and says so (groups
+need the whole pipeline on each GPU); --plan tells beforehand, from the configs alone, which memory mode each
+process will use and, with groups, which ranks make which prompts together.
 """
 
 import argparse
@@ -32,16 +43,19 @@ import logging
 import math
 import os
 import re
+import select
 import shlex
 import signal
 import socket
 import sys
 import threading
 import time
+import unittest.mock
 import warnings
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import diffusers
 import psutil
@@ -50,10 +64,11 @@ import transformers
 from accelerate import PartialState
 from accelerate.hooks import remove_hook_from_module
 from accelerate.utils import broadcast_object_list, compute_module_sizes, convert_file_size_to_int, gather_object
-from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers import AutoencoderKL, ContextParallelConfig, DiffusionPipeline
 from diffusers.utils import make_image_grid
 from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
 from PIL import Image
+from torch.distributed.device_mesh import init_device_mesh
 from tqdm import tqdm
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
@@ -70,10 +85,20 @@ LAUNCHER_FLAGS = ("--num-processes", "--num_processes", "--multi-gpu", "--multi_
 GiB = 2**30
 RESERVE_AT_1024 = 3 * GiB  # activations of the transformer and the VAE for one 1024x1024 image, scaled with pixels
 TEXT_ENCODER_RESERVE = GiB // 2  # a text encoder reads a few hundred tokens: small activations at any image size
+MANIFEST = "metadata.jsonl"  # a line per image: what datasets' "imagefolder" reads as the images' metadata
+# Groups (--context-parallel, --cfg-parallel): pipelines whose text encoder keeps only the prompt's real tokens
+# (QwenImage wraps it in a template of its own); the others pad it to the call's max_sequence_length (FLUX.1: 512).
+TEMPLATED_PIPELINES = ("QwenImagePipeline",)
+# The transformer's inputs that the pipeline doubles for guidance (torch.cat([latents] * 2), and the prompt's
+# embeddings as torch.cat([negative, prompt])): each process keeps its half of these; the other inputs stay whole.
+GUIDANCE_BATCHED = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
 
 # diffusers imports transformers' image processors (for IP-Adapters, which this sample never uses), and without
-# torchvision transformers warns about them in every process. Silence that warning alone; the others still show.
+# torchvision transformers warns about them in every process; diffusers 0.42's context parallel hooks
+# (--context-parallel) call a torch collective that torch now calls deprecated, once per process. Silence those
+# warnings alone; the others still show.
 logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "torchvision" not in record.getMessage())
+warnings.filterwarnings("ignore", message=r".*all_gather_tensor.* is deprecated", category=FutureWarning)
 
 
 def main():
@@ -83,9 +108,12 @@ def main():
     prompts = read_prompts(args)
     check_model(args)  # fail now, not after every process has loaded 16 GB
     sizes = weigh_pipeline(args)  # from the configs alone (the meta device): what each GPU must hold, and the RAM
+    layout = plan_the_layout(args, sizes, prompts)  # groups: the mesh, and whether its groups can split the model
     if args.plan:
-        return print_plan(args, sizes)
+        return print_plan(args, sizes, layout)
     check_launch(args)  # one process per device, and a torch that can join them into a group
+    if layout["problems"]:  # groups the processes cannot form, or a model they cannot split: before any loading
+        fail(layout["problems"][0])
 
     # 1. One process per device, in one group (form_the_group): Accelerate reads what the launcher set and picks
     #    this process's device (xpu:<local rank>, cuda:<local rank>); the group joins the GPUs with their own
@@ -95,6 +123,12 @@ def main():
     quiet_libraries(main_process=distributed_state.is_main_process, verbose=args.verbose)
     if distributed_state.num_processes == 1:
         idle_devices_note(args)  # one process on a machine of several GPUs: say how to use them all
+    # With --context-parallel N or --cfg-parallel, the processes are laid out on a device mesh: its "data"
+    # dimension is the groups (ranks 0..N-1 are group 0, N..2N-1 group 1, ...), its other dimensions the processes
+    # of a group: ("data", "ring", "ulysses") as diffusers names context parallelism's, or ("data", "cfg").
+    mesh = init_device_mesh(device.type, tuple(layout["mesh_shape"]), mesh_dim_names=tuple(layout["mesh_dims"])) if (
+        layout["group_size"] > 1) else None
+    group = group_of_this_process(distributed_state, mesh)
 
     # 2. The main process finds what is left to make (images already on disk are kept) and tells the others, so
     #    that every process splits the same list, even one that starts after another has saved images.
@@ -103,21 +137,27 @@ def main():
     todo = broadcast_object_list(todo)[0]
     progress = JobProgress(args, len(prompts), len(prompts) - len(todo)) if distributed_state.is_main_process else None
 
-    # 3. Split the prompts: with 10 prompts and 4 processes, ranks 0 and 1 get 3 each, ranks 2 and 3 get 2
-    #    (contiguous slices, no padding: a process whose share is shorter, or empty, simply makes fewer images).
+    # 3. Split the prompts between the workers: the processes (split_between_processes) or, with groups, the
+    #    groups, along the mesh's "data" dimension. With 10 prompts and 4 workers, workers 0 and 1 get 3 each,
+    #    2 and 3 get 2 (contiguous slices, no padding: a worker whose share is shorter, or empty, makes fewer).
+    my_share = share_of_the_prompts(distributed_state, group, todo)
+    shares = gather_object([[i for i, _ in my_share]])  # every process's share, to name one that stops
     made, generate_seconds = 0, 0.0
-    with distributed_state.split_between_processes(todo) as my_share:
-        shares = gather_object([[i for i, _ in my_share]])  # every process's share, to name one that stops
-        if my_share:  # an empty share loads nothing (an empty batch crashes the pipeline)
-            pipeline, options, record = load_on_this_device(args, distributed_state, device, sizes)
-            # 4. Each process makes its share, a batch at a time: prompt i's starting noise comes from SEED + i
-            #    alone (a CPU generator), so 1 or N processes make the same images; each is saved as it is made.
-            made, generate_seconds = make_images(args, pipeline, options, record, my_share, names)
+    # An empty share loads nothing (an empty batch crashes the pipeline).
+    pipeline, options, record = load_on_this_device(args, distributed_state, device, sizes, group) if (
+        my_share) else (None, None, None)
+    if mesh is not None:  # every process, one whose group has nothing to make too: these make collectives
+        split_each_image_within_the_group(args, layout, mesh, device, pipeline)
+    if my_share:
+        # 4. Each worker makes its share, a batch at a time: prompt i's starting noise comes from SEED + i alone
+        #    (a CPU generator), so 1 process, N, or N in groups make the same images; with groups every process of
+        #    a group runs the same call, and the group's first process saves the image as it is made.
+        made, generate_seconds = make_images(args, pipeline, options, record, my_share, names, group)
 
     # 5. Wait for the others, but not for one that has stopped (--stall-timeout); gather every process's numbers.
     wait_for_the_others(args, distributed_state, shares)
-    stats = gather_object([{"rank": distributed_state.process_index, "device": str(device), "images": made,
-                            "generate_seconds": generate_seconds, **peak_memory(device)}])
+    stats = gather_object([{"rank": distributed_state.process_index, "ranks": group.ranks, "device": str(device),
+                            "images": made, "generate_seconds": generate_seconds, **peak_memory(device)}])
     if distributed_state.is_main_process:  # the manifest in order, the contact sheet, the report
         finish(args, progress, stats, already=len(prompts) - len(todo), names=names)
     end_process_group()  # and on every other way out: see the end of this file
@@ -132,7 +172,7 @@ def parse_args():
     parser.add_argument("--prompts-file", type=Path,
                         help="a UTF-8 text file, one prompt a line (blank lines are skipped)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/data-parallelism"),
-                        help="where the images and manifest.jsonl go (default: %(default)s)")
+                        help="where the images and their metadata.jsonl go (default: %(default)s)")
     parser.add_argument("--num-inference-steps", type=int, help="denoising steps (default: the pipeline's own)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the pipeline's own)")
     parser.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
@@ -154,11 +194,20 @@ def parse_args():
     parser.add_argument("--no-t5", action="store_true",
                         help="SD3 only: leave out the T5-XXL text encoder (9.5 GB less; the two CLIP encoders read "
                              "the prompt alone, so images differ a little)")
+    parser.add_argument("--context-parallel", type=int, metavar="N",
+                        help="groups of N processes make each image together, each process on 1/N of its tokens "
+                             "(context parallelism: FLUX.1, QwenImage...); the groups share the prompts")
+    parser.add_argument("--cfg-parallel", action="store_true",
+                        help="groups of 2 processes make each image together, each on one half of the guidance "
+                             "batch (CFG parallelism: SD3, SD3.5); the groups share the prompts")
     parser.add_argument("--plan", action="store_true",
-                        help="load no weights, start no processes: print the memory mode each GPU would use")
+                        help="load no weights, start no processes: print the memory mode each GPU would use (with "
+                             "groups: which ranks make which prompts together)")
     parser.add_argument("--json", action="store_true", help="with --plan: print the plan as one JSON document")
     parser.add_argument("--device-memory", metavar="SIZE",
                         help="with --plan: plan for a GPU with SIZE free, e.g. 12GiB (default: the GPUs present)")
+    parser.add_argument("--num-devices", type=int, metavar="N",
+                        help="with --plan: plan for N processes, one per GPU (default: the GPUs present, or 1)")
     parser.add_argument("--stall-timeout", type=int, default=600, metavar="SECONDS",
                         help="a process that is done stops waiting for the others when no image has been saved for "
                              "this long and 10 times the slowest image: the job ends, naming the processes that "
@@ -173,11 +222,20 @@ def parse_args():
                  f"e.g. `accelerate launch --num_processes=2 {Path(__file__).name}`")
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    for name in ("num_inference_steps", "height", "width", "batch_size", "stall_timeout"):
+    for name in ("num_inference_steps", "height", "width", "batch_size", "stall_timeout", "context_parallel",
+                 "num_devices"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be a positive number, not {getattr(args, name)}")
-    if not args.plan and (args.json or args.device_memory):
-        fail("--json and --device-memory describe a plan: add --plan")
+    if not args.plan and (args.json or args.device_memory or args.num_devices):
+        fail("--json, --device-memory and --num-devices describe a plan: add --plan")
+    if args.context_parallel and args.cfg_parallel:
+        fail("--context-parallel and --cfg-parallel are two ways for a group to make each image together: choose "
+             "one (--context-parallel for FLUX.1 and QwenImage, --cfg-parallel for SD3 and SD3.5)")
+    if args.offload in ("model", "sequential") and (args.context_parallel or 1) * (2 if args.cfg_parallel else 1) > 1:
+        fail(f"--offload {args.offload} with groups: the processes of a group exchange activations at every step, "
+             "so each holds the whole pipeline on its GPU; on GPUs too small for it, leave out "
+             f"{'--cfg-parallel' if args.cfg_parallel else '--context-parallel'} (each process then offloads, and "
+             "makes its own images)")
     if args.device_memory is not None:
         try:
             args.device_memory = convert_file_size_to_int(args.device_memory)
@@ -284,8 +342,136 @@ def weigh_pipeline(args):
             "processes": int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "ram": psutil.virtual_memory().available}
 
 
-def print_plan(args, sizes):
-    """--plan: the memory mode for the GPUs present (the one with the least free memory) or for --device-memory."""
+def plan_the_layout(args, sizes, prompts):
+    """The processes' layout: without groups, each process makes its own images; with --context-parallel N or
+    --cfg-parallel, groups of N (of 2) make each image together. The device mesh they form, which ranks make which
+    prompts together, how a group splits the model, and why these processes cannot form these groups or split
+    this model (one line each, with what to do), all before anything is loaded."""
+    if not args.plan:  # the processes the launcher started (a plain run is one)
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+    else:  # --num-devices, or one process per GPU present
+        processes = args.num_devices or (torch.accelerator.device_count() if args.device != "cpu" and (
+            torch.accelerator.is_available()) else 1)
+    size = args.context_parallel or (2 if args.cfg_parallel else 1)
+    parallel = None if size == 1 else "context" if args.context_parallel else "cfg"
+    groups = max(1, processes // size)
+    # Contiguous shares of the prompts, the first groups taking one more where they do not divide evenly.
+    share, extra = divmod(len(prompts), groups)
+    firsts = [g * share + min(g, extra) for g in range(groups + 1)]
+    layout = {"processes": processes, "parallel": parallel, "group_size": size, "groups": groups,
+              "mesh_dims": {"context": ["data", "ring", "ulysses"], "cfg": ["data", "cfg"]}.get(parallel, ["data"]),
+              "mesh_shape": {"context": [groups, 1, size], "cfg": [groups, 2]}.get(parallel, [processes]),
+              "shares": [{"ranks": list(range(g * size, (g + 1) * size)), "prompts": list(range(firsts[g],
+                                                                                               firsts[g + 1]))}
+                         for g in range(groups)] if size > 1 else None,
+              "problems": []}
+    if size == 1:
+        return layout
+    problems = layout["problems"]
+    if processes % size:
+        problems.append(f"{processes} process(es) cannot form groups of {size}: launch a multiple of {size}, e.g. "
+                        f"`torchrun --nproc-per-node {max(size, processes // size * size)} {Path(sys.argv[0]).name} "
+                        f"...`")
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", processes))  # this machine's processes (ranks in a row)
+    if not args.plan and not processes % size and here % size:
+        problems.append(f"groups of {size} would span machines: this one runs {here} processes, and the processes "
+                        "of a group exchange activations at every step, over the link between one machine's GPUs: "
+                        f"start a multiple of {size} processes on each machine")
+    with warnings.catch_warnings(action="ignore"):
+        index = DiffusionPipeline.load_config(args.model)
+        transformer = AutoencoderKL.load_config(args.model, subfolder="transformer") if index.get("transformer") else {}
+        vae = AutoencoderKL.load_config(args.model, subfolder="vae") if index.get("vae") else {}
+    pipeline = index.get("_class_name")
+    call = inspect.signature(getattr(diffusers, str(pipeline), DiffusionPipeline).__call__).parameters
+    if parallel == "cfg":
+        problems += guidance_problems(args, pipeline, call)
+    else:
+        layout |= context_split(args, sizes, prompts, index, transformer, vae, size, problems)
+    return layout
+
+
+def guidance_problems(args, pipeline, call):
+    """--cfg-parallel: a StableDiffusion3Pipeline that does classifier-free guidance, whose batch its 2 can split."""
+    if pipeline == "FluxPipeline":
+        return [f"--cfg-parallel: --model {args.model} is a FLUX.1 pipeline, which does no classifier-free "
+                "guidance (FLUX.1-dev is guidance-distilled: its transformer runs once a step, on the prompt alone): "
+                "there is no guidance batch to split; --context-parallel 2 splits each image's tokens instead"]
+    if pipeline != "StableDiffusion3Pipeline":
+        return [f"--cfg-parallel splits StableDiffusion3Pipeline's guidance batch (SD3, SD3.5); --model {args.model} "
+                f"is a {pipeline}: leave out --cfg-parallel (--context-parallel N serves FLUX.1, QwenImage...)"]
+    scale = args.guidance_scale if args.guidance_scale is not None else call["guidance_scale"].default
+    if scale <= 1:  # the pipeline's do_classifier_free_guidance is guidance_scale > 1
+        return [f"--cfg-parallel with --guidance-scale {scale:g}: at 1 or below StableDiffusion3Pipeline does no "
+                "classifier-free guidance (it runs the transformer once a step, on the prompt alone), so there is no "
+                "guidance batch for a group's 2 processes to split: use a scale above 1, or leave out --cfg-parallel"]
+    return []
+
+
+def context_split(args, sizes, prompts, index, transformer, vae, size, problems):
+    """--context-parallel N: how a group of N splits each image, as diffusers' Ulysses does (each process 1/N of the
+    image tokens and of the prompt tokens, and in each attention 1/N of the heads), and the problems (appended)."""
+    transformer_class = getattr(diffusers, index["transformer"][1], None) if index.get("transformer") else None
+    # The model's context-parallel plan, a class attribute that enable_parallelism reads: read, not called.
+    if getattr(transformer_class, "_cp_plan", None) is None:
+        instead = ("--cfg-parallel splits its guidance batch instead" if index.get("_class_name") ==
+                   "StableDiffusion3Pipeline" else "leave out --context-parallel")
+        problems.append(f"--context-parallel: --model {args.model} is a {index.get('_class_name')}: diffusers cannot "
+                        f"split its transformer ({(index.get('transformer') or [None, 'none'])[1]}) by context "
+                        f"parallelism (it has no context-parallel plan): {instead}")
+        return {}
+    # An image token is a patch of 2x2 latents (FLUX.1 packs them; QwenImage too): 16x16 pixels behind an 8x VAE.
+    patch = 2 * 2 ** (len(vae["temperal_downsample"]) if "temperal_downsample" in vae else
+                      len(vae.get("block_out_channels", [0] * 4)) - 1)
+    heads = transformer.get("num_attention_heads")
+    image_tokens = (sizes["height"] // patch) * (sizes["width"] // patch)
+    text_tokens = prompt_token_counts(args, index, prompts)
+    if heads and not heads_can_be_padded(heads, size):
+        works = [n for n in range(2, heads + 1) if heads_can_be_padded(heads, n)]
+        problems.append(f"{heads} attention heads cannot be shared between the {size} processes of a group (Ulysses "
+                        f"gives each heads/{size}, padded up to a whole number only with fewer padding heads than real "
+                        f"ones each): use --context-parallel {', '.join(map(str, works[:8])) or '1'}")
+    if image_tokens < size:
+        problems.append(f"a {sizes['height']}x{sizes['width']} image is {image_tokens} tokens, fewer than the {size} "
+                        "processes of a group that would share them: a larger image, or a smaller --context-parallel")
+    if text_tokens and min(text_tokens) < size:
+        shortest = prompts[text_tokens.index(min(text_tokens))]
+        problems.append(f"the prompt {shortest!r} is {min(text_tokens)} tokens, fewer than the {size} processes of a "
+                        "group that would share them: a longer prompt, or a smaller --context-parallel")
+    # Where N does not divide the tokens or the heads, diffusers' ulysses_anything lets the shares differ by one
+    # token and pads the heads; where the prompts' tokens are not known, it is on (it splits even shares alike).
+    uneven = text_tokens is None or bool(image_tokens % size or (heads or 0) % size or any(t % size for t in
+                                                                                              text_tokens))
+    longest = max(text_tokens) if text_tokens else None
+    return {"ring_degree": 1, "ulysses_degree": size, "ulysses_anything": uneven, "heads": heads,
+            "heads_per_process": -(-heads // size) if heads else None, "image_tokens": image_tokens,
+            "text_tokens": longest, "tokens_per_process": -(-image_tokens // size) - (-longest // size) if longest
+            else None}
+
+
+def prompt_token_counts(args, index, prompts):
+    """Each prompt's tokens as the transformer gets them, which a group's processes split: FLUX.1's T5 pads the
+    prompt to the call's max_sequence_length (512); QwenImage's pipeline wraps it in its template and keeps only
+    the real tokens, counted here with its own tokenizer and template (the tokenizer alone is loaded, no weights).
+    None for a pipeline that says neither."""
+    if index.get("_class_name") not in TEMPLATED_PIPELINES:
+        length = inspect.signature(getattr(diffusers, str(index.get("_class_name")), DiffusionPipeline).__call__
+                                   ).parameters.get("max_sequence_length")
+        return [length.default] * len(prompts) if length is not None and isinstance(length.default, int) else None
+    weights = {name: None for name, spec in index.items() if isinstance(spec, list) and name != "tokenizer"}
+    diffusers.utils.logging.disable_progress_bar()  # a bar for one tokenizer: no
+    with explained_load_errors(args.model), warnings.catch_warnings(action="ignore"):
+        tokenizer_only = DiffusionPipeline.from_pretrained(args.model, **weights)
+    diffusers.utils.logging.enable_progress_bar()
+    drop = tokenizer_only.prompt_template_encode_start_idx  # the pipeline's _get_qwen_prompt_embeds, counted
+    limit = inspect.signature(type(tokenizer_only).__call__).parameters["max_sequence_length"].default
+    return [min(len(tokenizer_only.tokenizer(tokenizer_only.prompt_template_encode.format(prompt), truncation=True,
+                                             max_length=tokenizer_only.tokenizer_max_length + drop).input_ids) - drop,
+                limit) for prompt in prompts]
+
+
+def print_plan(args, sizes, layout):
+    """--plan: the memory mode for the GPUs present (the one with the least free memory) or for --device-memory;
+    with groups, the layout: which ranks make which prompts together, and how each image is split between them."""
     if args.device_memory is not None:
         device, device_memory, planned = "GPU", args.device_memory, True
     elif args.device != "cpu" and torch.accelerator.is_available():
@@ -298,12 +484,14 @@ def print_plan(args, sizes):
     ram = None if planned else sizes["ram"]  # a GPU you do not have is in a machine whose RAM we cannot see
     # The run this plans: one process per GPU present, each with a copy of the weights in RAM if they offload.
     processes = torch.accelerator.device_count() if device != "cpu" and not planned else sizes["processes"]
-    plan = choose_memory_mode(sizes, device_memory, args.offload, ram, processes)
+    groups = layout["group_size"] > 1  # a group's processes each hold the whole pipeline: no offload
+    plan = choose_memory_mode(sizes, device_memory, "none" if groups else args.offload, ram, processes)
     if device == "cpu":  # no offload without an accelerator: the pipeline is used whole, in RAM
         plan["fits"] = plan["needs"]["whole"] <= device_memory
         plan["mode"] = "whole"
     plan |= {"device": device, "dtype": sizes["dtype"], "height": sizes["height"], "width": sizes["width"],
-             "batch_size": args.batch_size, "components": sizes["components"], "t5": not args.no_t5}
+             "batch_size": args.batch_size, "components": sizes["components"], "t5": not args.no_t5,
+             "layout": layout, "fits": plan["fits"] and not layout["problems"]}
     if args.json:
         plan.pop("ram_fits")
         print(json.dumps(plan, indent=2))
@@ -317,16 +505,46 @@ def print_plan(args, sizes):
           f"activations ({size(TEXT_ENCODER_RESERVE)} while a text encoder runs)")
     names = {"whole": "whole on the GPU", "model": "model CPU offload", "sequential": "sequential CPU offload"}
     for mode, need in plan["needs"].items() if device != "cpu" else ():
-        ram = "" if mode == "whole" else f", and {size(plan['ram_needed'])} of system RAM"
-        print(f"  {names[mode]:<23} needs {size(need):>10} on the GPU{ram}: "
-              f"{'fits' if need <= device_memory else 'does not fit'}")
-    if device != "cpu" and ram is not None and not plan["ram_fits"]:
+        if groups and mode != "whole":
+            continue
+        offloaded = "" if mode == "whole" else f", and {size(plan['ram_needed'])} of system RAM"
+        print(f"  {names[mode]:<23} needs {size(need):>10} on the GPU{offloaded}: "
+              f"{'fits' if need <= device_memory else 'does not fit'}" + (
+                  " (each GPU of a group holds the whole pipeline)" if groups else ""))
+    if device != "cpu" and ram is not None and not plan["ram_fits"] and not groups:
         print(f"  system RAM: {size(plan['ram_needed'])} for {plan['processes']} process(es) offloading, "
               f"{size(ram)} free: offloading does not fit")
     if device == "cpu":
         print(f"  no GPU here: the pipeline runs whole on the CPU, and needs {size(plan['needs']['whole'])} of RAM "
               "(--device-memory SIZE plans for a GPU)")
+    if groups:
+        print_the_layout(layout)
+        if device != "cpu" and plan["needs"]["whole"] > device_memory:
+            flag = "--cfg-parallel" if args.cfg_parallel else "--context-parallel"
+            print(f"  NO: each GPU of a group holds the whole pipeline; without {flag}, each process offloads")
     print(f"  mode: {plan['mode']}, fits: {'yes' if plan['fits'] else 'NO'}")
+
+
+def print_the_layout(layout):
+    """The plan's lines about groups: the mesh, how each image is split, and which ranks make which prompts."""
+    mesh = " x ".join(f"{name} {n}" for name, n in zip(layout["mesh_dims"], layout["mesh_shape"]))
+    print(f"  layout: {layout['processes']} process(es) in {layout['groups']} group(s) of {layout['group_size']} "
+          f"(mesh {mesh}), each image made by one group:")
+    if layout["parallel"] == "cfg":
+        print("    split: the guidance batch of 2 (negative prompt, prompt), 1 per process; one all-gather a step")
+    elif layout.get("image_tokens"):
+        up_to = "up to " if layout["ulysses_anything"] else ""
+        text = (f"{layout['text_tokens']} prompt tokens" if layout["text_tokens"] else "the prompt's tokens")
+        per = f", {up_to}{layout['tokens_per_process']} per process" if layout["tokens_per_process"] else ""
+        print(f"    split: {layout['image_tokens']} image tokens + {text}{per}; {layout['heads']} heads, "
+              f"{up_to}{layout['heads_per_process']} per process" + (" (uneven: ulysses_anything)" if up_to else ""))
+    for share in layout["shares"]:
+        prompts = share["prompts"]
+        which = (f"prompts {prompts[0]}-{prompts[-1]}" if len(prompts) > 1 else f"prompt {prompts[0]}" if prompts
+                 else "nothing")
+        print(f"    ranks {', '.join(map(str, share['ranks']))} make {which} together ({len(prompts)} image(s))")
+    for problem in layout["problems"]:
+        print(f"  NO: {problem}")
 
 
 def choose_memory_mode(sizes, device_memory, offload="auto", ram=None, processes=1):
@@ -384,6 +602,18 @@ def idle_devices_note(args):
           "uses them all", file=sys.stderr, flush=True)
 
 
+def group_of_this_process(distributed_state, mesh):
+    """This process's worker: its group's ranks (with no mesh, this process alone), the worker's number along the
+    mesh's "data" dimension and how many workers there are, and the processes' ids (to watch a group's others)."""
+    rank = distributed_state.process_index
+    if mesh is None:
+        return SimpleNamespace(rank=rank, ranks=[rank], worker=rank, workers=distributed_state.num_processes)
+    pids = gather_object([os.getpid()])  # every process's, in rank order: a group's are on one machine
+    ranks = mesh[mesh.mesh_dim_names[1:]].mesh.flatten().tolist()  # the group: the mesh's dimensions but "data"
+    return SimpleNamespace(rank=rank, ranks=ranks, worker=mesh.get_local_rank("data"), workers=mesh.size(0),
+                           pids=[pids[r] for r in ranks])
+
+
 def image_names(prompts):
     """`007-a-red-fox-in-fresh-snow.png`: the prompt's index first, then a file-system-safe slug of its text."""
     width = max(3, len(str(len(prompts) - 1)))
@@ -410,8 +640,8 @@ def images_to_make(args, prompts, names):
     done = set() if args.overwrite else {i for i, name in enumerate(names) if (args.output_dir / name).exists()}
     # Keep the manifest whole: drop the records of images that are gone or about to be made again, and rebuild
     # the line of an image whose process died between saving it and writing its line.
-    manifest = args.output_dir / "manifest.jsonl"
-    records = {i: r for i, r in read_manifest(manifest).items() if i in done and r.get("file") == names[i]}
+    manifest = args.output_dir / MANIFEST
+    records = {i: r for i, r in read_manifest(manifest).items() if i in done and r.get("file_name") == names[i]}
     # An image made with other settings is not done for this command: say so rather than mix two runs.
     for i, r in records.items():
         asked = {"model": args.model, "seed": args.seed + i, "num_inference_steps": args.num_inference_steps,
@@ -419,10 +649,10 @@ def images_to_make(args, prompts, names):
                  "t5": not args.no_t5}  # SD3 with and without T5 make different pictures
         differ = [key for key, value in asked.items() if value is not None and key in r and r[key] != value]
         if differ:
-            fail(f"{args.output_dir / r['file']} was made with another {', '.join(differ)}: add --overwrite to "
+            fail(f"{args.output_dir / r['file_name']} was made with another {', '.join(differ)}: add --overwrite to "
                  "make every image again, or choose another --output-dir")
     for i in done - records.keys():  # "rebuilt": what this command would have written, not a record of the run
-        records[i] = {"index": i, "prompt": prompts[i], "file": names[i], "seed": args.seed + i, "rank": None,
+        records[i] = {"index": i, "prompt": prompts[i], "file_name": names[i], "seed": args.seed + i, "rank": None,
                       "rebuilt": True}
     try:
         write_manifest(manifest, records)
@@ -459,7 +689,7 @@ class JobProgress:
     this process is busy generating, or waiting for the others."""
 
     def __init__(self, args, total, done):
-        self.manifest = args.output_dir / "manifest.jsonl"
+        self.manifest = args.output_dir / MANIFEST
         tty = sys.stderr.isatty()  # in place on a terminal; in a log file, a line every 30 s
         self.bar = tqdm(total=total, initial=done, unit="image", desc="images", dynamic_ncols=True,
                         file=sys.stderr if tty else LogLines(sys.stderr), mininterval=0.5 if tty else 30)
@@ -492,12 +722,24 @@ class LogLines:
         self.stream.flush()
 
 
-def load_on_this_device(args, distributed_state, device, sizes):
+def share_of_the_prompts(distributed_state, group, todo):
+    """This process's share of `todo`: Accelerate's split_between_processes, over every process; with groups, the
+    same contiguous split over the groups (the mesh's "data" dimension), which every process of a group gets."""
+    if len(group.ranks) == 1:
+        with distributed_state.split_between_processes(todo) as my_share:
+            return my_share
+    share, extra = divmod(len(todo), group.workers)
+    first = group.worker * share + min(group.worker, extra)
+    return todo[first:first + share + (group.worker < extra)]
+
+
+def load_on_this_device(args, distributed_state, device, sizes, group):
     """Every process loads the whole pipeline onto its own device: whole when it fits with room for the
     activations (the fastest), else with diffusers' CPU offload to THIS process's device (xpu:1 for rank 1, never
-    device 0): the weights stay in this process's RAM and move to its GPU when they are needed. Returns the
-    pipeline, the call's options and what the manifest records of the settings."""
-    memory = memory_mode(args, device, sizes, announce=distributed_state.is_main_process)
+    device 0): the weights stay in this process's RAM and move to its GPU when they are needed (not in a group,
+    whose processes exchange activations at every step). Returns the pipeline, the call's options and what the
+    manifest records of the settings and of the processes that make each image (`ranks`: its group's)."""
+    memory = memory_mode(args, device, sizes, announce=distributed_state.is_main_process, groups=len(group.ranks) > 1)
     pipeline = load_pipeline(args, sizes)
     if memory == "whole":
         pipeline.to(device)
@@ -509,17 +751,48 @@ def load_on_this_device(args, distributed_state, device, sizes):
     # Step bars from several processes would overwrite each other, and the job bar says more: --verbose.
     pipeline.set_progress_bar_config(disable=not (args.verbose and distributed_state.is_main_process))
     options = pipeline_options(args, pipeline)
-    record = {"rank": distributed_state.process_index, "device": str(device), "model": args.model,
+    record = {"rank": distributed_state.process_index, "ranks": group.ranks, "device": str(device), "model": args.model,
               "dtype": str(pipeline.dtype).removeprefix("torch."), **memory_record(pipeline, memory), **options}
     return pipeline, options, record
 
 
-def memory_mode(args, device, sizes, announce):
-    """How this process's device holds the pipeline: "whole", "model" or "sequential" (offload); say it once."""
+def split_each_image_within_the_group(args, layout, mesh, device, pipeline):
+    """Groups: every process of the job, one with nothing to make too (no pipeline). CFG parallelism: hooks on the
+    transformer, the gather and the half chosen within this process's group of 2 (the mesh's "cfg" dimension).
+    Context parallelism: diffusers splits the transformer's sequence between the processes of this process's group
+    (the mesh's "ring" x "ulysses" sub-mesh), and in doing so makes new process groups, a collective of every
+    process: a process whose group has nothing to make (a resume with fewer images left than groups) makes it on
+    the transformer built without weights (the meta device), and loads nothing."""
+    if layout["parallel"] == "cfg":
+        if pipeline is not None:
+            split_the_guidance_batch(pipeline.transformer, mesh.get_group("cfg"))
+        return
+    wait_for_everyone(device)  # all have loaded: a new process group waits for every process (30 minutes at most)
+    enable_context_parallelism(pipeline or SimpleNamespace(transformer=weightless_transformer(args.model)), layout,
+                               mesh["ring", "ulysses"])
+
+
+def weightless_transformer(model):
+    """The pipeline's transformer built from its config on the meta device: its modules, no weights."""
+    name = DiffusionPipeline.load_config(model)["transformer"][1]
+    cls = getattr(diffusers, name)
+    with warnings.catch_warnings(action="ignore"), torch.device("meta"):
+        return cls.from_config(cls.load_config(model, subfolder="transformer"))
+
+
+def memory_mode(args, device, sizes, announce, groups=False):
+    """How this process's device holds the pipeline: "whole", "model" or "sequential" (offload); say it once. In a
+    group, whole or not at all."""
     if device.type == "cpu":  # offload moves weights between RAM and a GPU: on the CPU there is nothing to move
         return "whole"
-    plan = choose_memory_mode(sizes, free_memory(device), args.offload, sizes["ram"], sizes["processes"])
+    plan = choose_memory_mode(sizes, free_memory(device), "none" if groups else args.offload, sizes["ram"],
+                              sizes["processes"])
     mode = plan["mode"]
+    if groups and not plan["fits"] and args.offload == "auto":
+        fail(f"{args.model} does not fit whole on {device}, and each GPU of a group holds the whole pipeline: it needs "
+             f"{size(plan['needs']['whole'])}, {device} has {size(plan['device_memory'])} free: leave out "
+             f"{'--cfg-parallel' if args.cfg_parallel else '--context-parallel'} (each process then offloads, and "
+             "makes its own images), or make smaller images (--height/--width)", code=1, every_process=True)
     if not plan["ram_fits"] and mode != "whole":  # not the kernel's out-of-memory killer, half-way through loading
         fail(f"{plan['processes']} processes offloading to their GPUs each keep a copy of the weights in system RAM: "
              f"{size(plan['ram_needed'])}, and {size(plan['ram_available'])} is free: run fewer processes on this "
@@ -554,24 +827,95 @@ def memory_record(pipeline, mode):
                                else {})}
 
 
-def make_images(args, pipeline, options, record, my_share, names):
-    """This process's share, --batch-size prompts a call; each image saved whole, with its manifest line, as soon
-    as it is made. Returns how many were saved, and the seconds it took."""
+def make_images(args, pipeline, options, record, my_share, names, group):
+    """This worker's share, --batch-size prompts a call; each image saved whole, with its manifest line, as soon
+    as it is made: by this process, or in a group by the group's first process (the others made it too). Returns
+    how many images this process made, and the seconds it took."""
     made, started = 0, time.perf_counter()
+    watch = GroupWatch(group) if len(group.ranks) > 1 and hasattr(os, "pidfd_open") else None
     for start in range(0, len(my_share), args.batch_size):
         batch = my_share[start:start + args.batch_size]
         # The picture of prompt i depends only on SEED + i: a CPU generator per prompt makes the same starting
         # noise on any device and in any batch, so 1 or N processes give the same images.
         generators = [torch.Generator("cpu").manual_seed(args.seed + i) for i, _ in batch]
         t0 = time.perf_counter()
-        images = pipeline(prompt=[p for _, p in batch], generator=generators, height=args.height, width=args.width,
-                          **options).images
+        try:
+            images = pipeline(prompt=[p for _, p in batch], generator=generators, height=args.height,
+                              width=args.width, **options).images
+        except RuntimeError:  # a collective of the group failed: gloo's, when a process of the group has ended
+            if watch is None or not watch.has_seen_the_end():
+                raise
+            sys.exit(1)  # that process said why (or, if it was killed, the watch said it), or the job is ending
         seconds = round((time.perf_counter() - t0) / len(batch), 3)
         for (i, prompt), image in zip(batch, images):
-            save(args.output_dir, names[i], image,
-                 {"index": i, "prompt": prompt, "seed": args.seed + i, "seconds": seconds, **record})
+            if record["rank"] == group.ranks[0]:
+                save(args.output_dir, names[i], image,
+                     {"index": i, "prompt": prompt, "seed": args.seed + i, "seconds": seconds, **record})
             made += 1  # saved whole, with its manifest line
+    if watch is not None:
+        watch.close()
     return made, time.perf_counter() - started
+
+
+class GroupWatch:
+    """While a group makes its images, a thread of each of its processes watches the others of the group (Linux's
+    pidfd: a file that becomes readable when its process ends). One that is killed (the kernel's out-of-memory
+    killer, a crash) would leave the others waiting in the group's next collective: gloo fails with a traceback,
+    NCCL and XCCL wait for the group's timeout. Then the first process left of the group says so in one line, and
+    the group's processes exit; the launcher stops the rest. A process that ended by itself has said why (its own
+    line, or a traceback), and a signal that reached this process first means that the launcher (or Ctrl-C) is
+    ending the job: then the group's processes exit without a word."""
+
+    def __init__(self, group):
+        self.rank, self.ranks = group.rank, group.ranks
+        self.others = {os.pidfd_open(pid): (rank, pid) for rank, pid in zip(group.ranks, group.pids)
+                       if rank != group.rank}
+        # A byte for each signal this process gets, written as it arrives (whatever its main thread is doing).
+        self.signals, self.signalled = os.pipe()
+        os.set_blocking(self.signalled, False)
+        signal.set_wakeup_fd(self.signalled, warn_on_full_buffer=False)
+        self.done, self.closing = os.pipe()
+        self.thread = threading.Thread(target=self.watch, name="group-watch", daemon=True)
+        self.thread.start()
+
+    def watch(self):
+        ready = select.select([self.done, self.signals, *self.others], [], [])[0]
+        if self.done in ready or self.signals in ready:  # done, or the job is ending anyway
+            return
+        ended = {self.others[fd][0]: killed_by(self.others[fd][1]) for fd in ready}
+        left = [rank for rank in self.ranks if rank not in ended]
+        killed = {rank: by for rank, by in ended.items() if by}
+        if killed and self.rank == min(left):
+            signals = ", ".join(signal.Signals(by).name for by in killed.values())
+            print(f"\nerror: {' and '.join(f'rank {rank}' for rank in killed)} of the group of ranks "
+                  f"{', '.join(map(str, self.ranks))} was killed ({signals}) "
+                  "while the group was making an image: ending the job; the images saved are whole: run the same "
+                  "command again to make the rest", file=sys.stderr, flush=True)
+        os._exit(1)  # the main thread may be waiting in a collective that never ends
+
+    def has_seen_the_end(self):
+        """After a collective of the group failed: whether the watch has seen a process of the group end, or a
+        signal that ends the job (a moment for it to see that first; it exits the process itself if a process of
+        the group ended)."""
+        self.thread.join(timeout=10)
+        return not self.thread.is_alive()
+
+    def close(self):
+        os.write(self.closing, b"x")
+        self.thread.join()
+        signal.set_wakeup_fd(-1)
+        for fd in [self.signals, self.signalled, self.done, self.closing, *self.others]:
+            os.close(fd)
+
+
+def killed_by(pid):
+    """The signal that ended process `pid` (0: it exited by itself, or its launcher has reaped it already), from
+    its exit code in /proc/<pid>/stat, there until the launcher reaps it."""
+    try:
+        status = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[49])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return status & 0x7F
 
 
 def save(folder, name, image, record):
@@ -581,9 +925,9 @@ def save(folder, name, image, record):
     except OSError as e:
         cannot_write(folder / name, e)
     try:
-        append_line(folder / "manifest.jsonl", {**record, "file": name, "width": image.width, "height": image.height})
+        append_line(folder / MANIFEST, {**record, "file_name": name, "width": image.width, "height": image.height})
     except OSError as e:
-        cannot_write(folder / "manifest.jsonl", e)
+        cannot_write(folder / MANIFEST, e)
 
 
 def write_atomically(path, write):
@@ -619,11 +963,11 @@ def wait_for_the_others(args, distributed_state, shares):
     a line for each image saved), before the collective that gathers their numbers, which would wait a week. Give
     up when no image has been saved anywhere for --stall-timeout seconds and 10 times the slowest image: the first
     process still waiting names the silent ones in one line, and every waiting process exits, so that the launcher
-    stops the rest."""
-    owner = {i: rank for rank, share in enumerate(shares) for i in share}
+    stops the rest. A group's processes share its share: all of them are named."""
+    owner = {i for share in shares for i in share}
     last, since = None, time.monotonic()
     while distributed_state.num_processes > 1:
-        records = read_manifest(args.output_dir / "manifest.jsonl")
+        records = read_manifest(args.output_dir / MANIFEST)
         made = {i for i in owner if i in records}  # images_to_make() dropped the lines of those to make again
         if len(made) == len(owner):
             return
@@ -631,7 +975,7 @@ def wait_for_the_others(args, distributed_state, shares):
             last, since = len(made), time.monotonic()
         slowest = max((records[i].get("seconds") or 0 for i in made), default=0)
         if time.monotonic() - since > max(args.stall_timeout, 10 * slowest):
-            silent = sorted({owner[i] for i in owner if i not in made})
+            silent = sorted({rank for rank, share in enumerate(shares) for i in share if i not in made})
             if distributed_state.process_index == min(set(range(distributed_state.num_processes)) - set(silent)):
                 fail(f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} saved no image for "
                      f"{time.monotonic() - since:.0f} s ({len(made)} of {len(owner)} images made; the slowest "
@@ -645,9 +989,9 @@ def wait_for_the_others(args, distributed_state, shares):
 def finish(args, progress, stats, already, names):
     """The main process, once every process is done: the job's bar to its end, the manifest in prompt order (every
     process appended its lines as it went), the contact sheet, the report."""
-    progress.close(done=already + sum(s["images"] for s in stats))
+    progress.close(done=already + sum(s["images"] for s in stats if s["rank"] == s["ranks"][0]))
     try:
-        manifest = args.output_dir / "manifest.jsonl"
+        manifest = args.output_dir / MANIFEST
         write_manifest(manifest, read_manifest(manifest))
         sheet = write_contact_sheet(args.output_dir, names)  # the run's images at a glance
         # Wall time since this process started, imports and loading included: what the user waited for.
@@ -675,19 +1019,25 @@ def write_contact_sheet(folder, names):
 
 
 def report(args, stats, already, wall_seconds, sheet):
-    made = sum(s["images"] for s in stats)  # the images saved whole in this run, as each process counted them
+    # The images saved whole in this run, as each process (each group's first, in a group) counted them.
+    made = sum(s["images"] for s in stats if s["rank"] == s["ranks"][0])
     generate_seconds = max(s["generate_seconds"] for s in stats)
-    print(f"\nmade {made} images ({already} already there) with {len(stats)} process(es) "
+    group_size = len(stats[0]["ranks"])
+    groups = f" in {len(stats) // group_size} groups of {group_size}" if group_size > 1 else ""
+    print(f"\nmade {made} images ({already} already there) with {len(stats)} process(es){groups} "
           f"in {wall_seconds:.1f} s: {made / wall_seconds:.2f} images/s overall, "
           f"{made / generate_seconds if generate_seconds else 0:.2f} images/s while generating")
     for s in stats:
         memory = f"peak RSS {s['peak_rss_gib']:.2f} GiB" + (
             f", peak device memory {s['peak_device_allocated_gib']:.2f} GiB allocated, "
             f"{s['peak_device_reserved_gib']:.2f} GiB reserved" if "peak_device_reserved_gib" in s else "")
-        print(f"  rank {s['rank']} on {s['device']}: {s['images']} images in {s['generate_seconds']:.1f} s, {memory}")
-    print(f"images and manifest.jsonl in {args.output_dir}/" + (f"; all at a glance in {sheet}" if sheet else ""))
+        together = f" with ranks {', '.join(map(str, s['ranks']))}" if len(s["ranks"]) > 1 else ""
+        print(f"  rank {s['rank']} on {s['device']}: {s['images']} images{together} in {s['generate_seconds']:.1f} s, "
+              f"{memory}")
+    print(f"images and {MANIFEST} in {args.output_dir}/" + (f"; all at a glance in {sheet}" if sheet else ""))
     write_atomically(args.output_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(
-        {"processes": len(stats), "images": made, "already_there": already, "wall_seconds": wall_seconds,
+        {"processes": len(stats), "group_size": group_size, "images": made, "already_there": already,
+         "wall_seconds": wall_seconds,
          "contact_sheet": sheet and sheet.name, "generate_seconds": generate_seconds, "ranks": stats}, indent=2)))
 
 
@@ -1030,6 +1380,114 @@ def gpu_memory(device, peak=False):
 
 def size(b):
     return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.1f} MiB"
+
+
+# Copied from context-parallelism-flux.py::wait_for_everyone
+def wait_for_everyone(device):
+    """Wait until every process of the group is here (a barrier), on this process's own device. Accelerate's
+    wait_for_everyone names the device of the local rank (cuda:1 for local rank 1) wherever torch can use a GPU:
+    not the device of a process whose GPU a mask renumbered (each process sees its one GPU as device 0), and a GPU
+    for processes on the CPU too (--device cpu on a machine with GPUs). On the CPU this names none: torch then
+    takes the group's CPU backend, gloo."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier(device_ids=None if device.type == "cpu" else [device.index])
+
+
+# Copied from context-parallelism-flux.py::enable_context_parallelism
+def enable_context_parallelism(pipeline, plan, mesh):
+    """Split the transformer's sequence between the processes of `mesh` (its dimensions named "ring" and "ulysses",
+    as diffusers wants them: the whole mesh, or the sub-mesh of a group in a larger one). Its hooks (the model's own
+    plan) hand each process 1/N of the image tokens and 1/N of the prompt tokens as they enter the transformer, and
+    gather the N pieces of the output after its last layer. In every attention, Ulysses swaps the pieces with
+    all-to-alls (the query, key and value on the way in, the output on the way out), so that each process holds
+    every token for 1/N of the heads, attends, and swaps back; ring attention (--ring-degree) instead passes the
+    keys and values around. Where N does not divide the tokens or the heads, ulysses_anything lets the shares
+    differ by one token, and pads the heads."""
+    config = ContextParallelConfig(ring_degree=plan["ring_degree"], ulysses_degree=plan["ulysses_degree"],
+                                   ulysses_anything=plan["ulysses_anything"], mesh=mesh)
+    # diffusers 0.42 picks the process's device as `rank % torch.accelerator.device_count()`
+    # (diffusers/models/modeling_utils.py, ModelMixin._resolve_parallel_config): a division by zero where
+    # there is no accelerator. There, and only there, count the CPU as one device while it does.
+    with (unittest.mock.patch("torch.accelerator.device_count", return_value=1)
+          if not torch.accelerator.is_available() else contextlib.nullcontext()):
+        pipeline.transformer.enable_parallelism(config=config)
+    if mesh.device_type == "cpu" and plan["ulysses_anything"]:  # gloo: see all_gather_of_any_sizes
+        torch.distributed.all_gather = all_gather_of_any_sizes(torch.distributed.all_gather)
+
+
+# Copied from context-parallelism-flux.py::all_gather_of_any_sizes
+def all_gather_of_any_sizes(all_gather):
+    """torch.distributed.all_gather, for a gloo group too where the pieces differ in size. ulysses_anything gathers
+    the transformer's output from pieces of unequal length (diffusers/hooks/context_parallel.py,
+    _all_gather_anything, with dist.all_gather): nccl and xccl gather those as they are, gloo refuses them
+    ("ProcessGroupGloo::allgather: invalid tensor size"). Here each piece is padded to the longest, gathered, and
+    cut back to its own length."""
+    def gather(tensor_list, tensor, group=None, async_op=False):
+        if async_op or all(t.shape == tensor.shape for t in tensor_list):
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        dim = next(d for d in range(tensor.dim()) if len({t.shape[d] for t in [tensor, *tensor_list]}) > 1)
+        shape = list(tensor.shape)
+        shape[dim] = max(t.shape[dim] for t in tensor_list)
+        padded = tensor.new_zeros(shape)
+        padded.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+        pieces = [tensor.new_empty(shape) for _ in tensor_list]
+        all_gather(pieces, padded, group=group)
+        for out, piece in zip(tensor_list, pieces):
+            out.copy_(piece.narrow(dim, 0, out.shape[dim]))
+    return gather
+
+
+# Copied from context-parallelism-flux.py::heads_can_be_padded
+def heads_can_be_padded(heads, n):
+    """Whether Ulysses anything can share `heads` between `n` processes: diffusers pads them to a multiple of n
+    only where the padding is less than the heads each process gets (_maybe_pad_qkv_head)."""
+    return heads % n == 0 or n - heads % n < -(-heads // n)
+
+
+# Copied from cfg-parallelism-sd3.py::split_the_guidance_batch
+def split_the_guidance_batch(transformer, group):
+    """CFG parallelism on the transformer, between the 2 processes of `group` (a process group: every process of
+    the job in cfg-parallelism-sd3.py; a group of 2 of them in data-parallelism-accelerate.py --cfg-parallel):
+    before each call, a forward pre-hook keeps this process's half of the doubled guidance batch, chosen by its rank
+    in the group; after it, a forward hook all-gathers the two halves' predictions within the group, so that the
+    pipeline goes on (noise_pred.chunk(2), the guidance, the scheduler's step) as if this process had run the whole
+    batch. A call whose batch is not the doubled guidance batch runs whole, on both processes. (The pipelines call
+    the transformer with return_dict=False: its output is a tuple, the prediction first.)"""
+    rank = torch.distributed.get_rank(group)  # in the group: 0 or 1, whatever this process's rank in the job
+    split = [False]  # whether the call now running was split: the pre-hook says, the forward hook reads
+
+    def take_my_half(module, args, kwargs):
+        split[0] = is_the_guidance_batch(kwargs)
+        if not split[0]:
+            return None  # nothing changed: this call runs whole
+        # The pipeline built the batch as [negative, prompt]: the group's rank 0 keeps the first half, the negative
+        # (unconditional) one; its rank 1 the second, the prompt's.
+        return args, {name: value.chunk(2)[rank] if name in GUIDANCE_BATCHED else value
+                      for name, value in kwargs.items()}
+
+    def gather_both_halves(module, args, kwargs, output):
+        if not split[0]:
+            return None
+        # The one exchange of the step: each process of the group sends its half's prediction and receives the
+        # other's, in the group's rank order (negative first), the batch of two the pipeline expects back.
+        prediction = output[0]
+        both = prediction.new_empty((2 * prediction.shape[0], *prediction.shape[1:]))
+        torch.distributed.all_gather_into_tensor(both, prediction.contiguous(), group=group)
+        return (both, *output[1:])
+
+    transformer.register_forward_pre_hook(take_my_half, with_kwargs=True)
+    transformer.register_forward_hook(gather_both_halves, with_kwargs=True)
+
+
+# Copied from cfg-parallelism-sd3.py::is_the_guidance_batch
+def is_the_guidance_batch(kwargs):
+    """The pipeline's guidance call: an even batch of latents whose halves are the same latents (the pipeline's
+    torch.cat([latents] * 2)). Skip-layer guidance's extra call, on the prompt's half alone, is not one."""
+    latents = kwargs.get("hidden_states")
+    if latents is None or latents.shape[0] % 2:
+        return False
+    negative, prompt = latents.chunk(2)
+    return torch.equal(negative, prompt)
 
 
 if __name__ == "__main__":

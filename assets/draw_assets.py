@@ -253,14 +253,14 @@ def data_parallelism_output():
                         "--prompts-file", ROOT / "prompts.txt", "--num-inference-steps", "4", "--height", "128",
                         "--width", "128"], check=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
         shutil.copyfile(out / "contact-sheet.png", ASSETS / "data-parallelism-contact-sheet.png")
-        records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
         records = [r for r in records if r["rank"] == 0][:4] + [r for r in records if r["rank"] == 1][:4]
         tiles = []
         for r in records:
             tile = Image.new("RGB", (200, 200), PAPER)
-            tile.paste(Image.open(out / r["file"]), (36, 8))
+            tile.paste(Image.open(out / r["file_name"]), (36, 8))
             draw = ImageDraw.Draw(tile)
-            draw.text((100, 152), r["file"][:26], fill=INK, font=font(11), anchor="mm")
+            draw.text((100, 152), r["file_name"][:26], fill=INK, font=font(11), anchor="mm")
             draw.text((100, 176), f"rank {r['rank']} on {r['device']}", fill=INK, font=font(14), anchor="mm")
             tiles.append(tile)
     grid = make_image_grid(tiles, rows=2, cols=4)

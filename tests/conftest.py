@@ -169,7 +169,7 @@ def accelerate_launch(n, script, *args):
 
 
 def read_manifest(folder):
-    return [json.loads(line) for line in (Path(folder) / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [json.loads(line) for line in (Path(folder) / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def pixels(path):

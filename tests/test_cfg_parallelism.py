@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from accelerate import PartialState
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
 from tests.conftest import (ROOT, accelerator, assert_clear_error, assert_one_report_with_every_process, launched_as,
@@ -142,10 +141,11 @@ def test_one_process_is_the_baseline_and_says_how_to_launch_two(one_process):
     assert "between 1 process(es): both halves in this one" in one_process.result.stdout
 
 
-def test_a_call_that_is_not_the_guidance_batch_runs_whole(tiny_sd3, script):
-    """The hooks, on the tiny transformer in this process (no group: Accelerate's gather hands back the half it is
-    given), as process 1: the doubled guidance batch is cut to the prompt's half; a batch of 1 (skip-layer
-    guidance's extra call) and a batch of 2 different latents run whole, as without the hooks."""
+def test_a_call_that_is_not_the_guidance_batch_runs_whole(tiny_sd3, script, monkeypatch):
+    """The hooks, on the tiny transformer in this process, as process 1 of a group (torch.distributed answers for the
+    group: its rank in it, and an all-gather in which the other process's half is zeros): the doubled guidance batch
+    is cut to the prompt's half, whose prediction lands second in the gathered batch; a batch of 1 (skip-layer
+    guidance's extra call) and a batch of 2 different latents run whole, as without the hooks, and gather nothing."""
     transformer = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
     torch.manual_seed(0)
     inputs = dict(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.tensor([500.0]),
@@ -153,17 +153,25 @@ def test_a_call_that_is_not_the_guidance_batch_runs_whole(tiny_sd3, script):
     doubled = {name: torch.cat([value] * 2) for name, value in inputs.items()}
     doubled["encoder_hidden_states"] = torch.cat([torch.zeros(1, 5, 32), inputs["encoder_hidden_states"]])
     two_images = {**doubled, "hidden_states": torch.randn(2, 4, 8, 8)}
+    group, gathered = object(), []
+
+    def all_gather_into_tensor(output, tensor, group=None):
+        gathered.append(group)
+        output.zero_()
+        output[tensor.shape[0]:] = tensor  # this process's half, in the place of rank 1 of the group
+
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1 if group is not None else 3)
+    monkeypatch.setattr(torch.distributed, "all_gather_into_tensor", all_gather_into_tensor)
     with torch.no_grad():
         whole = {name: transformer(**batch, return_dict=False)[0] for name, batch in (
             ("one", inputs), ("guidance", doubled), ("two images", two_images))}
-        script.split_the_guidance_batch(transformer, rank=1)
-        try:
-            hooked = {name: transformer(**batch, return_dict=False)[0] for name, batch in (
-                ("one", inputs), ("guidance", doubled), ("two images", two_images))}
-        finally:
-            PartialState._reset_state()
+        script.split_the_guidance_batch(transformer, group)
+        hooked = {name: transformer(**batch, return_dict=False)[0] for name, batch in (
+            ("one", inputs), ("guidance", doubled), ("two images", two_images))}
     assert torch.equal(hooked["one"], whole["one"]) and torch.equal(hooked["two images"], whole["two images"])
-    assert hooked["guidance"].shape[0] == 1 and torch.allclose(hooked["guidance"], whole["guidance"][1:], atol=1e-5)
+    assert gathered == [group]  # within the group it was given, once: for the guidance batch alone
+    assert hooked["guidance"].shape == whole["guidance"].shape and not hooked["guidance"][0].any()
+    assert torch.allclose(hooked["guidance"][1:], whole["guidance"][1:], atol=1e-5)
 
 
 # --- bad input: one line each, a non-zero exit, no traceback, no image (in this process: one import) ---

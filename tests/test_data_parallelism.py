@@ -45,18 +45,18 @@ def assert_one_image_per_prompt(out, prompts):
     manifest = read_manifest(out)
     assert [r["index"] for r in manifest] == list(range(len(prompts)))
     assert [r["prompt"] for r in manifest] == prompts
-    assert sorted(p.name for p in out.glob(IMAGES)) == [r["file"] for r in manifest]
+    assert sorted(p.name for p in out.glob(IMAGES)) == [r["file_name"] for r in manifest]
     for r in manifest:
-        assert r["file"].startswith(f"{r['index']:03d}-")
+        assert r["file_name"].startswith(f"{r['index']:03d}-")
         assert r["seed"] == r["index"]
-        assert pixels(out / r["file"]).shape == (64, 64, 3)
+        assert pixels(out / r["file_name"]).shape == (64, 64, 3)
     return manifest
 
 
 def assert_same_images(out, reference):
     for r in read_manifest(out):
-        difference = np.abs(pixels(out / r["file"]) - pixels(reference / r["file"])).max()
-        assert difference <= TOLERANCE, f"{r['file']} differs by {difference}"
+        difference = np.abs(pixels(out / r["file_name"]) - pixels(reference / r["file_name"])).max()
+        assert difference <= TOLERANCE, f"{r['file_name']} differs by {difference}"
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,8 @@ def assert_made_by_diffusers(out, diffusers_image, seed=0, indexes=None):
         assert r["seed"] == seed + r["index"]
         if indexes is not None and r["index"] not in indexes:
             continue
-        difference = np.abs(pixels(out / r["file"]) - diffusers_image(r["prompt"], seed + r["index"])).max()
-        assert difference <= TOLERANCE, f"{r['file']} differs from diffusers' image by {difference}"
+        difference = np.abs(pixels(out / r["file_name"]) - diffusers_image(r["prompt"], seed + r["index"])).max()
+        assert difference <= TOLERANCE, f"{r['file_name']} differs from diffusers' image by {difference}"
 
 
 def write_prompts_file(folder, lines):
@@ -114,7 +114,7 @@ def test_one_process_makes_one_image_per_prompt_with_a_manifest(one_process, dif
 
 
 def test_duplicate_prompts_make_two_different_images(one_process):
-    first, second = (one_process / r["file"] for r in read_manifest(one_process) if r["prompt"] == "a red fox")
+    first, second = (one_process / r["file_name"] for r in read_manifest(one_process) if r["prompt"] == "a red fox")
     assert np.abs(pixels(first) - pixels(second)).max() > 10 * TOLERANCE  # seeds 0 and 3: different noise
 
 
@@ -157,9 +157,9 @@ def test_another_seed_makes_other_images_the_ones_diffusers_makes_with_it(tiny_s
     run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, *prompt_args(PROMPTS[:2]), *FAST,
              "--seed", "11", check=True)
     assert_made_by_diffusers(out, diffusers_image, seed=11)
-    seed_0 = {r["prompt"]: r["file"] for r in read_manifest(one_process)}
+    seed_0 = {r["prompt"]: r["file_name"] for r in read_manifest(one_process)}
     for r in read_manifest(out):
-        assert np.abs(pixels(out / r["file"]) - pixels(one_process / seed_0[r["prompt"]])).max() > 10 * TOLERANCE
+        assert np.abs(pixels(out / r["file_name"]) - pixels(one_process / seed_0[r["prompt"]])).max() > 10 * TOLERANCE
 
 
 def test_flux_pipeline_works_too(tiny_flux, tmp_path):
@@ -174,7 +174,7 @@ def test_a_second_run_makes_only_the_missing_images_and_batches_make_the_images_
     one pipeline call and then one, and they are the images made one prompt at a time (and diffusers' own)."""
     out = shutil.copytree(one_process, tmp_path / "out")
     made = {p.name: p.stat().st_mtime_ns for p in out.glob(IMAGES)}
-    removed = [read_manifest(out)[i]["file"] for i in (1, 2, 4)]
+    removed = [read_manifest(out)[i]["file_name"] for i in (1, 2, 4)]
     for name in removed:
         (out / name).unlink()
     result = run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, *prompt_args(PROMPTS), *FAST,
@@ -309,5 +309,6 @@ def test_a_contact_sheet_shows_every_image_in_prompt_order(one_process):
     assert sheet.shape == (2 * 64, 3 * 64, 3)  # 5 images: 3 columns, 2 rows, the sixth tile blank
     for r in read_manifest(one_process):
         row, col = divmod(r["index"], 3)
-        assert np.array_equal(sheet[row * 64:(row + 1) * 64, col * 64:(col + 1) * 64], pixels(one_process / r["file"]))
+        tile = sheet[row * 64:(row + 1) * 64, col * 64:(col + 1) * 64]
+        assert np.array_equal(tile, pixels(one_process / r["file_name"]))
     assert (sheet[64:, 128:] == 255).all()

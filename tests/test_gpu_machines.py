@@ -241,7 +241,7 @@ def assert_the_images_are_made(script_path, args):
     if script_path == DATA_PARALLEL:
         out = args[-1]
         manifest = read_manifest(out)
-        assert manifest and all(pixels(out / r["file"]).shape == (64, 64, 3) for r in manifest)
+        assert manifest and all(pixels(out / r["file_name"]).shape == (64, 64, 3) for r in manifest)
         assert json.loads((out / "summary.json").read_text())["images"] == len(manifest)
     else:
         assert pixels(args[-1]).shape == (64, 64, 3)
@@ -533,10 +533,10 @@ def test_one_process_per_gpu_makes_the_images_of_a_cpu_run(launcher, tiny_sd3, t
     devices = {torch.device(r["device"]) for r in on_gpus}
     assert {d.type for d in devices} == {kind} and len(devices) == n
     assert {r["device"] for r in on_cpu} == {"cpu"}
-    assert [r["file"] for r in on_gpus] == [r["file"] for r in on_cpu]
+    assert [r["file_name"] for r in on_gpus] == [r["file_name"] for r in on_cpu]
     for r in on_gpus:
-        gpu, cpu = pixels(tmp_path / "gpu" / r["file"]), pixels(tmp_path / "cpu" / r["file"])
-        assert np.abs(gpu - cpu).max() <= GPU_TOLERANCE, r["file"]
+        gpu, cpu = pixels(tmp_path / "gpu" / r["file_name"]), pixels(tmp_path / "cpu" / r["file_name"])
+        assert np.abs(gpu - cpu).max() <= GPU_TOLERANCE, r["file_name"]
 
 
 @accelerator
@@ -681,7 +681,7 @@ def gpu_memory_of(monkeypatch):
 
 
 def test_the_data_parallel_report_names_allocated_and_reserved_peaks(data_parallel, gpu_memory_of, capsys, tmp_path):
-    stats = [{"rank": 1, "device": "xpu:1", "images": 2, "generate_seconds": 4.0,
+    stats = [{"rank": 1, "ranks": [1], "device": "xpu:1", "images": 2, "generate_seconds": 4.0,
               **data_parallel.peak_memory(torch.device("xpu", 1))}]
     assert stats[0]["peak_device_allocated_gib"] == 3.0 and stats[0]["peak_device_reserved_gib"] == 5.0
     data_parallel.report(argparse.Namespace(output_dir=tmp_path), stats, 0, 10.0, None)

@@ -65,7 +65,7 @@ def assert_everything_on_disk_is_whole(out, killed=False):
     manifest = read_manifest(out)  # every line parses
     assert len({r["index"] for r in manifest}) == len(manifest)
     images = {p.name for p in out.glob(IMAGES)}
-    assert {r["file"] for r in manifest} <= images if killed else {r["file"] for r in manifest} == images
+    assert {r["file_name"] for r in manifest} <= images if killed else {r["file_name"] for r in manifest} == images
     for path in out.glob(IMAGES):
         assert pixels(path).shape == (64, 64, 3)
     assert len(list(out.glob(".*.tmp"))) == (1 if killed else 0)
@@ -142,16 +142,16 @@ def three_images(tiny_sd3, tmp_path_factory):
 @pytest.mark.xdist_group("three_images")  # one run of the fixture for the three
 def test_a_lost_manifest_line_is_rebuilt_without_making_the_image_again(tiny_sd3, three_images, tmp_path):
     out = shutil.copytree(three_images, tmp_path / "out")
-    lines = (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = (out / "metadata.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     lost = read_manifest(out)[1]
-    made_at = (out / lost["file"]).stat().st_mtime_ns
-    (out / "manifest.jsonl").write_text(lines[0] + lines[2] + '{"index": 5, "prom', encoding="utf-8")  # torn line
+    made_at = (out / lost["file_name"]).stat().st_mtime_ns
+    (out / "metadata.jsonl").write_text(lines[0] + lines[2] + '{"index": 5, "prom', encoding="utf-8")  # torn line
     result = run_main(DATA_PARALLEL, *script_args(tiny_sd3, out, MANY[:3]), check=True)
     assert "3 of 3 images are already in" in result.stdout
     manifest = read_manifest(out)
-    assert [(r["index"], r["prompt"], r["file"]) for r in manifest] == [
+    assert [(r["index"], r["prompt"], r["file_name"]) for r in manifest] == [
         (i, MANY[i], f"{i:03d}-prompt-number-{i}.png") for i in range(3)]
-    assert (out / lost["file"]).stat().st_mtime_ns == made_at
+    assert (out / lost["file_name"]).stat().st_mtime_ns == made_at
 
 
 @pytest.mark.xdist_group("three_images")  # one run of the fixture for the three

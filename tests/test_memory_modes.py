@@ -242,7 +242,8 @@ def test_no_t5_makes_images_without_t5_and_the_manifest_says_so(tiny_sd3, tmp_pa
         assert (with_t5["t5"], without["t5"]) == (True, False)
         assert with_t5["memory"] == without["memory"] == "whole"  # the CPU holds the pipeline whole
         # Same seed and prompt; only T5's embeddings (zeros without it) differ: so do the pictures.
-        difference = np.abs(pixels(tmp_path / "t5" / with_t5["file"]) - pixels(tmp_path / "no-t5" / without["file"]))
+        difference = np.abs(pixels(tmp_path / "t5" / with_t5["file_name"])
+                            - pixels(tmp_path / "no-t5" / without["file_name"]))
         assert difference.max() > 10 * TOLERANCE
 
 
@@ -373,8 +374,8 @@ def test_offloaded_images_are_the_images_of_the_whole_pipeline(tiny_sd3, tmp_pat
     assert {r["memory"] for r in manifest} == {offload}
     assert f"memory: {offload} CPU offload on" in stdout
     for r in manifest:
-        difference = np.abs(pixels(tmp_path / r["file"]) - pixels(reference / r["file"])).max()
-        assert difference <= TOLERANCE, f"{r['file']} differs by {difference} with --offload {offload}"
+        difference = np.abs(pixels(tmp_path / r["file_name"]) - pixels(reference / r["file_name"])).max()
+        assert difference <= TOLERANCE, f"{r['file_name']} differs by {difference} with --offload {offload}"
 
 
 @accelerator
@@ -392,7 +393,7 @@ def test_two_processes_offload_each_to_its_own_gpu(tiny_sd3, tmp_path, whole_on_
     kind = torch.accelerator.current_accelerator().type
     assert [r["device"] for r in manifest] == [f"{kind}:0", f"{kind}:0", f"{kind}:1"]
     for r in manifest:
-        assert np.abs(pixels(tmp_path / r["file"]) - pixels(reference / r["file"])).max() <= TOLERANCE
+        assert np.abs(pixels(tmp_path / r["file_name"]) - pixels(reference / r["file_name"])).max() <= TOLERANCE
 
 
 def test_a_free_memory_query_that_fails_counts_on_the_total_memory_in_one_line(script, monkeypatch, capsys):

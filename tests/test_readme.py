@@ -41,7 +41,7 @@ SCRIPTS = {"data-parallelism-accelerate.py": "sd3", "model-parallelism-flux.py":
            "context-parallelism-flux.py": "flux", "cfg-parallelism-sd3.py": "sd3"}
 FAST = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
 # Real models a page names with --model, and the tiny pipeline of the same class that stands in for each here.
-REAL_MODELS_RUN_TINY = {"Qwen/Qwen-Image": "qwenimage"}
+REAL_MODELS_RUN_TINY = {"Qwen/Qwen-Image": "qwenimage", "black-forest-labs/FLUX.1-dev": "flux"}
 
 
 def page_lines():
@@ -77,11 +77,16 @@ SHARD_STAGED = "uv run torchrun --nproc-per-node 2 context-parallelism-flux.py -
 SHARD_QWENIMAGE_TINY = ("uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --shard-weights --model "
                         "tiny/qwenimage --prompt \"a fox\" --height 48 --width 48 --num-inference-steps 2 --output "
                         "outputs/tiny-qwenimage-sharded.png --device cpu")
+GROUPS_CONTEXT = ("uv run torchrun --nproc-per-node 4 data-parallelism-accelerate.py --context-parallel 2 --model "
+                  "black-forest-labs/FLUX.1-dev --prompts-file prompts.txt")
+GROUPS_CFG = ("uv run torchrun --nproc-per-node 4 data-parallelism-accelerate.py --cfg-parallel --prompts-file "
+              "prompts.txt")
 RUN_ELSEWHERE = {"DP_TORCHRUN": "test_data_parallelism.py", "DP_ACCELERATE_TINY": "test_data_parallelism.py",
                  "CP_TORCHRUN_TINY": "test_context_parallelism.py", "CP_TORCHRUN_STAGED": "test_context_parallelism.py",
                  "CP_ACCELERATE": "test_context_parallelism.py", "CFG_TORCHRUN_TINY": "test_cfg_parallelism.py",
                  "CFG_ACCELERATE": "test_cfg_parallelism.py", "SHARD_TORCHRUN_TINY": "test_sharded_weights.py",
-                 "SHARD_STAGED": "test_sharded_weights.py", "SHARD_QWENIMAGE_TINY": "test_sharded_weights.py"}
+                 "SHARD_STAGED": "test_sharded_weights.py", "SHARD_QWENIMAGE_TINY": "test_sharded_weights.py",
+                 "GROUPS_CONTEXT": "test_groups.py", "GROUPS_CFG": "test_groups.py"}
 
 # Page commands made on a simulated GPU machine (tests/simulate/fake_gpus.py: torch answers as a machine with GPUs
 # does, down to what torch.distributed asks its C++ side; the GPUs cannot compute), all of them on the CPU: what
@@ -100,28 +105,29 @@ ON_SIMULATED_GPUS = {
     CFG_ACCELERATE: {"FAKE_GPUS": "1", "FAKE_ACCELERATOR": "cuda"},
     MP_TINY: {"FAKE_GPUS": "2", "FAKE_ACCELERATOR": "cuda"},
     MP_STAGED: {"FAKE_GPUS": "1", "FAKE_ACCELERATOR": "xpu"},
+    GROUPS_CFG: {"FAKE_GPUS": "2", "FAKE_ACCELERATOR": "cuda"},  # 4 processes in 2 groups beside 2 GPUs
 }
 
 
-def run_readme_command(line, tiny, tmp_path, **env):
+def run_readme_command(line, tiny, tmp_path, check=True, timeout=600, **env):
     """Run the command LINE, which must be in a page (the README or docs/) as written, as
     test_every_readme_command_runs runs each (as_test: the tiny pipelines, a few steps at 64 px, on the CPU, on its
-    simulated GPU machine if it has one), with `env` added (a probe); fail the test if it fails. What it makes is in
-    tmp_path: out/ (data parallel) or out.png."""
+    simulated GPU machine if it has one), with `env` added (a probe); with `check`, fail the test if it fails. What
+    it makes is in tmp_path: out/ (data parallel) or out.png."""
     assert line in page_lines(), f"no page has the command {line!r} any more"
-    return run_on_the_machine(shlex.split(line, comments=True), tiny, tmp_path, **env)
+    return run_on_the_machine(shlex.split(line, comments=True), tiny, tmp_path, check=check, timeout=timeout, **env)
 
 
-def run_on_the_machine(argv, tiny, tmp_path, **env):
+def run_on_the_machine(argv, tiny, tmp_path, check=True, timeout=600, **env):
     """Run a page's command (as_test), on the simulated GPU machine ON_SIMULATED_GPUS gives it (or a command alike),
-    and check that every process of the script saw those GPUs; fail the test if it fails."""
+    and check that every process of the script saw those GPUs; with `check`, fail the test if it fails."""
     machine = next((machine for line, machine in ON_SIMULATED_GPUS.items() if runs_alike(
         shlex.split(line, comments=True), tmp_path) == runs_alike(argv, tmp_path)), None)
     with tempfile.TemporaryDirectory(prefix="simulated-") as seen:  # beside what the run makes, not in it
         if machine:
             env = {**machine, "FAKE_GPUS_SEEN": seen, **env,
                    "PYTHONPATH": os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(SIMULATE)]))}
-        result = run(as_test(argv, tiny, tmp_path, free_port()), timeout=600, env=env)
+        result = run(as_test(argv, tiny, tmp_path, free_port()), timeout=timeout, check=check, env=env)
         if machine:
             assert_the_script_saw_the_gpus(Path(seen), argv, machine)
     return result
@@ -176,6 +182,8 @@ def as_test(argv, tiny, tmp_path, port):
         args += ["--hidden", "128", "--sizes", "64", "--steps", "2", "--repeats", "1", "--no-warm-up"]
     elif program == "benchmarks/sharded_weights.py":  # the sharded run alone, on a small random FLUX
         args += ["--runs", "sharded", "--hidden", "128", "--size", "64", "--steps", "2", "--no-warm-up"]
+    elif program == "benchmarks/groups.py":  # a small random FLUX: 2 heads of 64; 2 prompts
+        args += ["--hidden", "128", "--size", "64", "--steps", "2", "--prompts", "2", "--repeats", "1", "--no-warm-up"]
     elif program == "benchmarks/cfg_parallel.py":  # a small random SD3: 1 block, hidden size 32
         args += ["--hidden", "32", "--layers", "1", "--size", "64", "--steps", "2", "--repeats", "1", "--no-warm-up"]
     script = next((a for a in [program, *args] if a in SCRIPTS), None)
@@ -186,10 +194,13 @@ def as_test(argv, tiny, tmp_path, port):
         args += [a for flag, value in zip(FAST[::2], FAST[1::2]) if flag not in args for a in (flag, value)]
         args += ["--output", str(tmp_path / "out.png"), "--device", "cpu"]
     elif script and "--help" not in args:
+        # The family of the model the command names (a tiny one by now), or the script's own.
+        family = next((name for name, path in tiny.items() if "--model" in args and args[args.index("--model") + 1]
+                       == str(path)), SCRIPTS[script])
         if "--plan" in args:
-            args += ["--model", str(SD35_MEDIUM_CONFIGS if SCRIPTS[script] == "sd3" else FLUX_DEV_CONFIGS)]
+            args += ["--model", str(SD35_MEDIUM_CONFIGS if family == "sd3" else FLUX_DEV_CONFIGS)]
         elif script.startswith("data"):
-            args += ["--model", str(tiny["sd3"]), *FAST, "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
+            args += ["--model", str(tiny[family]), *FAST, "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
         else:
             args += ["--model", str(tiny[SCRIPTS[script]]), *FAST, "--output", str(tmp_path / "out.png"), "--device",
                      "cpu"]

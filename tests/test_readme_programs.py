@@ -208,7 +208,8 @@ def run_program(program, command, tiny_path, folder, timeout=600, a_gpu_a_proces
 
 PROGRAMS = programs()
 CHECKED = {"examples/data_parallel.py", "examples/model_parallel.py", "examples/context_parallel.py",
-           "examples/cfg_parallel.py", "examples/sharded_context_parallel.py"}  # below
+           "examples/cfg_parallel.py", "examples/sharded_context_parallel.py",
+           "examples/data_parallel_groups.py"}  # below
 RUNS = [(program, command) for program in PROGRAMS for command in program.commands]
 
 
@@ -369,6 +370,35 @@ def test_sharded_program_holds_half_of_the_transformer_in_each_process_and_saves
     full = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer").num_parameters()
     assert {f for _, f in held.values()} == {full}
     assert all(mine <= 0.55 * full for mine, _ in held.values()) and sum(m for m, _ in held.values()) >= full
+
+
+@runs_of("examples/data_parallel_groups.py")
+def test_groups_program_makes_each_prompt_once_in_the_group_whose_share_it_is(program, command, runs, tiny_flux):
+    """Each prompt saved once, by the first process of the group whose contiguous share it is (groups of 2 in a row
+    of ranks; numpy's array_split over the groups, Accelerate's rule), which says so. Who made each image, together,
+    and how each group split it: tests/test_groups.py, on the full script."""
+    run = runs(program, command)
+    run.succeeded()
+    prompts = literal(program.source, "prompts")
+    first_of_its_group = {int(i): 2 * group for group, share in enumerate(
+        np.array_split(np.arange(len(prompts)), run.processes // 2)) for i in share}
+    saved = {}
+    for save in run.saves:
+        index = int(re.match(r"\d+", save["file"])[0])
+        assert index not in saved, f"prompt {index} saved twice: {run.saves}"
+        saved[index] = save["rank"]
+        assert f"{save['file']} made by processes [{save['rank']}, {save['rank'] + 1}]" in run.result.stdout
+    assert saved == first_of_its_group
+    if not torch.accelerator.is_available():  # on GPUs in bfloat16: not the float32 CPU oracle's image
+        from diffusers import FluxPipeline
+
+        pipeline = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
+        pipeline.set_progress_bar_config(disable=True)
+        for index in (0, len(prompts) - 1):  # the first group's first image, the last group's last
+            expected = pipeline(prompts[index], guidance_scale=3.5,
+                                generator=torch.Generator("cpu").manual_seed(index)).images[0]
+            difference = np.abs(pixels(run.folder / f"{index:03d}.png") - np.asarray(expected, dtype=np.int16))
+            assert difference.max() <= 1, f"{index:03d}.png differs from diffusers' own by {difference.max()}/255"
 
 
 def check_one_image_by_the_main_process(run):
