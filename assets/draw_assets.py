@@ -2,6 +2,8 @@
 
     uv run assets/draw_assets.py
 
+- techniques.png, the README's picture: the six techniques side by side, what each GPU holds and what passes
+  between the GPUs, from the scripts' own `--plan --json` for FLUX.1-dev and SD3.5-medium (tests/fixtures).
 - data-parallelism-workflow.png, model-parallelism-workflow.png, context-parallelism-workflow.png: diagrams of the
   three techniques.
 - model-sharding.png: the placement that `model-parallelism-flux.py --plan --json` computes for FLUX.1-dev
@@ -21,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw, ImageFont
 
@@ -147,54 +150,101 @@ def context_parallelism_workflow():
     image.save(ASSETS / "context-parallelism-workflow.png")
 
 
+def plan_json(script, *args):
+    """A script's --plan --json for the real models' configs in tests/fixtures (no weights, no download)."""
+    result = subprocess.run([sys.executable, ROOT / script, "--plan", "--json", *map(str, args)], capture_output=True,
+                            text=True, check=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return json.loads(result.stdout)
+
+
 def techniques_side_by_side():
     """The README's picture: every technique of the repository in one image, each as what each GPU holds and what
-    passes between the GPUs while they work, from the scripts' own splits."""
+    passes between the GPUs while they work, for the real models on 2 GPUs (4 for the groups), from the scripts'
+    own plans (--plan --json on the configs in tests/fixtures)."""
+    flux, sd35, prompts = ROOT / "tests/fixtures/flux1-dev", ROOT / "tests/fixtures/sd3.5-medium", ROOT / "prompts.txt"
+    groups = plan_json("data-parallelism-accelerate.py", "--model", flux, "--prompts-file", prompts,
+                       "--context-parallel", 2, "--num-devices", 4, "--device-memory", "80GiB")["layout"]
+    shares = [(s["ranks"], s["prompts"]) for s in groups["shares"]]
+    placed = plan_json("model-parallelism-flux.py", "--model", flux, "--num-devices", 2, "--device-memory",
+                       "24GiB")["placement"]
+    context = plan_json("context-parallelism-flux.py", "--model", flux, "--num-devices", 2, "--device-memory", "80GiB")
+    sharded = plan_json("context-parallelism-flux.py", "--model", flux, "--num-devices", 2, "--device-memory",
+                        "16GiB", "--shard-weights", "--staged")
+    cfg = plan_json("cfg-parallelism-sd3.py", "--model", sd35, "--device-memory", "24GiB")
+
+    def blocks_on(device):  # FLUX.1-dev's transformer blocks the device map puts on one device, as ranges
+        words = []
+        for kind, count, label in (("transformer_blocks", 19, "double"), ("single_transformer_blocks", 38, "single")):
+            mine = [i for i in range(count) if placed.get(f"transformer.{kind}.{i}", placed.get(
+                f"transformer.{kind}")) == device]
+            if mine:
+                words.append(f"{label} blocks {mine[0]}-{mine[-1]}")
+        others = [name.replace("text_encoder_2", "T5").replace("text_encoder", "CLIP").replace("vae", "VAE")
+                  for name, where in placed.items() if where == device and "." not in name]
+        return ",\n".join(words) + ("\n+ " + ", ".join(others) if others else "")
+
+    half, text_half = context["image_tokens"] // 2, context["text_tokens"] // 2
+    gib = 2**30
+    transformer, t5 = sharded["sharded"]["transformer"], sharded["sharded"]["text_encoder_2"]
+    count = len([line for line in prompts.read_text().splitlines() if line.strip()])
+    alone = [share.tolist() for share in torch.arange(count).tensor_split(2)]  # split_between_processes' rule
     panels = [
         ("Data parallelism", "data-parallelism-accelerate.py", "many images",
-         [("GPU 0", "whole pipeline\nprompts 0-4"), ("GPU 1", "whole pipeline\nprompts 5-9")],
-         "nothing while they work", BLUE),
+         [(f"GPU {rank}", f"whole pipeline\nprompts {share[0]}-{share[-1]}") for rank, share in enumerate(alone)],
+         "nothing while they work", BLUE, False),
         ("Groups inside data parallelism", "data-parallelism-accelerate.py --context-parallel 2",
          "many images, each one sooner",
-         [("GPUs 0+1", "group 0: prompts 0-4\neach image split in 2"), ("GPUs 2+3", "group 1: prompts 5-9\n"
-                                                                          "each image split in 2")],
-         "inside a group: context's or CFG's exchanges;\nbetween groups: nothing", BLUE),
+         [(f"GPUs {shares[0][0][0]}+{shares[0][0][1]}", f"prompts {shares[0][1][0]}-{shares[0][1][-1]},\n"
+           "each image split in 2"),
+          (f"GPUs {shares[1][0][0]}+{shares[1][0][1]}", f"prompts {shares[1][1][0]}-{shares[1][1][-1]},\n"
+           "each image split in 2")],
+         "inside a group: context parallelism's all-to-alls;\nbetween the groups: nothing", BLUE, False),
         ("Model parallelism (device maps)", "model-parallelism-flux.py", "a model too big for one GPU",
-         [("GPU 0", "transformer blocks 0-18\n+ T5"), ("GPU 1", "blocks 19-56\n+ CLIP, VAE")],
-         "the activations, once a step:\nthe GPUs take turns, no faster", PURPLE),
+         [("GPU 0", blocks_on("0")), ("GPU 1", blocks_on("1"))],
+         "the activations, once a step:\nthe GPUs take turns, no faster than one", PURPLE, True),
         ("Sharded weights + context parallelism", "context-parallelism-flux.py --shard-weights",
          "a model too big for one GPU, and faster",
-         [("GPU 0", "1/2 of every block's weights\n1/2 of the tokens"),
-          ("GPU 1", "the other 1/2 of the weights\nthe other 1/2 of the tokens")],
-         "each block's weights gathered before it runs;\n4 all-to-alls in every attention", PURPLE),
-        ("Context parallelism", "context-parallelism-flux.py", "one image sooner (FLUX.1, QwenImage)",
-         [("GPU 0", "whole pipeline\nimage tokens 0-2047"), ("GPU 1", "whole pipeline\nimage tokens 2048-4095")],
-         "4 all-to-alls in every attention\n(query, key, value; the output back)", ORANGE),
-        ("CFG parallelism", "cfg-parallelism-sd3.py", "one image sooner (SD3.5, with guidance)",
+         [(f"GPU {rank}", f"half of every block: {transformer['share'] / gib:.1f} GiB\nhalf of T5: "
+           f"{t5['share'] / gib:.1f} GiB\nimage tokens {rank * half}-{rank * half + half - 1}") for rank in (0, 1)],
+         f"each block's weights, just before it runs:\n{(transformer['bytes'] - transformer['share']) / gib:.1f} GiB "
+         "into each GPU a step; and the all-to-alls", PURPLE, True),
+        ("Context parallelism", "context-parallelism-flux.py", "one image sooner (FLUX.1, QwenImage...)",
+         [(f"GPU {rank}", f"whole pipeline\nimage tokens {rank * half}-{rank * half + half - 1}\nprompt tokens "
+           f"{rank * text_half}-{rank * text_half + text_half - 1}") for rank in (0, 1)],
+         f"4 all-to-alls in every attention of {context['heads']} heads\n(query, key, value; the output back)",
+         ORANGE, True),
+        ("CFG parallelism", "cfg-parallelism-sd3.py", "one image sooner (SD3.5: guidance)",
          [("GPU 0", "whole pipeline\nthe negative prompt's half"), ("GPU 1", "whole pipeline\nthe prompt's half")],
-         "the two halves' predictions:\none all-gather a step", ORANGE),
+         f"the two halves' predictions:\none all-gather a step ({cfg['exchanged_per_step'] / 2**20:.1f} MiB each way)",
+         ORANGE, True),
     ]
-    cols, panel_w, panel_h = 3, 470, 330
-    width, height = cols * panel_w + 40, 110 + 2 * panel_h + 40
+    # Columns by what the user wants (many images, one image sooner, a model too big for one GPU); the second row
+    # each column's other way.
+    panels = [panels[i] for i in (0, 4, 2, 1, 5, 3)]
+    cols, panel_w, panel_h = 3, 500, 330
+    width, height = cols * panel_w + 40, 110 + 2 * panel_h + 50
     image = Image.new("RGB", (width, height), PAPER)
     draw = ImageDraw.Draw(image)
-    title(draw, "Six ways to use several GPUs for one diffusion pipeline",
-          "what each GPU holds (boxes) and what passes between the GPUs while they work (between the boxes)", width)
-    for k, (name, command, use, gpus, passes, fill) in enumerate(panels):
+    title(draw, "Six ways to share a diffusion pipeline's work between GPUs",
+          "FLUX.1-dev, SD3.5-medium, 1024x1024: what each GPU holds (the boxes) and what passes between them "
+          "while they work", width)
+    for k, (name, command, use, gpus, passes, fill, linked) in enumerate(panels):
         x0, y0 = 20 + (k % cols) * panel_w, 100 + (k // cols) * panel_h
         draw.rounded_rectangle((x0 + 6, y0, x0 + panel_w - 6, y0 + panel_h - 14), radius=14, outline=MUTED, width=2)
         draw.text((x0 + panel_w / 2, y0 + 24), name, fill=INK, font=font(20), anchor="mm")
         draw.text((x0 + panel_w / 2, y0 + 50), command, fill=MUTED, font=font(13, mono=True), anchor="mm")
         for g, (label, held) in enumerate(gpus):
-            bx = x0 + 22 + g * 232
-            draw.text((bx + 98, y0 + 80), label, fill=INK, font=font(16), anchor="mm")
-            box(draw, (bx, y0 + 94, bx + 196, y0 + 170), held, fill, 14)
-        draw.line([(x0 + 218, y0 + 132), (x0 + 254, y0 + 132)], fill=INK, width=3)
-        arrow(draw, (x0 + 236, y0 + 132), (x0 + 254, y0 + 132))
-        arrow(draw, (x0 + 236, y0 + 132), (x0 + 218, y0 + 132))
-        draw.multiline_text((x0 + panel_w / 2, y0 + 220), passes, fill=INK, font=font(15), anchor="mm",
+            bx = x0 + 20 + g * 246
+            draw.text((bx + 107, y0 + 80), label, fill=INK, font=font(16), anchor="mm")
+            box(draw, (bx, y0 + 94, bx + 214, y0 + 174), held, fill, 13)
+        if linked:  # something passes between the GPUs
+            arrow(draw, (x0 + 250, y0 + 134), (x0 + 266, y0 + 134))
+            arrow(draw, (x0 + 250, y0 + 134), (x0 + 234, y0 + 134))
+        draw.multiline_text((x0 + panel_w / 2, y0 + 226), passes, fill=INK, font=font(15), anchor="mm",
                             align="center", spacing=5)
-        draw.text((x0 + panel_w / 2, y0 + 280), f"for: {use}", fill=INK, font=font(16), anchor="mm")
+        draw.text((x0 + panel_w / 2, y0 + 288), f"for: {use}", fill=INK, font=font(16), anchor="mm")
+    draw.text((width / 2, height - 26), "drawn by assets/draw_assets.py from the scripts' --plan --json on the "
+              "models' configs (tests/fixtures)", fill=MUTED, font=font(14), anchor="mm")
     image.save(ASSETS / "techniques.png")
 
 

@@ -283,16 +283,31 @@ def test_the_readme_test_command_is_what_ci_runs():
 
 
 def test_the_readme_table_of_flux1_dev_plans_is_what_the_script_plans(monkeypatch, capsys):
+    """Each row of the sharding page's table of FLUX.1-dev plans, word for word and figure for figure, as the
+    script's --plan --json gives it: whether it fits, where each component goes, and each device's weights."""
     script = load_script(ROOT / "model-parallelism-flux.py")
-    rows = re.findall(r"^\| (\d) x (\d+) GiB( `--staged`)? \| (yes|\*\*no\*\*) \|", PAGES["docs/model-parallelism.md"],
-                      flags=re.MULTILINE)
+    rows = re.findall(r"^\| (\d) x (\d+) GiB( `--staged`)? \| (yes|\*\*no\*\*) \| (.*?) \| (.*?) \|$",
+                      PAGES["docs/model-parallelism.md"], flags=re.MULTILINE)
     assert len(rows) >= 4
-    for num_devices, memory, staged, fits in rows:
+    short = {"transformer": "transformer", "text_encoder_2": "T5", "text_encoder": "CLIP", "vae": "VAE"}
+    for num_devices, memory, staged, fits, where, weights in rows:
         monkeypatch.setattr("sys.argv", ["model-parallelism-flux.py", "--plan", "--json", "--model",
                                          str(FLUX_DEV_CONFIGS), "--num-devices", num_devices, "--device-memory",
                                          f"{memory}GiB", *(["--staged"] if staged else [])])
         script.main()
-        assert json.loads(capsys.readouterr().out)["fits"] == (fits == "yes"), (num_devices, memory, staged)
+        plan = json.loads(capsys.readouterr().out)
+        assert plan["fits"] == (fits == "yes"), (num_devices, memory, staged)
+        said = []
+        for name, word in short.items():
+            devices = sorted({d for m, d in plan["placement"].items() if m.split(".")[0] == name and d.isdigit()})
+            split = len(devices) > 1 or any(m.startswith(name + ".") for m in plan["placement"])
+            said.append(f"{word} {'split over' if split else 'on'} {', '.join(devices)}"
+                        + (" (+ no room)" if any(m.split(".")[0] == name and not d.isdigit()
+                                                  for m, d in plan["placement"].items()) else ""))
+        assert where == "; ".join(said), (num_devices, memory, staged)
+        expected = ", ".join(f"{d}: {b / 2**30:.1f}" for d, b in plan["devices"].items()) + " GiB" + (
+            f"; {plan['unplaced'] / 2**30:.1f} GiB find no room" if plan["unplaced"] else "")
+        assert weights == expected, (num_devices, memory, staged)
 
 
 def test_the_readme_table_of_sd35_medium_memory_modes_is_what_the_script_plans(monkeypatch, capsys):
