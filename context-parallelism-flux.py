@@ -36,7 +36,6 @@ import importlib
 import inspect
 import json
 import logging
-import math
 import os
 import re
 import shlex

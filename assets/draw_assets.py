@@ -53,8 +53,8 @@ def arrow(draw, start, end):
     (x0, y0), (x1, y1) = start, end
     length = max(((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5, 1)
     ux, uy = (x1 - x0) / length, (y1 - y0) / length
-    draw.polygon([(x1, y1), (x1 - 14 * ux + 7 * uy, y1 - 14 * uy - 7 * ux), (x1 - 14 * ux - 7 * uy, y1 - 14 * uy + 7 * ux)],
-                 fill=INK)
+    draw.polygon([(x1, y1), (x1 - 14 * ux + 7 * uy, y1 - 14 * uy - 7 * ux),
+                  (x1 - 14 * ux - 7 * uy, y1 - 14 * uy + 7 * ux)], fill=INK)
 
 
 def title(draw, text, subtitle, width):

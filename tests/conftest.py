@@ -17,6 +17,7 @@ from unittest import mock
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from accelerate import PartialState
@@ -81,13 +82,34 @@ def offline_env(**extra):
     return env
 
 
-def run(args, timeout=300, check=True, env=None, **kwargs):
-    """Run a command from the repository root, offline (plus `env`); fail the test with its output if it fails."""
-    result = subprocess.run([str(a) for a in args], cwd=ROOT, env=offline_env(**(env or {})), capture_output=True,
-                            text=True, timeout=timeout, **kwargs)
+def run(args, timeout=300, check=True, env=None, cwd=ROOT, **kwargs):
+    """Run a command from the repository root, offline (plus `env`); fail the test with its output if it fails, or
+    if it is still running after `timeout` seconds: then every process it started is killed too (a launcher's
+    workers run in sessions of their own, which killing the launcher alone would leave running)."""
+    with subprocess.Popen([str(a) for a in args], cwd=cwd, env=offline_env(**(env or {})), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_with_its_children(process.pid)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"{' '.join(map(str, args))} still ran after {timeout} s\n{stdout}\n{stderr}")
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(map(str, args))} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def kill_with_its_children(pid):
+    """SIGKILL a process and every process below it."""
+    try:
+        parent = psutil.Process(pid)
+        family = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
 
 
 @dataclass

@@ -6,7 +6,6 @@ real configs; a stalled process; the one-page program; and GPU runs where there 
 
 import itertools
 import json
-import subprocess
 import textwrap
 import time
 from types import SimpleNamespace
@@ -17,7 +16,7 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
 from tests.conftest import (ROOT, accelerator, assert_clear_error, assert_one_report_with_every_process, launched_as,
-                            load_script, offline_env, pixels, probe_env, run, run_main, torchrun)
+                            load_script, pixels, probe_env, run, run_main, torchrun)
 from tests.test_readme import CFG_ACCELERATE, CFG_TORCHRUN_TINY, run_readme_command
 from tests.test_readme_programs import with_tiny_pipeline
 
@@ -335,8 +334,7 @@ def test_the_one_page_program_on_two_processes_makes_the_image_diffusers_makes(t
     program.parent.mkdir()
     program.write_text(with_tiny_pipeline(EXAMPLE.read_text(encoding="utf-8"), tiny_sd3), encoding="utf-8")
     env, probes = with_probe(tmp_path)
-    made = subprocess.run([str(a) for a in torchrun(2, program)], cwd=tmp_path, env=offline_env(**env),
-                          capture_output=True, text=True, timeout=300)  # saves in its folder
+    made = run(torchrun(2, program), check=False, timeout=300, env=env, cwd=tmp_path)  # saves in its folder
     assert made.returncode == 0, made.stderr
     pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)

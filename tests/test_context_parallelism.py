@@ -9,7 +9,6 @@ where there are GPUs.
 import ast
 import json
 import re
-import subprocess
 import textwrap
 import time
 from types import SimpleNamespace
@@ -21,7 +20,7 @@ import torch
 from diffusers import ContextParallelConfig, FluxPipeline, FluxTransformer2DModel, QwenImagePipeline
 
 from tests.conftest import (ROOT, accelerator, assert_clear_error, assert_one_report_with_every_process, launched_as,
-                            load_script, offline_env, pixels, probe_env, run, run_main, simulated_gpus, torchrun)
+                            load_script, pixels, probe_env, run, run_main, simulated_gpus, torchrun)
 from tests.test_readme import CP_ACCELERATE, CP_TORCHRUN_STAGED, CP_TORCHRUN_TINY, run_readme_command
 
 # The tests that share the module-scoped runs below go to one pytest-xdist worker, which makes each run once.
@@ -398,10 +397,9 @@ def test_a_process_that_stops_mid_image_ends_the_job_in_one_line(stalled, tiny_f
     """STALL_RANK (tests/simulate/sitecustomize.py): that process sleeps an hour in its second denoising step, the
     other waits for it in a collective."""
     started = time.monotonic()
-    result = subprocess.run([str(a) for a in torchrun(2, CONTEXT_PARALLEL, "--model", tiny_flux, *FAST, "--device",
-                                                      "cpu", "--output", tmp_path / "x.png", "--stall-timeout", "3")],
-                            cwd=ROOT, env=offline_env(PYTHONPATH=str(SIMULATE), STALL_RANK=str(stalled)),
-                            capture_output=True, text=True, timeout=240)
+    result = run(torchrun(2, CONTEXT_PARALLEL, "--model", tiny_flux, *FAST, "--device", "cpu", "--output",
+                          tmp_path / "x.png", "--stall-timeout", "3"), check=False, timeout=240,
+                 env={"PYTHONPATH": str(SIMULATE), "STALL_RANK": str(stalled)})
     assert result.returncode != 0
     # The line may follow the main process's progress bar, which has no line end of its own while a step is on.
     errors = re.findall(r"error: .*", result.stderr)

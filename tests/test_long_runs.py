@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from tests.conftest import (DATA_PARALLEL, IMAGES, ROOT, accelerate_launch, assert_clear_error, offline_env, pixels,
-                            read_manifest, run_main, torchrun)
+                            read_manifest, run, run_main, torchrun)
 
 MANY = [f"prompt number {i}" for i in range(40)]
 KILLED = MANY[:8]  # rank 1 (prompts 4-7) is killed writing its third image: a few made, a few left
@@ -195,8 +195,7 @@ def run_on_a_full_disk(tiny_sd3, tmp_path):
         command = [sys.executable, DATA_PARALLEL, *script_args(tiny_sd3, kept, FILL)]
         env = offline_env(PYTHONPATH=str(SIMULATE), FULL_DISK_AFTER="5")
     kept.mkdir(exist_ok=True)
-    result = subprocess.run(list(map(str, command)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    return result, kept
+    return run(command, check=False, timeout=300, env=env), kept
 
 
 def test_a_full_disk_is_one_line_and_the_same_command_with_room_makes_the_rest(tiny_sd3, tmp_path):
@@ -216,9 +215,8 @@ def test_a_full_disk_is_one_line_and_the_same_command_with_room_makes_the_rest(t
 
 
 def run_simulated(command, timeout=240, **env):
-    environment = offline_env(PYTHONPATH=str(SIMULATE), PROBE_GROUP_AT_EXIT="1", **env)
-    return subprocess.run([str(a) for a in command], cwd=ROOT, env=environment, capture_output=True, text=True,
-                          timeout=timeout)
+    return run(command, check=False, timeout=timeout, env={"PYTHONPATH": str(SIMULATE), "PROBE_GROUP_AT_EXIT": "1",
+                                                           **env})
 
 
 @pytest.mark.parametrize("hung", [1, 0], ids=["rank-1-hangs", "main-process-hangs"])

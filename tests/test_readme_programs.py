@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import BIN, ROOT, free_port, offline_env, pixels
+from tests.conftest import BIN, ROOT, free_port, offline_env, pixels, run
 
 pytestmark = pytest.mark.xdist_group("readme_programs")  # shared module-scoped runs, made once
 
@@ -200,8 +200,7 @@ def run_program(program, command, tiny_path, folder, timeout=600, a_gpu_a_proces
     (probe / "sitecustomize.py").write_text(PROBE, encoding="utf-8")
     log = probe / "saves.jsonl"
     env = offline_env(PYTHONPATH=str(probe), IMAGE_SAVES_LOG=str(log))
-    result = subprocess.run([str(a) for a in argv], cwd=folder, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = run(argv, check=False, timeout=timeout, env=env, cwd=folder)
     saves = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()] if log.exists() else []
     return Run(program, command, folder, processes, result, saves)
 

@@ -16,11 +16,13 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.conftest import COLLECTED, ROOT
+from tests.conftest import COLLECTED, ROOT, run
 
 SIMULATE = ROOT / "tests" / "simulate"
 # The tests that read the machine's GPUs (their results depend on what torch sees): they must pass with 1 and 2.
@@ -94,3 +96,16 @@ def test_the_gpu_marker_selects_the_tests_written_for_a_gpu(request):
     if files == set((ROOT / "tests").glob("test_*.py")):  # the whole suite: the GPU tests of every script
         assert len(written) >= 8
     assert {item.originalname for item in collected if item.get_closest_marker("gpu")} == written & names
+
+
+def test_a_run_that_times_out_leaves_no_process_behind():
+    """conftest's run() kills what a command started when it times out, a launcher's workers in sessions of their
+    own too: a test that times out (a hang the test is for, or a mutation) must not leave processes that load the
+    machine for the rest of the suite."""
+    sleeper = "import time; time.sleep(120)"
+    code = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {sleeper!r}], "
+            "start_new_session=True); time.sleep(120)")
+    with pytest.raises(pytest.fail.Exception, match="still ran after 2 s"):
+        run([sys.executable, "-c", code], timeout=2)
+    time.sleep(0.5)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == [sys.executable, "-c", sleeper]]
