@@ -641,6 +641,11 @@ def images_to_make(args, prompts, names):
     # Keep the manifest whole: drop the records of images that are gone or about to be made again, and rebuild
     # the line of an image whose process died between saving it and writing its line.
     manifest = args.output_dir / MANIFEST
+    earlier = args.output_dir / "manifest.jsonl"  # what this script wrote before the folder was a dataset
+    if earlier.exists() and not manifest.exists():  # its records, "file" renamed: checked below like the others
+        write_manifest(manifest, {i: {"file_name" if key == "file" else key: value for key, value in r.items()}
+                                  for i, r in read_manifest(earlier).items()})
+        earlier.unlink()
     records = {i: r for i, r in read_manifest(manifest).items() if i in done and r.get("file_name") == names[i]}
     # An image made with other settings is not done for this command: say so rather than mix two runs.
     for i, r in records.items():

@@ -64,7 +64,12 @@ def parse_args():
                         help="with no --model: the random transformer's hidden size, 4 heads (default: %(default)s)")
     parser.add_argument("--layers", type=int, default=8,
                         help="with no --model: the random transformer's joint blocks (default: %(default)s)")
-    return parser.parse_args()
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                        help="auto: the GPUs where torch can use them, else the CPU; cpu: the CPU on purpose, even "
+                             "beside GPUs (the script's --device) (default: %(default)s)")
+    args = parser.parse_args()
+    args.on_gpu = args.device != "cpu" and torch.accelerator.is_available()
+    return args
 
 
 def main():
@@ -77,18 +82,20 @@ def measure(args, work):
     model = args.model or str(build_pipeline(work / "bench-sd3", hidden=args.hidden, layers=args.layers))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # measure what users get: Python caching the libraries' bytecode
-    if not torch.accelerator.is_available():
+    if not args.on_gpu:
         env["OMP_NUM_THREADS"] = "1"  # one core a process: 2 processes use 2 cores
     size = ["--height", str(args.size), "--width", str(args.size)]
     if not args.no_warm_up:  # a first run, not timed: as on a user's machine after their first run, the bytecode
         warm_up = subprocess.run([sys.executable, SCRIPT, "--model", model, *size, "--num-inference-steps", "1",
-                                  "--output", work / "warm-up.png"], env=env, capture_output=True, text=True)
+                                  "--output", work / "warm-up.png", "--device", args.device], env=env,
+                                 capture_output=True, text=True)
         if warm_up.returncode != 0:  # is cached
             sys.exit(f"error: the warm-up run failed:\n{warm_up.stderr[-3000:]}")
     best = {}  # processes -> the best (least) of each time over the repeats, and the image
     for n in [n for _ in range(args.repeats) for n in (1, 2)]:  # 1, 2, 1, 2: in turn, not 1, 1, 2, 2
         out = work / f"{n}.png"
-        script = [SCRIPT, "--model", model, *size, "--num-inference-steps", str(args.steps), "--output", out]
+        script = [SCRIPT, "--model", model, *size, "--num-inference-steps", str(args.steps), "--output", out,
+                  "--device", args.device]
         # One process is a plain run, as the user starts the baseline; 2 are started by torchrun.
         torchrun = [Path(sys.executable).parent / "torchrun", "--nproc-per-node", str(n), "--standalone"]
         command = [sys.executable, *script] if n == 1 else [*torchrun, *script]
@@ -104,7 +111,7 @@ def measure(args, work):
         print(f"ran {n} process(es): {wall:.1f} s", file=sys.stderr)
     rows = [(n, *best[n]) for n in (1, 2)]
 
-    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else "cpu"
+    device = torch.accelerator.current_accelerator() if args.on_gpu else "cpu"
     model = args.model or f"a random-weight SD3 (hidden {args.hidden}, {args.layers} blocks)"
     print(f"\n{args.size}x{args.size}, {args.steps} steps, {model}, on {device}, best of {args.repeats} run(s) each\n")
     print("| processes | whole run (s) | speedup | pipeline call (s) | speedup | per step (s) | speedup | "

@@ -66,8 +66,10 @@ def call_seconds(stdout):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    devices = torch.accelerator.device_count() if torch.accelerator.is_available() else min(os.cpu_count(), 2)
-    parser.add_argument("--processes", type=int, nargs="+", default=sorted({1, devices}),
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                        help="auto: the GPUs where torch can use them, else the CPU; cpu: the CPU on purpose, even "
+                             "beside GPUs (the script's --device) (default: %(default)s)")
+    parser.add_argument("--processes", type=int, nargs="+",
                         help="process counts to run; the first is the baseline (default: 1 and every device, or 1 "
                              "and 2 on the CPU)")
     parser.add_argument("--model", help="pipeline to run (default: a random-weight FLUX built on the spot)")
@@ -84,7 +86,11 @@ def parse_args():
     parser.add_argument("--hidden", type=int, default=768,
                         help="with no --model: the random transformer's hidden size, in heads of 64 (default: "
                              "%(default)s)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.on_gpu = args.device != "cpu" and torch.accelerator.is_available()
+    devices = torch.accelerator.device_count() if args.on_gpu else min(os.cpu_count(), 2)
+    args.processes = args.processes or sorted({1, devices})
+    return args
 
 
 def main():
@@ -97,10 +103,10 @@ def measure(args, work):
     model = args.model or str(build_pipeline(work / "bench-flux", hidden=args.hidden, heads=args.hidden // 64))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # measure what users get: Python caching the libraries' bytecode
-    if not torch.accelerator.is_available():
+    if not args.on_gpu:
         env["OMP_NUM_THREADS"] = "1"  # one core a process: N processes use N cores
     rows = [row for pixels in args.sizes for row in measure_size(args, work, model, env, pixels)]
-    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else "cpu"
+    device = torch.accelerator.current_accelerator() if args.on_gpu else "cpu"
     model = args.model or f"a random-weight FLUX (hidden {args.hidden})"
     print(f"\n{args.steps} steps, {model}, on {device}, best of {args.repeats} run(s) each\n")
     print("| size | processes | whole run (s) | speedup | pipeline call (s) | speedup | per step (s) | speedup | "
@@ -117,13 +123,15 @@ def measure_size(args, work, model, env, pixels_high):
     # a first run (at the first size), not timed: as on a user's machine after their first run, the bytecode
     if not args.no_warm_up and pixels_high == args.sizes[0]:
         warm_up = subprocess.run([sys.executable, SCRIPT, "--model", model, *size, "--num-inference-steps", "1",
-                                  "--output", work / "warm-up.png"], env=env, capture_output=True, text=True)
+                                  "--output", work / "warm-up.png", "--device", args.device], env=env,
+                                 capture_output=True, text=True)
         if warm_up.returncode != 0:  # is cached
             sys.exit(f"error: the warm-up run failed:\n{warm_up.stderr[-3000:]}")
     best = {}  # processes -> the best (least) of each time over the repeats, and the image
     for n in [n for _ in range(args.repeats) for n in args.processes]:  # 1, 2, 1, 2: in turn, not 1, 1, 2, 2
         out = work / f"{n}.png"
-        script = [SCRIPT, "--model", model, *size, "--num-inference-steps", str(args.steps), "--output", out]
+        script = [SCRIPT, "--model", model, *size, "--num-inference-steps", str(args.steps), "--output", out,
+                  "--device", args.device]
         # One process is a plain run, as the user starts the baseline; N are started by torchrun.
         torchrun = [Path(sys.executable).parent / "torchrun", "--nproc-per-node", str(n), "--standalone"]
         command = [sys.executable, *script] if n == 1 else [*torchrun, *script]

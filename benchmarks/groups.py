@@ -34,9 +34,11 @@ SCRIPT = ROOT / "data-parallelism-accelerate.py"
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    devices = torch.accelerator.device_count() if torch.accelerator.is_available() else 2
-    parser.add_argument("--processes", type=int, default=devices // 2 * 2 or 2,
-                        help="processes, a multiple of 2 (default: every GPU, or 2 on the CPU)")
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                        help="auto: the GPUs where torch can use them, else the CPU; cpu: the CPU on purpose, even "
+                             "beside GPUs (the script's --device) (default: %(default)s)")
+    parser.add_argument("--processes", type=int,
+                        help="processes, a multiple of 2 (default: every GPU, at least 2; 2 on the CPU)")
     parser.add_argument("--model", help="pipeline to run (default: a random-weight FLUX built on the spot)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts, an image each (default: %(default)s)")
     parser.add_argument("--size", type=int, default=512, help="image height and width (default: %(default)s)")
@@ -49,7 +51,12 @@ def parse_args():
     parser.add_argument("--hidden", type=int, default=768,
                         help="with no --model: the random transformer's hidden size, in heads of 64 (default: "
                              "%(default)s)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.on_gpu = args.device != "cpu" and torch.accelerator.is_available()
+    if args.on_gpu and not args.processes and torch.accelerator.device_count() < 2:
+        parser.error("a group of 2 needs 2 GPUs, and this machine has 1: run it on the CPU (--device cpu)")
+    args.processes = args.processes or (torch.accelerator.device_count() // 2 * 2 if args.on_gpu else 2)
+    return args
 
 
 def main():
@@ -62,10 +69,10 @@ def measure(args, work):
     model = args.model or str(build_pipeline(work / "bench-flux", hidden=args.hidden, heads=args.hidden // 64))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # measure what users get: Python caching the libraries' bytecode
-    if not torch.accelerator.is_available():
+    if not args.on_gpu:
         env["OMP_NUM_THREADS"] = "1"  # one core a process: N processes use N cores
     base = ["--model", model, "--height", str(args.size), "--width", str(args.size), "--num-inference-steps",
-            str(args.steps)]
+            str(args.steps), "--device", args.device]
     common = [*base, *[a for i in range(args.prompts) for a in ("--prompt", f"prompt number {i}")]]
     if not args.no_warm_up:  # as on a user's machine after their first run: the bytecode is cached
         warm_up = subprocess.run([sys.executable, SCRIPT, *base, "--num-inference-steps", "1", "--prompt", "warm-up",
@@ -80,7 +87,7 @@ def measure(args, work):
         figures = run(args, env, common + flags, work / f"run-{n}")
         best[name] = tuple(map(min, zip(best[name], figures))) if name in best else figures
         print(f"{name}: first image {figures[0]:.1f} s, all {figures[1]:.1f} s", file=sys.stderr, flush=True)
-    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else "cpu"
+    device = torch.accelerator.current_accelerator() if args.on_gpu else "cpu"
     print(f"\n{args.prompts} prompts, {args.size}x{args.size}, {args.steps} steps, "
           f"{args.model or f'a random-weight FLUX (hidden {args.hidden})'}, on {device}, best of {args.repeats} "
           "run(s) each\n")

@@ -28,8 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    devices = torch.accelerator.device_count() if torch.accelerator.is_available() else min(os.cpu_count(), 2)
-    parser.add_argument("--processes", type=int, nargs="+", default=sorted({1, devices}),
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                        help="auto: the GPUs where torch can use them, else the CPU; cpu: the CPU on purpose, even "
+                             "beside GPUs (the script's --device) (default: %(default)s)")
+    parser.add_argument("--processes", type=int, nargs="+",
                         help="process counts to run (default: 1 and every device, or 1 and 2 on the CPU)")
     parser.add_argument("--model", help="pipeline to run (default: a compute-bound tiny SD3 built on the spot)")
     parser.add_argument("--prompts", type=int, default=48, help="number of prompts (default: %(default)s)")
@@ -40,7 +42,11 @@ def parse_args():
                              "run before this one cached it already)")
     parser.add_argument("--launcher", choices=["torchrun", "accelerate"], default="accelerate",
                         help="how to start the processes (default: %(default)s)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.on_gpu = args.device != "cpu" and torch.accelerator.is_available()
+    devices = torch.accelerator.device_count() if args.on_gpu else min(os.cpu_count(), 2)
+    args.processes = args.processes or sorted({1, devices})
+    return args
 
 
 def launch(launcher, n, script_args):
@@ -66,12 +72,13 @@ def measure(args, work):
         model = str(build_sd3(work / "bench-sd3", num_layers=8, attention_head_dim=64))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # measure what users get: Python caching the libraries' bytecode
-    if not torch.accelerator.is_available():
+    if not args.on_gpu:
         env["OMP_NUM_THREADS"] = "1"  # one core a process: N processes use N cores
     if not args.no_warm_up:  # a first run, not timed: as on a user's machine after their first run, the bytecode
         warm_up = subprocess.run([sys.executable, ROOT / "data-parallelism-accelerate.py", "--model", model,
                                   "--output-dir", work / "warm-up", "--prompt", "warm-up", "--height", str(args.size),
-                                  "--width", str(args.size), "--num-inference-steps", "1"], env=env,
+                                  "--width", str(args.size), "--num-inference-steps", "1", "--device", args.device],
+                                 env=env,
                                  capture_output=True, text=True)
         if warm_up.returncode != 0:  # is cached
             sys.exit(f"error: the warm-up run failed:\n{warm_up.stderr[-3000:]}")
@@ -80,7 +87,8 @@ def measure(args, work):
     for n in args.processes:
         out = work / f"out-{n}"
         script = [ROOT / "data-parallelism-accelerate.py", "--model", model, "--output-dir", out,
-                  "--height", args.size, "--width", args.size, "--num-inference-steps", args.steps, *prompts]
+                  "--height", args.size, "--width", args.size, "--num-inference-steps", args.steps, "--device",
+                  args.device, *prompts]
         started = time.perf_counter()
         result = subprocess.run([str(a) for a in launch(args.launcher, n, script)], env=env, capture_output=True,
                                 text=True)
@@ -91,7 +99,7 @@ def measure(args, work):
         rows.append((n, wall, summary["generate_seconds"], summary["images"]))
         print(f"ran {n} process(es): {wall:.1f} s", file=sys.stderr)
 
-    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else "cpu"
+    device = torch.accelerator.current_accelerator() if args.on_gpu else "cpu"
     print(f"\n{args.prompts} prompts, {args.size}x{args.size}, {args.steps} steps, {model}, on {device}, "
           f"launched with {args.launcher}\n")
     print("| processes | wall time (s) | images/s | efficiency | generation time (s) | images/s | efficiency |")

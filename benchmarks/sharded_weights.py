@@ -128,7 +128,15 @@ def parse_args():
     parser.add_argument("--link", action="append", default=[], metavar="NAME=GB/s",
                         help="add a link to the projection, e.g. 'Xe Link=40' (GB/s each way, as measured or "
                              "published for your GPUs)")
-    return parser.parse_args()
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                        help="auto: the GPUs where torch can use them, else the CPU; cpu: the CPU on purpose, even "
+                             "beside GPUs (the script's --device) (default: %(default)s)")
+    args = parser.parse_args()
+    args.on_gpu = args.device != "cpu" and torch.accelerator.is_available()
+    if args.on_gpu and torch.accelerator.device_count() < args.processes:
+        parser.error(f"--processes {args.processes} needs as many GPUs, and this machine has "
+                     f"{torch.accelerator.device_count()}: run it on the CPU (--device cpu)")
+    return args
 
 
 def main():
@@ -147,11 +155,11 @@ def measure(args, work):
     model = args.model or str(build_pipeline(work / "bench-flux", hidden=args.hidden, heads=args.hidden // 64))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # measure what users get: Python caching the libraries' bytecode
-    if not torch.accelerator.is_available():
+    if not args.on_gpu:
         env["OMP_NUM_THREADS"] = "1"  # one core a process: N processes use N cores
     (work / "probe").mkdir()
     (work / "probe" / "sitecustomize.py").write_text(PROBE, encoding="utf-8")
-    size = ["--height", str(args.size), "--width", str(args.size)]
+    size = ["--height", str(args.size), "--width", str(args.size), "--device", args.device]
     if not args.no_warm_up:  # as on a user's machine after their first run: the bytecode is cached
         warm_up = subprocess.run([sys.executable, SCRIPT, "--model", model, *size, "--num-inference-steps", "1",
                                   "--output", work / "warm-up.png"], env=env, capture_output=True, text=True)
@@ -212,7 +220,7 @@ def load_average():
 
 
 def print_table(args, rows):
-    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else "cpu"
+    device = torch.accelerator.current_accelerator() if args.on_gpu else "cpu"
     model = args.model or f"a random-weight FLUX (hidden {args.hidden})"
     base = rows[0]
     print(f"\n{args.size}x{args.size}, {args.steps} steps, {model}, on {device}, best of {args.repeats} run(s) "

@@ -190,6 +190,23 @@ def test_a_second_run_makes_only_the_missing_images_and_batches_make_the_images_
     assert (summary["images"], summary["already_there"]) == (3, 2)  # made in this run, and those it found made
 
 
+def test_a_folder_made_before_it_was_a_dataset_is_resumed_from_its_manifest(tiny_sd3, one_process, tmp_path):
+    """A folder an earlier version made: its records in manifest.jsonl, each image's file in "file". They become
+    metadata.jsonl's lines, "file_name" and all, and are checked as the script's own: another --seed is refused
+    (not mixed in), and the same command makes nothing and keeps each record as it was, not a rebuilt one."""
+    out = shutil.copytree(one_process, tmp_path / "out")
+    records = read_manifest(out)
+    (out / "metadata.jsonl").unlink()
+    (out / "manifest.jsonl").write_text("".join(json.dumps({"file" if key == "file_name" else key: value for key, value
+                                                            in r.items()}) + "\n" for r in records), encoding="utf-8")
+    refused = run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, *prompt_args(PROMPTS), *FAST,
+                       "--seed", "5")
+    assert_clear_error(refused, "was made with another seed", "--overwrite")
+    again = run_main(DATA_PARALLEL, "--model", tiny_sd3, "--output-dir", out, *prompt_args(PROMPTS), *FAST, check=True)
+    assert f"{len(PROMPTS)} of {len(PROMPTS)} images are already in" in again.stdout
+    assert read_manifest(out) == records and not (out / "manifest.jsonl").exists()
+
+
 # --- bad input: one line saying what to do, a non-zero exit, no traceback ---
 
 

@@ -11,7 +11,7 @@ starts one process where it finds fewer than 2 GPUs). Interactive commands (`acc
 are run with --help, and so are the maintainers' tools in dev/, which run the whole suite themselves; a pytest
 command with a selection is collected (--collect-only: it must select a test), and the plain `uv run pytest` is CI's
 command (test_the_readme_test_command_is_what_ci_runs), not run inside the suite it is. The benchmarks run small (a
-tiny model, a few prompts or steps at 64 px) and without their warm-up run, which only makes the first time fair:
+tiny model, a few prompts or steps at 64 px, on the CPU) and without their warm-up run, which only makes the first time fair:
 the test checks that they run, not their times. The two machines of the several-machines example are run together,
 on loopback. A command that appears in several pages is run once. A few commands are run by the tests of their
 script, which assert more about the run (RUN_ELSEWHERE), two commands that become the same run here are run once
@@ -186,6 +186,8 @@ def as_test(argv, tiny, tmp_path, port):
         args += ["--hidden", "128", "--size", "64", "--steps", "2", "--prompts", "2", "--repeats", "1", "--no-warm-up"]
     elif program == "benchmarks/cfg_parallel.py":  # a small random SD3: 1 block, hidden size 32
         args += ["--hidden", "32", "--layers", "1", "--size", "64", "--steps", "2", "--repeats", "1", "--no-warm-up"]
+    if program.startswith("benchmarks/"):  # on the CPU, as the scripts' commands are, whatever GPUs are here
+        args += ["--device", "cpu"]
     script = next((a for a in [program, *args] if a in SCRIPTS), None)
     if "--max-memory" in args:  # budgets for GPUs: planned, alike on a machine without GPUs and on one with 1 or 8
         args += ["--plan", "--num-devices", "2", "--device-memory", "24GiB"]

@@ -12,7 +12,8 @@ names would miss what a real GPU machine shows, so `simulate` answers at every o
 - the current device, and setting it (torch.cuda.set_device, torch.accelerator.set_device_index);
 - each GPU's properties: a name, 24 GiB, FP64 or not (Intel's Arc A-series has none), and a UUID that follows
   the physical GPU through any mask (two processes shown the same GPU see the same UUID);
-- free memory, and bfloat16 (the GPUs of today have it).
+- free memory, and bfloat16 (the GPUs of today have it);
+- their process-group backend (nccl, xccl) available, as in a torch built for them.
 
 They cannot compute: moving a tensor to one fails as on a machine whose driver is gone. The tests that need a GPU
 that computes are marked `gpu`. Used in subprocesses by tests/simulate/sitecustomize.py (FAKE_GPUS=N, and
@@ -74,6 +75,8 @@ def simulate(physical, kind="cuda", fp64=True, patch=setattr, environ=os.environ
 
     accelerator = torch.device(kind)
     module = getattr(torch, kind)
+    backend = {"cuda": "nccl", "xpu": "xccl"}[kind]
+    available = torch.distributed.is_backend_available
     for owner, name, value in [
         # torch's C++ side: the accelerator at run time (torch.distributed's barrier, diffusers' mesh) and at
         # compile time (torch.accelerator.current_accelerator), the current device and the device count.
@@ -94,6 +97,9 @@ def simulate(physical, kind="cuda", fp64=True, patch=setattr, environ=os.environ
         (module, "get_device_name", lambda device=None: properties(device).name),
         (module, "is_bf16_supported", lambda including_emulation=True: True),
         (module, "mem_get_info", lambda device=None: (20 * GiB, 24 * GiB)),
+        # The GPUs' process-group backend, as a torch built for them has it (PyPI's has no xccl, torch's XPU build
+        # no nccl): what the launch check asks before any group forms. A group with it cannot form here.
+        (torch.distributed, "is_backend_available", lambda name: name == backend or available(name)),
     ]:
         # A function of its own for each name: torch.compile's rules refuse one function under two torch names.
         patch(owner, name, (lambda answer: lambda *args, **kwargs: answer(*args, **kwargs))(value))
