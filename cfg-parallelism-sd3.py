@@ -63,9 +63,6 @@ LAUNCHER_FLAGS = ("--num-processes", "--num_processes", "--multi-gpu", "--multi_
                   "--mixed-precision", "--mixed_precision", "--config-file", "--config_file")
 GiB = 2**30
 RESERVE_AT_1024 = 3 * GiB  # activations at 1024x1024, scaled with the pixels: every process decodes the whole image
-# The transformer's inputs that the pipeline doubles for guidance (torch.cat([latents] * 2), and the prompt's
-# embeddings as torch.cat([negative, prompt])): each process keeps its half of these; the other inputs stay whole.
-GUIDANCE_BATCHED = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
 
 # diffusers imports transformers' image processors (for IP-Adapters, which this sample never uses), and without
 # torchvision transformers warns about them in every process. Silence that warning alone; the others still show.
@@ -692,8 +689,9 @@ def wait_for_everyone(device):
 class StepClock:
     """The pipeline call's time and the end of each of its steps (its callback_on_step_end, which also tells the
     watchdog); started, it resets the GPU's peak memory. On a GPU the host queues work ahead of the device: each
-    step's end is read once the device has done that step's work (a synchronize, a few microseconds a step), so
-    that "s per step" is the GPU's time, not the time to queue it."""
+    step's end is read once the device has done that step's work (a synchronize: the device then waits, once a
+    step, while the host queues the next step's first kernels), so that "s per step" is the GPU's time, not the
+    time to queue it."""
 
     def __init__(self, device, watchdog):
         if device.type != "cpu":
@@ -794,6 +792,9 @@ def split_the_guidance_batch(transformer, group):
     the transformer with return_dict=False: its output is a tuple, the prediction first.)"""
     rank = torch.distributed.get_rank(group)  # in the group: 0 or 1, whatever this process's rank in the job
     split = [False]  # whether the call now running was split: the pre-hook says, the forward hook reads
+    # The transformer's inputs that the pipeline doubles for guidance (torch.cat([latents] * 2), and the prompt's
+    # embeddings as torch.cat([negative, prompt])): each process keeps its half of these; the others stay whole.
+    doubled = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
 
     def take_my_half(module, args, kwargs):
         split[0] = is_the_guidance_batch(kwargs)
@@ -801,7 +802,7 @@ def split_the_guidance_batch(transformer, group):
             return None  # nothing changed: this call runs whole
         # The pipeline built the batch as [negative, prompt]: the group's rank 0 keeps the first half, the negative
         # (unconditional) one; its rank 1 the second, the prompt's.
-        return args, {name: value.chunk(2)[rank] if name in GUIDANCE_BATCHED else value
+        return args, {name: value.chunk(2)[rank] if name in doubled else value
                       for name, value in kwargs.items()}
 
     def gather_both_halves(module, args, kwargs, output):

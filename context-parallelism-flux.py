@@ -1142,8 +1142,9 @@ def wait_for_everyone(device):
 class StepClock:
     """The pipeline call's time and the end of each of its steps (its callback_on_step_end, which also tells the
     watchdog); started, it resets the GPU's peak memory. On a GPU the host queues work ahead of the device: each
-    step's end is read once the device has done that step's work (a synchronize, a few microseconds a step), so
-    that "s per step" is the GPU's time, not the time to queue it."""
+    step's end is read once the device has done that step's work (a synchronize: the device then waits, once a
+    step, while the host queues the next step's first kernels), so that "s per step" is the GPU's time, not the
+    time to queue it."""
 
     def __init__(self, device, watchdog):
         if device.type != "cpu":

@@ -17,7 +17,7 @@ Many images, each one sooner: with --context-parallel N (FLUX.1, QwenImage...) o
 processes work in groups of N (of 2), laid out on a device mesh whose "data" dimension is the groups: each group
 takes its share of the prompts, and its processes make each image together, splitting its tokens (context
 parallelism) or its guidance batch (CFG parallelism). 8 GPUs in 4 groups of 2 make 4 images at a time, each
-about twice as fast as one GPU would:
+sooner than one GPU makes it (how much sooner, and what it costs: docs/data-parallelism.md):
 
     uv run torchrun --nproc-per-node 8 data-parallelism-accelerate.py --context-parallel 2 \
         --model black-forest-labs/FLUX.1-dev
@@ -89,9 +89,6 @@ MANIFEST = "metadata.jsonl"  # a line per image: what datasets' "imagefolder" re
 # Groups (--context-parallel, --cfg-parallel): pipelines whose text encoder keeps only the prompt's real tokens
 # (QwenImage wraps it in a template of its own); the others pad it to the call's max_sequence_length (FLUX.1: 512).
 TEMPLATED_PIPELINES = ("QwenImagePipeline",)
-# The transformer's inputs that the pipeline doubles for guidance (torch.cat([latents] * 2), and the prompt's
-# embeddings as torch.cat([negative, prompt])): each process keeps its half of these; the other inputs stay whole.
-GUIDANCE_BATCHED = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
 
 # diffusers imports transformers' image processors (for IP-Adapters, which this sample never uses), and without
 # torchvision transformers warns about them in every process; diffusers 0.42's context parallel hooks
@@ -126,8 +123,9 @@ def main():
     # With --context-parallel N or --cfg-parallel, the processes are laid out on a device mesh: its "data"
     # dimension is the groups (ranks 0..N-1 are group 0, N..2N-1 group 1, ...), its other dimensions the processes
     # of a group: ("data", "ring", "ulysses") as diffusers names context parallelism's, or ("data", "cfg").
-    mesh = init_device_mesh(device.type, tuple(layout["mesh_shape"]), mesh_dim_names=tuple(layout["mesh_dims"])) if (
-        layout["group_size"] > 1) else None
+    mesh = None
+    if layout["group_size"] > 1:
+        mesh = init_device_mesh(device.type, tuple(layout["mesh_shape"]), mesh_dim_names=tuple(layout["mesh_dims"]))
     group = group_of_this_process(distributed_state, mesh)
 
     # 2. The main process finds what is left to make (images already on disk are kept) and tells the others, so
@@ -211,7 +209,8 @@ def parse_args():
     parser.add_argument("--stall-timeout", type=int, default=600, metavar="SECONDS",
                         help="a process that is done stops waiting for the others when no image has been saved for "
                              "this long and 10 times the slowest image: the job ends, naming the processes that "
-                             "stopped (default: %(default)s)")
+                             "stopped; in a group, when no denoising step has finished for this long and 10 times "
+                             "the slowest step (default: %(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
                         help="auto: each process on a GPU of its own where torch can use the GPUs, else the CPU; "
                              "cpu: on the CPU on purpose, even on a machine with GPUs (default: %(default)s)")
@@ -768,11 +767,13 @@ def split_each_image_within_the_group(args, layout, mesh, device, pipeline):
     (the mesh's "ring" x "ulysses" sub-mesh), and in doing so makes new process groups, a collective of every
     process: a process whose group has nothing to make (a resume with fewer images left than groups) makes it on
     the transformer built without weights (the meta device), and loads nothing."""
+    # Every process has loaded: from here on the group's collectives, whose timeout is torch's default (30 minutes:
+    # the mesh's groups, diffusers'), wait for steps, not for a process still loading.
+    wait_for_everyone(device)
     if layout["parallel"] == "cfg":
         if pipeline is not None:
             split_the_guidance_batch(pipeline.transformer, mesh.get_group("cfg"))
         return
-    wait_for_everyone(device)  # all have loaded: a new process group waits for every process (30 minutes at most)
     enable_context_parallelism(pipeline or SimpleNamespace(transformer=weightless_transformer(args.model)), layout,
                                mesh["ring", "ulysses"])
 
@@ -837,7 +838,12 @@ def make_images(args, pipeline, options, record, my_share, names, group):
     as it is made: by this process, or in a group by the group's first process (the others made it too). Returns
     how many images this process made, and the seconds it took."""
     made, started = 0, time.perf_counter()
-    watch = GroupWatch(group) if len(group.ranks) > 1 and hasattr(os, "pidfd_open") else None
+    in_a_group = len(group.ranks) > 1
+    watch = watch_the_group(group) if in_a_group else None  # a process of the group killed: one line
+    # A process of the group that stops without ending (a GPU or driver that no longer answers) would keep the others
+    # waiting in the group's next collective for its timeout, with a traceback: end the job after --stall-timeout.
+    stall = StallWatchdog(args.stall_timeout, group.rank == group.ranks[0], options["num_inference_steps"] * len(
+        my_share)) if in_a_group else None
     for start in range(0, len(my_share), args.batch_size):
         batch = my_share[start:start + args.batch_size]
         # The picture of prompt i depends only on SEED + i: a CPU generator per prompt makes the same starting
@@ -846,7 +852,8 @@ def make_images(args, pipeline, options, record, my_share, names, group):
         t0 = time.perf_counter()
         try:
             images = pipeline(prompt=[p for _, p in batch], generator=generators, height=args.height,
-                              width=args.width, **options).images
+                              width=args.width, callback_on_step_end=stall and (lambda *step: stall.beat() or {}),
+                              **options).images
         except RuntimeError:  # a collective of the group failed: gloo's, when a process of the group has ended
             if watch is None or not watch.has_seen_the_end():
                 raise
@@ -857,9 +864,19 @@ def make_images(args, pipeline, options, record, my_share, names, group):
                 save(args.output_dir, names[i], image,
                      {"index": i, "prompt": prompt, "seed": args.seed + i, "seconds": seconds, **record})
             made += 1  # saved whole, with its manifest line
-    if watch is not None:
-        watch.close()
+    for watcher in (watch, stall):
+        if watcher is not None:
+            watcher.close()
     return made, time.perf_counter() - started
+
+
+def watch_the_group(group):
+    """A GroupWatch of this process's group, where Linux lets a process watch others (pidfd: kernel 5.3 and newer, a
+    container whose seccomp profile allows it); elsewhere None, and the launcher's report names a process killed."""
+    try:
+        return GroupWatch(group)
+    except (AttributeError, OSError):
+        return None
 
 
 class GroupWatch:
@@ -873,8 +890,15 @@ class GroupWatch:
 
     def __init__(self, group):
         self.rank, self.ranks = group.rank, group.ranks
-        self.others = {os.pidfd_open(pid): (rank, pid) for rank, pid in zip(group.ranks, group.pids)
-                       if rank != group.rank}
+        self.others = {}
+        try:
+            for rank, pid in zip(group.ranks, group.pids):
+                if rank != group.rank:
+                    self.others[os.pidfd_open(pid)] = (rank, pid)
+        except OSError:
+            for fd in self.others:
+                os.close(fd)
+            raise
         # A byte for each signal this process gets, written as it arrives (whatever its main thread is doing).
         self.signals, self.signalled = os.pipe()
         os.set_blocking(self.signalled, False)
@@ -884,18 +908,21 @@ class GroupWatch:
         self.thread.start()
 
     def watch(self):
-        ready = select.select([self.done, self.signals, *self.others], [], [])[0]
+        poll = select.poll()  # any file number (select.select takes none above 1023)
+        for fd in [self.done, self.signals, *self.others]:
+            poll.register(fd, select.POLLIN)
+        ready = {fd for fd, _ in poll.poll()}
         if self.done in ready or self.signals in ready:  # done, or the job is ending anyway
             return
         ended = {self.others[fd][0]: killed_by(self.others[fd][1]) for fd in ready}
         left = [rank for rank in self.ranks if rank not in ended]
-        killed = {rank: by for rank, by in ended.items() if by}
-        if killed and self.rank == min(left):
-            signals = ", ".join(signal.Signals(by).name for by in killed.values())
-            print(f"\nerror: {' and '.join(f'rank {rank}' for rank in killed)} of the group of ranks "
-                  f"{', '.join(map(str, self.ranks))} was killed ({signals}) "
-                  "while the group was making an image: ending the job; the images saved are whole: run the same "
-                  "command again to make the rest", file=sys.stderr, flush=True)
+        unsaid = {rank: by for rank, by in ended.items() if by != 0}  # killed, or reaped before it could be read
+        if unsaid and self.rank == min(left):
+            how = (f"was killed ({', '.join(signal.Signals(by).name for by in unsaid.values())})"
+                   if all(unsaid.values()) else "ended (the launcher's report says how)")
+            print(f"\nerror: {' and '.join(f'rank {rank}' for rank in unsaid)} of the group of ranks "
+                  f"{', '.join(map(str, self.ranks))} {how} while the group was making an image: ending the job; the "
+                  "images saved are whole: run the same command again to make the rest", file=sys.stderr, flush=True)
         os._exit(1)  # the main thread may be waiting in a collective that never ends
 
     def has_seen_the_end(self):
@@ -914,12 +941,12 @@ class GroupWatch:
 
 
 def killed_by(pid):
-    """The signal that ended process `pid` (0: it exited by itself, or its launcher has reaped it already), from
-    its exit code in /proc/<pid>/stat, there until the launcher reaps it."""
+    """The signal that ended process `pid`, from its exit code in /proc/<pid>/stat: 0 where it exited by itself,
+    None where its launcher reaped it before it could be read (the file is there until then)."""
     try:
         status = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[49])
     except (OSError, IndexError, ValueError):
-        return 0
+        return None
     return status & 0x7F
 
 
@@ -1387,6 +1414,40 @@ def size(b):
     return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.1f} MiB"
 
 
+# Copied from context-parallelism-flux.py::StallWatchdog
+class StallWatchdog:
+    """Ends this process when no denoising step has finished for --stall-timeout seconds (and 10 times the slowest
+    step so far). The processes make one image together and meet in a collective at every step: one that stops (a
+    GPU or driver that no longer answers, a file system that hangs) would keep the others waiting in the next
+    collective for the group's timeout, a week. A thread of each process watches its own steps; the main process
+    says it in one line and exits, the others exit a moment later without a word, and the launcher stops what is
+    left. `os._exit`: the main thread is stuck in a collective, and cannot run Python's exit."""
+
+    def __init__(self, seconds, main_process, steps):
+        self.seconds, self.main_process, self.steps = seconds, main_process, steps
+        self.made, self.slowest, self.last = 0, 0.0, time.monotonic()
+        self.stop = threading.Event()
+        threading.Thread(target=self.watch, name="stall-watchdog", daemon=True).start()
+
+    def beat(self):
+        """A step has finished (the pipeline's callback_on_step_end)."""
+        now = time.monotonic()
+        self.made, self.slowest, self.last = self.made + 1, max(self.slowest, now - self.last), now
+
+    def watch(self):
+        while not self.stop.wait(min(1.0, self.seconds / 10)):
+            waited, limit = time.monotonic() - self.last, max(self.seconds, 10 * self.slowest)
+            if waited > limit + (0 if self.main_process else 5):  # the main process's line first
+                if self.main_process:
+                    print(f"\nerror: no denoising step for {waited:.0f} s ({self.made} of {self.steps} made, the "
+                          f"slowest in {self.slowest:.1f} s): a process of the group has stopped; ending the job "
+                          "(--stall-timeout SECONDS waits longer)", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    def close(self):
+        self.stop.set()
+
+
 # Copied from context-parallelism-flux.py::wait_for_everyone
 def wait_for_everyone(device):
     """Wait until every process of the group is here (a barrier), on this process's own device. Accelerate's
@@ -1460,6 +1521,9 @@ def split_the_guidance_batch(transformer, group):
     the transformer with return_dict=False: its output is a tuple, the prediction first.)"""
     rank = torch.distributed.get_rank(group)  # in the group: 0 or 1, whatever this process's rank in the job
     split = [False]  # whether the call now running was split: the pre-hook says, the forward hook reads
+    # The transformer's inputs that the pipeline doubles for guidance (torch.cat([latents] * 2), and the prompt's
+    # embeddings as torch.cat([negative, prompt])): each process keeps its half of these; the others stay whole.
+    doubled = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
 
     def take_my_half(module, args, kwargs):
         split[0] = is_the_guidance_batch(kwargs)
@@ -1467,7 +1531,7 @@ def split_the_guidance_batch(transformer, group):
             return None  # nothing changed: this call runs whole
         # The pipeline built the batch as [negative, prompt]: the group's rank 0 keeps the first half, the negative
         # (unconditional) one; its rank 1 the second, the prompt's.
-        return args, {name: value.chunk(2)[rank] if name in GUIDANCE_BATCHED else value
+        return args, {name: value.chunk(2)[rank] if name in doubled else value
                       for name, value in kwargs.items()}
 
     def gather_both_halves(module, args, kwargs, output):

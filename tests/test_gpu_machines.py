@@ -17,6 +17,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 import torch
+from accelerate import PartialState
 from torch.distributed.constants import default_pg_nccl_timeout, default_pg_timeout
 
 from tests.conftest import (BIN, DATA_PARALLEL, ROOT, SIMULATE, accelerator, assert_clear_error, free_port,
@@ -426,18 +427,36 @@ def test_the_gpu_a_process_got_is_told_apart_by_its_uuid_through_any_mask(rank0,
 
 def test_the_barrier_names_the_device_this_process_uses_and_none_on_the_cpu(monkeypatch):
     """Accelerate's wait_for_everyone passes the local rank as the barrier's device (cuda:1 for local rank 1): not
-    the device of a process whose mask shows it one GPU, as device 0, and a GPU even for CPU processes, wherever
-    torch can use one (torch's barrier takes torch._C._get_accelerator()'s type). The scripts' own barrier names
-    this process's device: here local rank 1 with a mask of its own, on 2 simulated GPUs; and the CPU."""
+    the device of a process whose mask shows it one GPU, as device 0, and a GPU even for CPU processes wherever torch
+    can use one (torch's barrier takes torch._C._get_accelerator()'s type). Observed in this process as local rank 1
+    of 2, with a mask of its own, on 2 simulated GPUs: the group form_the_group forms (the launcher's store and
+    init_process_group stood in for, Accelerate's PartialState as it is), the device Accelerate picks for it, and the
+    barrier the scripts' own wait_for_everyone makes on it; then on the CPU."""
     script = load_script(ROOT / "context-parallelism-flux.py")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    for name, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                            CUDA_VISIBLE_DEVICES="1").items():
+        monkeypatch.setenv(name, value)
     simulated_gpus(monkeypatch, 2, "cuda")
-    asked = []
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    store = torch.distributed.HashStore()  # what rank 0, on the other GPU, wrote there
+    store.set("gpu-of-rank-0", json.dumps({"gpu": "GPU-5eed0000-0000-4000-8000-000000000000", "device": "cuda:0",
+                                           "host": socket.gethostname(), "mask": "CUDA_VISIBLE_DEVICES=0"}))
+    formed, asked = [], []
+    monkeypatch.setattr(torch.distributed, "rendezvous", lambda url, **kwargs: iter([(store, 1, 2)]))
+
+    def init_process_group(backend, **kwargs):
+        formed.append(backend)
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
     monkeypatch.setattr(torch.distributed, "barrier", lambda **kwargs: asked.append(kwargs.get("device_ids")))
-    device = torch.device("cuda", 1 % torch.accelerator.device_count())  # Accelerate's pick: local rank % devices
-    script.wait_for_everyone(device)
+    try:
+        state, device = script.form_the_group(argparse.Namespace(device="auto"))
+        script.wait_for_everyone(device)
+        assert (formed, state.num_processes, device) == (["cpu:gloo,cuda:nccl"], 2, torch.device("cuda", 0))
+    finally:
+        PartialState._reset_state()
     script.wait_for_everyone(torch.device("cpu"))
     assert asked == [[0], None]
 

@@ -24,8 +24,8 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-from tests.conftest import (DATA_PARALLEL, IMAGES, ROOT, accelerator, assert_clear_error, load_script, pixels,
-                            probe_env, read_manifest, run, run_main, torchrun)
+from tests.conftest import (DATA_PARALLEL, IMAGES, ROOT, SIMULATE, accelerator, assert_clear_error, load_script,
+                            pixels, probe_env, read_manifest, run, run_main, torchrun)
 from tests.test_long_runs import assert_one_bar_for_the_job
 from tests.test_readme import GROUPS_CFG, GROUPS_CONTEXT, run_readme_command
 
@@ -227,6 +227,21 @@ def test_context_parallel_groups_make_the_images_diffusers_makes(context, tiny_f
     """Every image, those of the run that was killed and the one made after it: FluxPipeline's own, called
     directly (one process, no parallelism)."""
     assert_like_diffusers(context.out, FluxPipeline, tiny_flux, 3.5, range(len(PROMPTS)))
+
+
+def test_a_process_of_a_group_that_stops_mid_image_ends_the_job_in_one_line(tiny_flux, tmp_path):
+    """STALL_RANK (tests/simulate/sitecustomize.py): rank 1 sleeps an hour in its second denoising step (of 3), and
+    rank 0, the other process of its group, waits for it in the third step's all-to-all. The group's collectives
+    would wait their timeout (30 minutes), and end in a traceback: --stall-timeout ends the job in one line."""
+    result = run(torchrun(2, DATA_PARALLEL, "--context-parallel", "2", "--model", tiny_flux, "--prompt", "a red fox",
+                          *FAST, "--num-inference-steps", "3", "--output-dir", tmp_path / "out", "--stall-timeout", "3"),
+                 check=False, timeout=120, env={"PYTHONPATH": str(SIMULATE), "STALL_RANK": "1"})
+    assert result.returncode != 0
+    said = errors(result.stderr)
+    assert len(said) == 1 and said[0].startswith("error: no denoising step for "), result.stderr
+    assert "(2 of 3 made" in said[0] and "a process of the group has stopped" in said[0] and "--stall-timeout" in said[0]
+    assert f'File "{DATA_PARALLEL}"' not in result.stderr  # no traceback from the script (torchrun's own may follow)
+    assert not list((tmp_path / "out").glob(IMAGES))
 
 
 # --- CFG parallel groups ---
