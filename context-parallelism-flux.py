@@ -62,7 +62,7 @@ from accelerate.utils.memory import clear_device_cache
 from diffusers import AutoencoderKL, ContextParallelConfig, DiffusionPipeline
 from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -115,9 +115,11 @@ def main():
     #    which encode the prompt and are freed, then the transformer and the VAE). With --shard-weights no process
     #    holds the transformer or the largest text encoder whole: FSDP2 shards them over a 1-D mesh of all N
     #    processes (each holds 1/N of every block's weights, and gathers a block's weights just before it runs),
-    #    and the main process alone reads their weights from the disk and sends each process its shard.
-    shard_mesh = init_device_mesh(device.type, (distributed_state.num_processes,), mesh_dim_names=("shard",)) if (
-        args.shard_weights) else None
+    #    and the main process alone reads their weights from the disk and sends each process its shard. The mesh
+    #    has a process group of its own (every process makes it): on the whole group, the one the attention's
+    #    all-to-alls use, each gather would queue with them on one communicator (NCCL, XCCL).
+    shard_mesh = DeviceMesh.from_group(torch.distributed.new_group(timeout=timedelta(days=7)), device.type,
+                                       mesh_dim_names=("shard",)) if args.shard_weights else None
     inputs = encode_and_free_text_encoders(args, plan, device, shard_mesh) if args.staged else dict(
         prompt=args.prompt)
     pipeline = load_pipeline(args, plan, device, shard_mesh, without=TEXT_ENCODERS if args.staged else ())
@@ -720,9 +722,10 @@ def shard_weights(component, mesh):
     """FSDP2 on a component: each block (shard_units) a group of its own, then the rest with the component itself;
     every weight cut along its first dimension between the processes of the 1-D `mesh` (a 2-D mesh would make FSDP
     replicate along one dimension: HSDP). reshard_after_forward=True: a block's gathered weights are freed as soon
-    as it has run (the component itself too, whose forward is the pipeline's call). Each block asks for the next
-    block of its list to be gathered as soon as its own weights are in (set_modules_to_forward_prefetch), so that
-    the next gather overlaps this block's compute where the device can (a GPU's communication stream)."""
+    as it has run (the component itself too, whose forward is the pipeline's call). Each block names the next block
+    of its list for FSDP to prefetch (set_modules_to_forward_prefetch): in torch's words, the same overlap as FSDP's
+    default, the gather issued earlier from the CPU. What overlaps a gather with the compute is FSDP's all-gather
+    stream, on a GPU; on the CPU, gloo's gathers block the process, and nothing overlaps."""
     units = shard_units(component)
     for unit in reversed(units):  # bottom-up: a group takes the weights no group below it took
         fully_shard(unit, mesh=mesh, reshard_after_forward=True)

@@ -35,11 +35,28 @@ GiB = 2**30
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2")
 # Inside every process of a run (tests/conftest.py: probe_env): each weights file it opens (safetensors' safe_open,
 # which diffusers' and transformers' loaders both call), and what it holds of each component, between denoising
-# steps (the flow-matching scheduler's step, of the pipeline that runs the loop) and once the prompt is encoded.
+# steps (the flow-matching scheduler's step, of the pipeline that runs the loop) and once the prompt is encoded; and
+# the process groups of the collectives made so far: FSDP's all-gathers (torch.distributed's all_gather_single) and
+# Ulysses' all-to-alls (the functional all_to_all_single diffusers calls), each group by name and size.
 PROBE = textwrap.dedent("""
     import json, os
     if os.environ.get("SHARD_PROBE") and "RANK" in os.environ:
         import safetensors
+        import torch.distributed as dist
+        import torch.distributed._functional_collectives as funcol
+
+        groups = {"gathers": {}, "all_to_alls": {}}
+
+        def watched(kind, collective, position):
+            def call(*args, **kwargs):
+                group = kwargs.get("group", args[position] if len(args) > position else None) or dist.group.WORLD
+                groups[kind][getattr(group, "group_name", str(group))] = (
+                    dist.get_world_size(group) if isinstance(group, dist.ProcessGroup) else None)
+                return collective(*args, **kwargs)
+            return call
+
+        dist.all_gather_single = watched("gathers", dist.all_gather_single, 2)
+        funcol.all_to_all_single = watched("all_to_alls", funcol.all_to_all_single, 3)
 
         def record(**what):
             with open(os.path.join(os.environ["SHARD_PROBE"], "rank%s.jsonl" % os.environ["RANK"]), "a") as log:
@@ -79,7 +96,7 @@ PROBE = textwrap.dedent("""
 
         def stepped(self, *args, **kwargs):
             result = step(self, *args, **kwargs)
-            record(step=held(looping[-1]))
+            record(step=held(looping[-1]), groups=dict(groups, world=dist.group.WORLD.group_name))
             return result
 
         diffusers.FlowMatchEulerDiscreteScheduler.step = stepped
@@ -100,12 +117,13 @@ def probed(tmp_path_factory):
 
 
 def seen(folder):
-    """{rank: {"read": [files], "steps": [what it held], "encoded": [what it held]}}, from the probe's lines."""
+    """{rank: {"read": [files], "step": [what it held], "encoded": [what it held], "groups": [the collectives'
+    process groups, at each step]}}, from the probe's lines."""
     found = {}
     for path in sorted(folder.glob("rank*.jsonl")):
         lines = [json.loads(line) for line in path.read_text().splitlines()]
         found[int(path.stem.removeprefix("rank"))] = {kind: [line[kind] for line in lines if kind in line]
-                                                      for kind in ("read", "step", "encoded")}
+                                                      for kind in ("read", "step", "encoded", "groups")}
     return found
 
 
@@ -181,6 +199,20 @@ def test_between_steps_each_process_holds_half_of_the_transformer_and_of_the_lar
     # Together the processes hold every parameter (no shard left out): the two shards add up to the whole.
     held = [probe["step"][-1]["transformer"] for probe in flux_sharded.seen.values()]
     assert sum(h["local"] for h in held) >= held[0]["full"]
+
+
+@SHARED_RUNS
+def test_the_gathers_go_through_a_process_group_of_their_own_not_the_all_to_alls_one(flux_sharded):
+    """FSDP's all-gathers and Ulysses' all-to-alls, watched as each process makes them: each kind through one
+    process group of both processes, and not the same one, nor is the gathers' the default group. On NCCL and XCCL
+    a process group is one communicator, whose collectives run in the order they were issued: a block's gather
+    prefetched ahead of the all-to-alls would hold them up."""
+    for rank, probe in flux_sharded.seen.items():
+        groups = probe["groups"][-1]
+        assert len(groups["gathers"]) == 1 and len(groups["all_to_alls"]) == 1, (rank, groups)
+        [(gathers, gathering)], [(all_to_alls, swapping)] = groups["gathers"].items(), groups["all_to_alls"].items()
+        assert gathering == swapping == 2, (rank, groups)
+        assert gathers not in (all_to_alls, groups["world"]), (rank, groups)
 
 
 @SHARED_RUNS
