@@ -429,6 +429,9 @@ def plan_shards(args, index, dtype, components, processes):
     itemsize = torch.tensor([], dtype=dtype).element_size()
     for name in names:
         module = empty_component(args.model, index, name)
+        # Under float16 transformers keeps the layers a model names in `_keep_in_fp32_modules` in float32 (T5's `wo`),
+        # as weigh_components counts them: each weight at the dtype it is loaded in, and shared in.
+        keep = set(getattr(type(module), "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else set()
         units = shard_units(module)
         if not units:
             problems.append(f"--shard-weights: {name} ({type(module).__name__}) names no blocks for FSDP to gather one "
@@ -439,7 +442,7 @@ def plan_shards(args, index, dtype, components, processes):
         own, per_unit, share, total = 0, Counter(), 0, 0
         for parameter_name, parameter in module.named_parameters():
             owner = max((u for u in unit_names if parameter_name.startswith(u + ".")), key=len, default=None)
-            bytes_ = parameter.numel() * itemsize
+            bytes_ = parameter.numel() * (4 if set(parameter_name.split(".")) & keep else itemsize)
             total += bytes_
             rows = parameter.shape[0] if parameter.dim() else 1
             share += -(-rows // processes) * (bytes_ // rows)  # the first processes' shard, the largest
@@ -485,6 +488,8 @@ def fit(plan, device_memory, ram=None, processes_here=1):
     """Whether each GPU (or, on the CPU, the RAM of this machine's processes) can hold what the run needs, and the
     one line that says what to do where it cannot."""
     mode = ("sharded_" if plan["shard_weights"] else "") + ("staged" if plan["staged"] else "whole")
+    if mode.replace("sharded_whole", "sharded") not in plan["needs"]:  # --shard-weights, and nothing can be sharded:
+        return False, None  # plan["problems"] says why, in one line
     need = plan["needs"][mode.replace("sharded_whole", "sharded")]
     if plan["device"] == "cpu":  # every process holds a copy in RAM (or its shards, and process 0 reads each whole)
         need, device_memory = need * processes_here + max(
@@ -580,8 +585,11 @@ def print_shards(plan, memory):
         fewest = fewest_processes(plan, memory, staged)
         print(f"  the fewest GPUs of {size(memory)} that hold it sharded{' and --staged' if staged else ''}: "
               + (str(fewest) if fewest else "none (make smaller images)"))
-    print(f"  host RAM while loading: process 0 reads each sharded component whole, one at a time, and sends the "
-          f"shards: {size(max(s['bytes'] for s in plan['sharded'].values()))} at most")
+    whole_read = max(s["bytes"] for s in plan["sharded"].values())
+    print(f"  host RAM while loading, the {n} processes on one machine: process 0 reads each sharded component whole, "
+          f"one at a time, and sends the shards ({size(whole_read)} at most); each process reads the components it "
+          f"holds whole ({size(sum(plan['components'][name] for name in whole))}): "
+          f"{size(host_ram_while_loading(plan, n))} at most")
 
 
 def check_plan(args, plan):
@@ -592,14 +600,30 @@ def check_plan(args, plan):
         fits, why = fit(plan, None, psutil.virtual_memory().available, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if not fits:
             fail(why, code=1)
-    elif plan["sharded"] and os.environ.get("RANK", "0") == os.environ.get("LOCAL_RANK", "0"):
-        # The machine of process 0 (whose processes' local ranks are their ranks): process 0 reads each sharded
-        # component whole into RAM before it sends the shards.
-        largest = max(plan["sharded"], key=lambda name: plan["sharded"][name]["bytes"])
-        if plan["sharded"][largest]["bytes"] > psutil.virtual_memory().available:
-            fail(f"--shard-weights: process 0 reads the {largest} whole into RAM before it sends each process its "
-                 f"shard: {size(plan['sharded'][largest]['bytes'])}, and this machine has "
+    elif plan["sharded"]:  # GPUs: this machine's RAM while its processes load, before they send it to their GPUs
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        # The machine of process 0 (whose processes' local ranks are their ranks) also holds process 0's whole read.
+        process_0_here = os.environ.get("RANK", "0") == os.environ.get("LOCAL_RANK", "0")
+        ram = host_ram_while_loading(plan, here, process_0_here)
+        if ram > psutil.virtual_memory().available:
+            largest = max(plan["sharded"], key=lambda name: plan["sharded"][name]["bytes"])
+            whole = [name for name in plan["components"] if name not in plan["sharded"]]
+            fail(f"--shard-weights: loading needs {size(ram)} of this machine's RAM ("
+                 + (f"process 0 reads the {largest} whole into RAM before it sends each process its shard, "
+                    f"{size(plan['sharded'][largest]['bytes'])}; " if process_0_here else "")
+                 + f"each of its {here} process(es) reads {', '.join(whole) or 'nothing else'} whole, "
+                 f"{size(sum(plan['components'][name] for name in whole))}), and it has "
                  f"{size(psutil.virtual_memory().available)} free: free some memory", code=1)
+
+
+def host_ram_while_loading(plan, processes_here, process_0_here=True):
+    """The RAM of a machine whose processes load with --shard-weights on GPUs: process 0 reads each sharded
+    component whole (from_pretrained on the CPU), one at a time, the largest at most; and each process reads the
+    components it holds whole, through RAM, before it moves them to its GPU. Counted together, though the whole
+    components are read after the sharded ones are sent; not counted: each process's own memory (Python, the
+    libraries)."""
+    whole = sum(b for name, b in plan["components"].items() if name not in plan["sharded"])
+    return (max(s["bytes"] for s in plan["sharded"].values()) if process_0_here else 0) + processes_here * whole
 
 
 def one_process_note(device):
@@ -667,7 +691,7 @@ def load_sharded(args, plan, name, mesh, device):
         with explained_load_errors(args.model):
             loaded = cls.from_pretrained(args.model, subfolder=name, dtype=getattr(torch, plan["dtype"]))
     sent = [{"dtypes": {n: p.dtype for n, p in loaded.named_parameters(remove_duplicate=False)},
-             "buffers": dict(loaded.named_buffers())} if loaded is not None else None]
+             "buffers": dict(loaded.named_buffers(remove_duplicate=False))} if loaded is not None else None]
     torch.distributed.broadcast_object_list(sent, src=0)  # a few names and small tensors
     component = empty_component(args.model, index, name)
     names, cast = {id(p): n for n, p in component.named_parameters()}, {}

@@ -299,14 +299,28 @@ def test_a_sharded_component_is_what_from_pretrained_loads(kind, names, tiny, gr
         weights = dict(sharded.named_parameters())
         assert weights.keys() == dict(expected.named_parameters()).keys(), name
         assert all(torch.equal(weights[n].full_tensor(), p) for n, p in expected.named_parameters()), name
-        buffers = dict(sharded.named_buffers())
-        assert all(buffers[n].dtype == b.dtype and torch.equal(buffers[n], b) for n, b in expected.named_buffers())
+        buffers = dict(sharded.named_buffers(remove_duplicate=False))  # a buffer two modules share: by each name
+        assert all(buffers[n].dtype == b.dtype and torch.equal(buffers[n], b)
+                   for n, b in expected.named_buffers(remove_duplicate=False))
         for (module_name, module), (_, expected_module) in zip(sharded.named_modules(), expected.named_modules()):
             for attribute, value in vars(expected_module).items():
                 if isinstance(value, torch.Tensor):
                     mine = getattr(module, attribute)
                     assert mine.dtype == value.dtype and torch.equal(mine, value), f"{name}.{module_name}.{attribute}"
         assert not sharded.training
+
+
+def test_a_float16_t5_is_sharded_with_the_weights_transformers_keeps_in_float32(tiny_flux, group_of_one, script):
+    """Under float16 transformers keeps T5's `wo` layers in float32 (its _keep_in_fp32_modules): each sharded weight
+    in the dtype from_pretrained gives it, with its values, and some of them float32."""
+    expected = T5EncoderModel.from_pretrained(tiny_flux, subfolder="text_encoder_2", dtype=torch.float16)
+    sharded = script.load_sharded(SimpleNamespace(model=str(tiny_flux)), {"dtype": "float16"}, "text_encoder_2",
+                                  group_of_one, torch.device("cpu"))
+    weights = dict(sharded.named_parameters())
+    assert weights.keys() == dict(expected.named_parameters()).keys()
+    for n, p in expected.named_parameters():
+        assert weights[n].dtype == p.dtype and torch.equal(weights[n].full_tensor(), p), n
+    assert {p.dtype for p in expected.parameters()} == {torch.float16, torch.float32}
 
 
 def test_each_block_asks_for_the_next_to_be_gathered_in_the_order_they_run(tiny_flux, group_of_one, script,
@@ -427,6 +441,36 @@ def test_the_plan_prints_the_shards_and_the_fewest_gpus(script, monkeypatch, cap
     assert "process 0 reads each sharded component whole" in out and "fits: NO" in out
 
 
+def test_a_float16_plan_counts_the_weights_transformers_keeps_in_float32(plan, tiny_flux):
+    """Under float16 T5 keeps its `wo` layers in float32. The plan weighs T5 as transformers loads it (the oracle:
+    the tiny Flux's T5 loaded by from_pretrained, its weights' bytes counted), and FLUX.1-dev's sharded T5 weighs
+    what its component weighs (11.54 GB, not 9.52 GB all in float16), each process holding half of it."""
+    loaded = T5EncoderModel.from_pretrained(tiny_flux, subfolder="text_encoder_2", dtype=torch.float16)
+    weighs = sum(p.numel() * p.element_size() for p in loaded.parameters())
+    assert weighs > sum(p.numel() for p in loaded.parameters()) * 2  # some of it in float32
+    assert plan(tiny_flux, 2, "24GiB", "--dtype", "float16")["components"]["text_encoder_2"] == weighs
+    result = plan(FLUX1_DEV, 2, "24GiB", "--dtype", "float16")
+    t5 = result["sharded"]["text_encoder_2"]
+    assert t5["bytes"] == result["components"]["text_encoder_2"] > 11.5e9
+    assert t5["share"] == pytest.approx(t5["bytes"] / 2, rel=0.01)
+
+
+def test_a_plan_with_nothing_to_shard_says_so_in_one_line(tiny_flux, monkeypatch):
+    """Neither the transformer nor T5 names blocks: the plan says so, one line each, and does not fit."""
+    from transformers.models.t5.modeling_t5 import T5PreTrainedModel
+
+    monkeypatch.setattr(FluxTransformer2DModel, "_no_split_modules", None)
+    monkeypatch.setattr(T5PreTrainedModel, "_no_split_modules", None)
+    result = run_main(CONTEXT_PARALLEL, "--plan", "--shard-weights", "--model", FLUX1_DEV, "--num-devices", "2",
+                      "--device-memory", "24GiB")
+    assert "Traceback" not in result.stdout + result.stderr
+    problems = [line for line in result.stdout.splitlines() if line.startswith("  NO: ")]
+    assert [p.split(" names no blocks")[0] for p in problems] == [
+        "  NO: --shard-weights: transformer (FluxTransformer2DModel)",
+        "  NO: --shard-weights: text_encoder_2 (T5EncoderModel)"], result.stdout
+    assert result.stdout.rstrip().endswith("fits: NO")
+
+
 # --- bad input: one line each, before anything is loaded ---
 
 
@@ -467,6 +511,22 @@ def test_on_gpus_too_little_ram_for_process_0s_whole_read_is_refused(refused, ti
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2**10))
     line = refused(2, "--model", tiny_flux, *FAST, RANK="0")
     assert "process 0 reads the transformer whole into RAM" in line and "free some memory" in line
+
+
+def test_on_gpus_the_ram_check_counts_the_components_each_process_reads_whole(refused, tiny_flux, monkeypatch):
+    """Room for process 0's whole read of the largest sharded component, but not for it and the components each of
+    the machine's 2 processes reads whole through RAM too (the smaller text encoder and the VAE): refused. The
+    oracle: the components' weights as from_pretrained loads them, counted here."""
+    largest, encoders = largest_text_encoder(tiny_flux)
+    pipeline = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.bfloat16)
+    weighs = {name: sum(p.numel() * p.element_size() for p in getattr(pipeline, name).parameters())
+              for name in ("transformer", "vae", *encoders)}
+    [other] = encoders - {largest}
+    room = max(weighs["transformer"], weighs[largest]) + 2 * (weighs[other] + weighs["vae"]) - 1
+    simulated_gpus(monkeypatch, 2)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=room))
+    line = refused(2, "--model", tiny_flux, *FAST, "--dtype", "bfloat16", RANK="0")
+    assert f"each of its 2 process(es) reads {other}, vae whole" in line and "free some memory" in line
 
 
 # --- GPUs: skipped where there are none ---
