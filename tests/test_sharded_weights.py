@@ -471,6 +471,27 @@ def test_a_plan_with_nothing_to_shard_says_so_in_one_line(tiny_flux, monkeypatch
     assert result.stdout.rstrip().endswith("fits: NO")
 
 
+def test_the_benchmark_on_a_gpu_gives_the_gathers_bytes_not_a_host_clocks_time(capsys):
+    """On a GPU a gather returns to the host once it is queued: the benchmark's table says "n/a" for the gathers'
+    time there, and names its memory column for what the script reports on a GPU (the peak allocated during the
+    call); on the CPU it gives both as measured."""
+    benchmark = load_script(ROOT / "benchmarks" / "sharded_weights.py")
+    image = np.zeros((8, 8, 3), dtype=np.int16)
+    rows = [{"label": "1 process", "processes": 1, "wall": 10.0, "call": 8.0, "step": 2.0, "load": "1.00",
+             "held": 1.0, "peaks": ["3.00"], "gathers": None, "pixels": image},
+            {"label": "context parallel, weights sharded", "processes": 2, "wall": 8.0, "call": 6.0, "step": 1.5,
+             "load": "1.00", "held": 0.5, "peaks": ["2.00", "2.00"], "pixels": image,
+             "gathers": {"bytes": 2**30, "received": 2**29, "seconds": 0.01, "t": 1.5}}]
+    for on_gpu in (True, False):
+        benchmark.print_table(SimpleNamespace(on_gpu=on_gpu, model="m", size=64, steps=2, repeats=1), rows)
+        out = capsys.readouterr().out
+        [sharded] = [line for line in out.splitlines() if line.startswith("| context parallel, weights sharded |")]
+        assert sharded.split(" | ")[8:10] == ["1024 MiB", "n/a" if on_gpu else "0.01"], sharded
+        assert ("peak GPU memory allocated in the call (GiB)" in out) == on_gpu
+        assert ("peak resident memory (GiB)" in out) != on_gpu
+        assert ("of which the gathers 0.01 s" in out) != on_gpu
+
+
 # --- bad input: one line each, before anything is loaded ---
 
 
