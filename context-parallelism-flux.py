@@ -12,15 +12,16 @@ then holds every token for 1/N of the heads, attends, and swaps back. diffusers 
 Use it to make one image faster when the pipeline fits on each GPU (FLUX.1-dev: 31.4 GiB in bfloat16, 22.3 GiB
 with --staged). For a model too large for any one GPU, --shard-weights keeps 1/N of the transformer's and of the
 largest text encoder's weights on each GPU (PyTorch's FSDP2), gathering each block's just before it runs: every
-GPU added takes memory off each and time off each step, at the cost of moving the transformer's weights between
-the GPUs every step (worth it over NVLink or Xe Link). For many images, data-parallelism-accelerate.py is faster
-still (the GPUs never talk); model-parallelism-flux.py spreads one copy over the GPUs, which take turns.
+GPU added takes memory off each, but every step each GPU receives (N-1)/N of the transformer's weights, which only
+a link that carries them while the blocks compute can hide (docs/context-parallelism.md: the cost, on paper).
+For many images, data-parallelism-accelerate.py is faster still (the GPUs never talk); model-parallelism-flux.py
+spreads one copy over the GPUs, which take turns.
 
     uv run torchrun --nproc-per-node 2 context-parallelism-flux.py                  # 2 GPUs (Intel or NVIDIA)
     uv run accelerate launch --num_processes 2 context-parallelism-flux.py          # the same, with accelerate
     uv run context-parallelism-flux.py                                              # 1 GPU: the baseline
     uv run context-parallelism-flux.py --plan --num-devices 2 --device-memory 24GiB # will it fit? no download
-    uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --shard-weights --staged  # FLUX.1-dev, 2 x 16 GB
+    uv run torchrun --nproc-per-node 3 context-parallelism-flux.py --shard-weights --staged  # FLUX.1-dev, 3 x 16 GB
     uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --model tiny/flux --height 64 --width 64 \
         --num-inference-steps 2                                                     # on the CPU
 
@@ -185,8 +186,8 @@ def parse_args():
     parser.add_argument("--shard-weights", action="store_true",
                         help="for a model too big for one GPU: each process holds 1/N of the transformer's and the "
                              "largest text encoder's weights (FSDP2), gathering each block's just before it runs; "
-                             "the main process alone reads them from the disk (FLUX.1-dev on 2 x 16 GiB with "
-                             "--staged, Qwen-Image on 4 x 24 GiB)")
+                             "the main process alone reads them from the disk (FLUX.1-dev on 2 x 24 GB, or 3 x 16 "
+                             "GB with --staged; Qwen-Image on 4 x 24 GB: --plan tells)")
     parser.add_argument("--staged", action="store_true",
                         help="load the text encoders, encode the prompt, free them, then load the transformer and VAE: "
                              "each GPU holds 9.1 GiB less of FLUX.1-dev at its peak")

@@ -415,6 +415,11 @@ def test_flux1_dev_on_two_16_gib_gpus_holds_half_of_each_sharded_component_and_f
     assert staged["fits"] and staged["needs"]["sharded_staged"] <= 16 * GiB
     # On 12 GiB cards even the staged halves do not fit (the transformer's half alone is 11.1 GiB): thirds do.
     assert "run 3 processes or more" in plan(FLUX1_DEV, 2, "12GiB", "--staged")["problems"][-1]
+    # 16 GiB free is more than a 16 GB card has once its driver's context is up: with a little less, two no longer
+    # hold it, and three do (with room to spare).
+    assert staged["needs"]["sharded_staged"] > 15.5 * GiB
+    assert "run 3 processes or more" in plan(FLUX1_DEV, 2, "15.5GiB", "--staged")["problems"][-1]
+    assert plan(FLUX1_DEV, 3, "15.5GiB", "--staged")["fits"]
 
 
 def test_qwen_image_on_four_24_gib_gpus_holds_a_quarter_of_each_sharded_component_and_fits(plan, qwen_image_counts):
@@ -470,6 +475,32 @@ def test_a_plan_with_nothing_to_shard_says_so_in_one_line(tiny_flux, monkeypatch
         "  NO: --shard-weights: transformer (FluxTransformer2DModel)",
         "  NO: --shard-weights: text_encoder_2 (T5EncoderModel)"], result.stdout
     assert result.stdout.rstrip().endswith("fits: NO")
+
+
+# The sharding table of docs/context-parallelism.md: each row the plan for its model, GPUs and free memory.
+SHARDED_ROWS = re.compile(r"^\| (FLUX\.1-dev|Qwen-Image) \| (\d) x ([\d.]+) GiB( `--staged`)? \| (.*?) \| "
+                          r"([\d.]+) GiB \| ([\d.]+) GiB \| (.*?) \|$", flags=re.MULTILINE)
+SHORT = {"text_encoder_2": "T5", "vae": "the VAE", "text_encoder": "CLIP"}
+
+
+def test_the_docs_table_of_sharded_plans_is_what_the_script_plans(plan):
+    """Each row, word for word and figure for figure, as the script's --plan --json gives it: what each GPU holds,
+    what it gathers at most, what it needs, and whether it fits (or what to do)."""
+    rows = SHARDED_ROWS.findall((ROOT / "docs" / "context-parallelism.md").read_text(encoding="utf-8"))
+    assert len(rows) >= 5
+    for model, n, memory, staged, holds, gathers, needs, fits in rows:
+        result = plan({"FLUX.1-dev": FLUX1_DEV, "Qwen-Image": QWEN_IMAGE}[model], n, f"{memory}GiB",
+                      *(["--staged"] if staged else []))
+        sharded, short = result["sharded"], {**SHORT, "text_encoder": "Qwen2.5-VL"} if model == "Qwen-Image" else SHORT
+        [encoder] = set(sharded) - {"transformer"}
+        whole = " and ".join(short[name] for name in result["components"] if name not in sharded)
+        assert holds == (f"{sharded['transformer']['share'] / GiB:.2f} GiB of the transformer, "
+                         f"{sharded[encoder]['share'] / GiB:.2f} of {short[encoder]}; {whole} whole"), (model, n)
+        assert gathers == f"{sharded['transformer']['gathered'] / GiB:.2f}", (model, n, memory)
+        assert needs == f"{result['needs']['sharded_staged' if staged else 'sharded'] / GiB:.2f}", (model, n, memory)
+        said = result["problems"][-1] if result["problems"] else ""
+        assert fits == ("yes" if result["fits"] else "**no**: add `--staged`" if "add --staged" in said else
+                        f"**no**: {said.rsplit(': ', 1)[-1]}"), (model, n, memory, staged)
 
 
 def test_the_benchmark_on_a_gpu_gives_the_gathers_bytes_not_a_host_clocks_time(capsys):
