@@ -12,15 +12,16 @@ then holds every token for 1/N of the heads, attends, and swaps back. diffusers 
 Use it to make one image faster when the pipeline fits on each GPU (FLUX.1-dev: 31.4 GiB in bfloat16, 22.3 GiB
 with --staged). For a model too large for any one GPU, --shard-weights keeps 1/N of the transformer's and of the
 largest text encoder's weights on each GPU (PyTorch's FSDP2), gathering each block's just before it runs: every
-GPU added takes memory off each and time off each step, at the cost of moving the transformer's weights between
-the GPUs every step (worth it over NVLink or Xe Link). For many images, data-parallelism-accelerate.py is faster
-still (the GPUs never talk); model-parallelism-flux.py spreads one copy over the GPUs, which take turns.
+GPU added takes memory off each, but every step each GPU receives (N-1)/N of the transformer's weights, which only
+a link that carries them while the blocks compute can hide (docs/context-parallelism.md: the cost, on paper).
+For many images, data-parallelism-accelerate.py is faster still (the GPUs never talk); model-parallelism-flux.py
+spreads one copy over the GPUs, which take turns.
 
     uv run torchrun --nproc-per-node 2 context-parallelism-flux.py                  # 2 GPUs (Intel or NVIDIA)
     uv run accelerate launch --num_processes 2 context-parallelism-flux.py          # the same, with accelerate
     uv run context-parallelism-flux.py                                              # 1 GPU: the baseline
     uv run context-parallelism-flux.py --plan --num-devices 2 --device-memory 24GiB # will it fit? no download
-    uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --shard-weights --staged  # FLUX.1-dev, 2 x 16 GB
+    uv run torchrun --nproc-per-node 3 context-parallelism-flux.py --shard-weights --staged  # FLUX.1-dev, 3 x 16 GB
     uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --model tiny/flux --height 64 --width 64 \
         --num-inference-steps 2                                                     # on the CPU
 
@@ -62,7 +63,7 @@ from accelerate.utils.memory import clear_device_cache
 from diffusers import AutoencoderKL, ContextParallelConfig, DiffusionPipeline
 from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -115,9 +116,11 @@ def main():
     #    which encode the prompt and are freed, then the transformer and the VAE). With --shard-weights no process
     #    holds the transformer or the largest text encoder whole: FSDP2 shards them over a 1-D mesh of all N
     #    processes (each holds 1/N of every block's weights, and gathers a block's weights just before it runs),
-    #    and the main process alone reads their weights from the disk and sends each process its shard.
-    shard_mesh = init_device_mesh(device.type, (distributed_state.num_processes,), mesh_dim_names=("shard",)) if (
-        args.shard_weights) else None
+    #    and the main process alone reads their weights from the disk and sends each process its shard. The mesh
+    #    has a process group of its own (every process makes it): on the whole group, the one the attention's
+    #    all-to-alls use, each gather would queue with them on one communicator (NCCL, XCCL).
+    shard_mesh = DeviceMesh.from_group(torch.distributed.new_group(timeout=timedelta(days=7)), device.type,
+                                       mesh_dim_names=("shard",)) if args.shard_weights else None
     inputs = encode_and_free_text_encoders(args, plan, device, shard_mesh) if args.staged else dict(
         prompt=args.prompt)
     pipeline = load_pipeline(args, plan, device, shard_mesh, without=TEXT_ENCODERS if args.staged else ())
@@ -183,8 +186,8 @@ def parse_args():
     parser.add_argument("--shard-weights", action="store_true",
                         help="for a model too big for one GPU: each process holds 1/N of the transformer's and the "
                              "largest text encoder's weights (FSDP2), gathering each block's just before it runs; "
-                             "the main process alone reads them from the disk (FLUX.1-dev on 2 x 16 GiB with "
-                             "--staged, Qwen-Image on 4 x 24 GiB)")
+                             "the main process alone reads them from the disk (FLUX.1-dev on 2 x 24 GB, or 3 x 16 "
+                             "GB with --staged; Qwen-Image on 4 x 24 GB: --plan tells)")
     parser.add_argument("--staged", action="store_true",
                         help="load the text encoders, encode the prompt, free them, then load the transformer and VAE: "
                              "each GPU holds 9.1 GiB less of FLUX.1-dev at its peak")
@@ -427,6 +430,9 @@ def plan_shards(args, index, dtype, components, processes):
     itemsize = torch.tensor([], dtype=dtype).element_size()
     for name in names:
         module = empty_component(args.model, index, name)
+        # Under float16 transformers keeps the layers a model names in `_keep_in_fp32_modules` in float32 (T5's `wo`),
+        # as weigh_components counts them: each weight at the dtype it is loaded in, and shared in.
+        keep = set(getattr(type(module), "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else set()
         units = shard_units(module)
         if not units:
             problems.append(f"--shard-weights: {name} ({type(module).__name__}) names no blocks for FSDP to gather one "
@@ -437,7 +443,7 @@ def plan_shards(args, index, dtype, components, processes):
         own, per_unit, share, total = 0, Counter(), 0, 0
         for parameter_name, parameter in module.named_parameters():
             owner = max((u for u in unit_names if parameter_name.startswith(u + ".")), key=len, default=None)
-            bytes_ = parameter.numel() * itemsize
+            bytes_ = parameter.numel() * (4 if set(parameter_name.split(".")) & keep else itemsize)
             total += bytes_
             rows = parameter.shape[0] if parameter.dim() else 1
             share += -(-rows // processes) * (bytes_ // rows)  # the first processes' shard, the largest
@@ -483,6 +489,8 @@ def fit(plan, device_memory, ram=None, processes_here=1):
     """Whether each GPU (or, on the CPU, the RAM of this machine's processes) can hold what the run needs, and the
     one line that says what to do where it cannot."""
     mode = ("sharded_" if plan["shard_weights"] else "") + ("staged" if plan["staged"] else "whole")
+    if mode.replace("sharded_whole", "sharded") not in plan["needs"]:  # --shard-weights, and nothing can be sharded:
+        return False, None  # plan["problems"] says why, in one line
     need = plan["needs"][mode.replace("sharded_whole", "sharded")]
     if plan["device"] == "cpu":  # every process holds a copy in RAM (or its shards, and process 0 reads each whole)
         need, device_memory = need * processes_here + max(
@@ -578,8 +586,11 @@ def print_shards(plan, memory):
         fewest = fewest_processes(plan, memory, staged)
         print(f"  the fewest GPUs of {size(memory)} that hold it sharded{' and --staged' if staged else ''}: "
               + (str(fewest) if fewest else "none (make smaller images)"))
-    print(f"  host RAM while loading: process 0 reads each sharded component whole, one at a time, and sends the "
-          f"shards: {size(max(s['bytes'] for s in plan['sharded'].values()))} at most")
+    whole_read = max(s["bytes"] for s in plan["sharded"].values())
+    print(f"  host RAM while loading, the {n} processes on one machine: process 0 reads each sharded component whole, "
+          f"one at a time, and sends the shards ({size(whole_read)} at most); each process reads the components it "
+          f"holds whole ({size(sum(plan['components'][name] for name in whole))}): "
+          f"{size(host_ram_while_loading(plan, n))} at most")
 
 
 def check_plan(args, plan):
@@ -590,14 +601,30 @@ def check_plan(args, plan):
         fits, why = fit(plan, None, psutil.virtual_memory().available, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if not fits:
             fail(why, code=1)
-    elif plan["sharded"] and os.environ.get("RANK", "0") == os.environ.get("LOCAL_RANK", "0"):
-        # The machine of process 0 (whose processes' local ranks are their ranks): process 0 reads each sharded
-        # component whole into RAM before it sends the shards.
-        largest = max(plan["sharded"], key=lambda name: plan["sharded"][name]["bytes"])
-        if plan["sharded"][largest]["bytes"] > psutil.virtual_memory().available:
-            fail(f"--shard-weights: process 0 reads the {largest} whole into RAM before it sends each process its "
-                 f"shard: {size(plan['sharded'][largest]['bytes'])}, and this machine has "
+    elif plan["sharded"]:  # GPUs: this machine's RAM while its processes load, before they send it to their GPUs
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        # The machine of process 0 (whose processes' local ranks are their ranks) also holds process 0's whole read.
+        process_0_here = os.environ.get("RANK", "0") == os.environ.get("LOCAL_RANK", "0")
+        ram = host_ram_while_loading(plan, here, process_0_here)
+        if ram > psutil.virtual_memory().available:
+            largest = max(plan["sharded"], key=lambda name: plan["sharded"][name]["bytes"])
+            whole = [name for name in plan["components"] if name not in plan["sharded"]]
+            fail(f"--shard-weights: loading needs {size(ram)} of this machine's RAM ("
+                 + (f"process 0 reads the {largest} whole into RAM before it sends each process its shard, "
+                    f"{size(plan['sharded'][largest]['bytes'])}; " if process_0_here else "")
+                 + f"each of its {here} process(es) reads {', '.join(whole) or 'nothing else'} whole, "
+                 f"{size(sum(plan['components'][name] for name in whole))}), and it has "
                  f"{size(psutil.virtual_memory().available)} free: free some memory", code=1)
+
+
+def host_ram_while_loading(plan, processes_here, process_0_here=True):
+    """The RAM of a machine whose processes load with --shard-weights on GPUs: process 0 reads each sharded
+    component whole (from_pretrained on the CPU), one at a time, the largest at most; and each process reads the
+    components it holds whole, through RAM, before it moves them to its GPU. Counted together, though the whole
+    components are read after the sharded ones are sent; not counted: each process's own memory (Python, the
+    libraries)."""
+    whole = sum(b for name, b in plan["components"].items() if name not in plan["sharded"])
+    return (max(s["bytes"] for s in plan["sharded"].values()) if process_0_here else 0) + processes_here * whole
 
 
 def one_process_note(device):
@@ -665,7 +692,7 @@ def load_sharded(args, plan, name, mesh, device):
         with explained_load_errors(args.model):
             loaded = cls.from_pretrained(args.model, subfolder=name, dtype=getattr(torch, plan["dtype"]))
     sent = [{"dtypes": {n: p.dtype for n, p in loaded.named_parameters(remove_duplicate=False)},
-             "buffers": dict(loaded.named_buffers())} if loaded is not None else None]
+             "buffers": dict(loaded.named_buffers(remove_duplicate=False))} if loaded is not None else None]
     torch.distributed.broadcast_object_list(sent, src=0)  # a few names and small tensors
     component = empty_component(args.model, index, name)
     names, cast = {id(p): n for n, p in component.named_parameters()}, {}
@@ -720,9 +747,10 @@ def shard_weights(component, mesh):
     """FSDP2 on a component: each block (shard_units) a group of its own, then the rest with the component itself;
     every weight cut along its first dimension between the processes of the 1-D `mesh` (a 2-D mesh would make FSDP
     replicate along one dimension: HSDP). reshard_after_forward=True: a block's gathered weights are freed as soon
-    as it has run (the component itself too, whose forward is the pipeline's call). Each block asks for the next
-    block of its list to be gathered as soon as its own weights are in (set_modules_to_forward_prefetch), so that
-    the next gather overlaps this block's compute where the device can (a GPU's communication stream)."""
+    as it has run (the component itself too, whose forward is the pipeline's call). Each block names the next block
+    of its list for FSDP to prefetch (set_modules_to_forward_prefetch): in torch's words, the same overlap as FSDP's
+    default, the gather issued earlier from the CPU. What overlaps a gather with the compute is FSDP's all-gather
+    stream, on a GPU; on the CPU, gloo's gathers block the process, and nothing overlaps."""
     units = shard_units(component)
     for unit in reversed(units):  # bottom-up: a group takes the weights no group below it took
         fully_shard(unit, mesh=mesh, reshard_after_forward=True)

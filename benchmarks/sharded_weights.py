@@ -3,10 +3,15 @@
 --shard-weights (each holds 1/N of the transformer's and of the largest text encoder's weights, and gathers each
 block's weights just before it runs), with and without prefetching the next block, and prints a table: the share of
 the transformer's parameters each process holds, the whole run, the pipeline call and the time per step with their
-speedups over 1 process, the bytes each process gathers a step and the time those gathers take (the rest of the
-step is compute), each process's peak resident memory, and how far the image is from the 1-process image. Then the
-same gathers on paper for FLUX.1-dev and Qwen-Image on 2 and 4 GPUs over each link's published bandwidth: a
-projection, not a measurement.
+speedups over 1 process, the bytes each process gathers a step and, on the CPU, the time those gathers take (there
+they block the process, so the rest of the step is compute), each process's peak memory, and how far the image is
+from the 1-process image. Then the same gathers on paper for FLUX.1-dev and Qwen-Image on 2 and 4 GPUs over each
+link's published bandwidth: a projection, not a measurement.
+
+On a GPU the gathers' time is not given ("n/a"): NCCL's and XCCL's all-gather returns to the host once it is queued,
+and runs on the device beside the compute, so a clock on the host around it reads almost nothing (torch.profiler
+shows the device's time); and the memory column is each GPU's peak allocation during the pipeline call (the
+script's report), not the process's resident memory.
 
     uv run benchmarks/sharded_weights.py                       # CPU: a random-weight FLUX of 144 M parameters
     uv run benchmarks/sharded_weights.py --processes 4 --model black-forest-labs/FLUX.1-dev --size 1024 --steps 28
@@ -15,9 +20,9 @@ On the CPU every process gets one thread (OMP_NUM_THREADS=1), so N processes use
 pipeline whose transformer has random weights (hidden size 1024: 16 heads of 64, 2 double-stream + 4
 single-stream blocks, 144 M parameters; --hidden changes it) and the tiny text encoders and VAE is built in a
 temporary folder. What happens inside the processes is measured there, by a `sitecustomize` this benchmark puts on
-their PYTHONPATH: every all-gather FSDP makes (torch.distributed's all_gather_single: its bytes and its time), at
-the start of the denoising loop and at each step; with "no prefetch" it also turns FSDP's
-set_modules_to_forward_prefetch into nothing, so that each block's gather starts only when the block is called.
+their PYTHONPATH: every all-gather FSDP makes (torch.distributed's all_gather_single: its bytes, and the host's time
+in it), at the start of the denoising loop and at each step; with "no prefetch" it also turns FSDP's
+set_modules_to_forward_prefetch into nothing, so that each block's gather is issued only when the block is called.
 """
 
 import argparse
@@ -126,7 +131,7 @@ def parse_args():
                         help="with no --model: the random transformer's hidden size, in heads of 64 (default: "
                              "%(default)s)")
     parser.add_argument("--link", action="append", default=[], metavar="NAME=GB/s",
-                        help="add a link to the projection, e.g. 'Xe Link=40' (GB/s each way, as measured or "
+                        help="add a link to the projection, e.g. 'my link=25' (GB/s each way, as measured or "
                              "published for your GPUs)")
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
                         help="auto: the GPUs where torch can use them, else the CPU; cpu: the CPU on purpose, even "
@@ -225,20 +230,28 @@ def print_table(args, rows):
     base = rows[0]
     print(f"\n{args.size}x{args.size}, {args.steps} steps, {model}, on {device}, best of {args.repeats} run(s) "
           f"each\n")
+    # On a GPU the script reports each GPU's peak allocation during the call; on the CPU, each process's peak
+    # resident memory over its whole life (loading included).
+    memory = "peak GPU memory allocated in the call (GiB)" if args.on_gpu else "peak resident memory (GiB)"
     print("| run | processes | transformer held by each | whole run (s) | speedup | pipeline call (s) | speedup | "
-          "per step (s) | gathered a step, each process | gathers a step (s) | peak resident memory (GiB) | "
+          f"per step (s) | gathered a step, each process | gathers a step (s) | {memory} | "
           "largest pixel difference | load |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
     for row in rows:
         g = row["gathers"]
-        gathered, seconds = (f"{g['bytes'] / 2**20:.0f} MiB", f"{g['seconds']:.2f}") if g else ("-", "-")
+        gathered, seconds = (f"{g['bytes'] / 2**20:.0f} MiB", "n/a" if args.on_gpu else f"{g['seconds']:.2f}") if (
+            g) else ("-", "-")
         print(f"| {row['label']} | {row['processes']} | {row['held']:.2f} | {row['wall']:.1f} | "
               f"{base['wall'] / row['wall']:.2f} | {row['call']:.1f} | {base['call'] / row['call']:.2f} | "
               f"{row['step']:.2f} | {gathered} | {seconds} | {', '.join(row['peaks'])} | "
               f"{np.abs(row['pixels'] - base['pixels']).max()} of 255 | {row['load']} |")
     for row in rows:
         g = row["gathers"]
-        if g and g["t"]:
+        if g and g["t"] and args.on_gpu:
+            print(f"\n{row['label']}: a step took {g['t']:.2f} s; each process gathered {g['bytes'] / 2**20:.0f} MiB "
+                  f"a step, {g['received'] / 2**20:.0f} MiB of it from the others (the gathers' time on the GPU: "
+                  "torch.profiler)")
+        elif g and g["t"]:
             print(f"\n{row['label']}: a step took {g['t']:.2f} s, of which the gathers {g['seconds']:.2f} s "
                   f"({g['seconds'] / g['t']:.0%}) and the rest {g['t'] - g['seconds']:.2f} s: each process gathered "
                   f"{g['bytes'] / 2**20:.0f} MiB a step, {g['received'] / 2**20:.0f} MiB of it from the others")
@@ -246,8 +259,8 @@ def print_table(args, rows):
 
 def print_projection(args, links):
     """On paper: each GPU receives (N - 1)/N of the transformer's weights every step (a ring all-gather of each
-    block), in bfloat16; at a link's published bandwidth each way, that is the least a step's gathers take. They are
-    hidden where the step's compute takes longer (the next block's gather overlaps this block's compute)."""
+    block), in bfloat16; at a link's published bandwidth each way, that is the least a step's gathers take. They can
+    be hidden where the step's compute takes longer: FSDP gathers on a stream of its own, beside the compute."""
     print("\nProjection, not a measurement: the least time the gathers of one step take on GPUs, each receiving "
           "(N-1)/N of the transformer's bfloat16 weights a step at its link's published bandwidth (each way):\n")
     print("| model | GPUs | gathered a step, each GPU | " + " | ".join(links) + " |")

@@ -352,23 +352,28 @@ def test_cfg_parallel_program_saves_one_image_from_the_main_process(program, com
 
 
 @runs_of("examples/sharded_context_parallel.py")
-def test_sharded_program_holds_half_of_the_transformer_in_each_process_and_saves_one_image(program, command, runs,
-                                                                                          tiny_flux):
-    """Each process says what it holds of the transformer (its parameters' local shards): at most 0.55 of the
-    parameters the tiny Flux's transformer has (counted here, loaded whole), and all of them together; one image, by
-    process 0. (The image against diffusers' own, for the same calls in the full script: tests/test_sharded_weights.py;
+def test_sharded_program_holds_half_of_the_transformer_and_of_t5_in_each_process_and_saves_one_image(
+        program, command, runs, tiny_flux):
+    """Each process says what it holds of the transformer and of T5 (their parameters' local shards): at most 0.55
+    of the parameters each has (counted here, each loaded whole), and all of them together; one image, by process
+    0. (The image against diffusers' own, for the same calls in the full script: tests/test_sharded_weights.py;
     here it would cost a 28-step 1024x1024 run in the test's process.)"""
     from diffusers import FluxTransformer2DModel
+    from transformers import T5EncoderModel
 
     run = runs(program, command)
     run.succeeded()
     check_one_image_by_the_main_process(run)
-    held = {int(rank): (int(mine), int(full)) for rank, mine, full in re.findall(
-        r"^process (\d+) holds (\d+) of (\d+) parameters$", run.result.stdout, flags=re.MULTILINE)}
-    assert sorted(held) == list(range(run.processes)), run.result.stdout
-    full = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer").num_parameters()
-    assert {f for _, f in held.values()} == {full}
-    assert all(mine <= 0.55 * full for mine, _ in held.values()) and sum(m for m, _ in held.values()) >= full
+    said = re.findall(r"^process (\d+) holds (\d+) of (\d+) parameters of the transformer, (\d+) of (\d+) of T5$",
+                      run.result.stdout, flags=re.MULTILINE)
+    assert sorted(int(rank) for rank, *_ in said) == list(range(run.processes)), run.result.stdout
+    counted = {"transformer": FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer"),
+               "T5": T5EncoderModel.from_pretrained(tiny_flux, subfolder="text_encoder_2")}
+    for i, (name, model) in enumerate(counted.items()):
+        held = [(int(numbers[1 + 2 * i]), int(numbers[2 + 2 * i])) for numbers in said]
+        full = model.num_parameters()
+        assert {f for _, f in held} == {full}, name
+        assert all(mine <= 0.55 * full for mine, _ in held) and sum(m for m, _ in held) >= full, (name, held)
 
 
 @runs_of("examples/data_parallel_groups.py")

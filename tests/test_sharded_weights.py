@@ -10,6 +10,7 @@ and GPU runs where there are GPUs.
 
 import json
 import re
+import sys
 import textwrap
 from types import SimpleNamespace
 
@@ -35,11 +36,28 @@ GiB = 2**30
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2")
 # Inside every process of a run (tests/conftest.py: probe_env): each weights file it opens (safetensors' safe_open,
 # which diffusers' and transformers' loaders both call), and what it holds of each component, between denoising
-# steps (the flow-matching scheduler's step, of the pipeline that runs the loop) and once the prompt is encoded.
+# steps (the flow-matching scheduler's step, of the pipeline that runs the loop) and once the prompt is encoded; and
+# the process groups of the collectives made so far: FSDP's all-gathers (torch.distributed's all_gather_single) and
+# Ulysses' all-to-alls (the functional all_to_all_single diffusers calls), each group by name and size.
 PROBE = textwrap.dedent("""
     import json, os
     if os.environ.get("SHARD_PROBE") and "RANK" in os.environ:
         import safetensors
+        import torch.distributed as dist
+        import torch.distributed._functional_collectives as funcol
+
+        groups = {"gathers": {}, "all_to_alls": {}}
+
+        def watched(kind, collective, position):
+            def call(*args, **kwargs):
+                group = kwargs.get("group", args[position] if len(args) > position else None) or dist.group.WORLD
+                groups[kind][getattr(group, "group_name", str(group))] = (
+                    dist.get_world_size(group) if isinstance(group, dist.ProcessGroup) else None)
+                return collective(*args, **kwargs)
+            return call
+
+        dist.all_gather_single = watched("gathers", dist.all_gather_single, 2)
+        funcol.all_to_all_single = watched("all_to_alls", funcol.all_to_all_single, 3)
 
         def record(**what):
             with open(os.path.join(os.environ["SHARD_PROBE"], "rank%s.jsonl" % os.environ["RANK"]), "a") as log:
@@ -79,7 +97,7 @@ PROBE = textwrap.dedent("""
 
         def stepped(self, *args, **kwargs):
             result = step(self, *args, **kwargs)
-            record(step=held(looping[-1]))
+            record(step=held(looping[-1]), groups=dict(groups, world=dist.group.WORLD.group_name))
             return result
 
         diffusers.FlowMatchEulerDiscreteScheduler.step = stepped
@@ -100,12 +118,13 @@ def probed(tmp_path_factory):
 
 
 def seen(folder):
-    """{rank: {"read": [files], "steps": [what it held], "encoded": [what it held]}}, from the probe's lines."""
+    """{rank: {"read": [files], "step": [what it held], "encoded": [what it held], "groups": [the collectives'
+    process groups, at each step]}}, from the probe's lines."""
     found = {}
     for path in sorted(folder.glob("rank*.jsonl")):
         lines = [json.loads(line) for line in path.read_text().splitlines()]
         found[int(path.stem.removeprefix("rank"))] = {kind: [line[kind] for line in lines if kind in line]
-                                                      for kind in ("read", "step", "encoded")}
+                                                      for kind in ("read", "step", "encoded", "groups")}
     return found
 
 
@@ -181,6 +200,20 @@ def test_between_steps_each_process_holds_half_of_the_transformer_and_of_the_lar
     # Together the processes hold every parameter (no shard left out): the two shards add up to the whole.
     held = [probe["step"][-1]["transformer"] for probe in flux_sharded.seen.values()]
     assert sum(h["local"] for h in held) >= held[0]["full"]
+
+
+@SHARED_RUNS
+def test_the_gathers_go_through_a_process_group_of_their_own_not_the_all_to_alls_one(flux_sharded):
+    """FSDP's all-gathers and Ulysses' all-to-alls, watched as each process makes them: each kind through one
+    process group of both processes, and not the same one, nor is the gathers' the default group. On NCCL and XCCL
+    a process group is one communicator, whose collectives run in the order they were issued: a block's gather
+    prefetched ahead of the all-to-alls would hold them up."""
+    for rank, probe in flux_sharded.seen.items():
+        groups = probe["groups"][-1]
+        assert len(groups["gathers"]) == 1 and len(groups["all_to_alls"]) == 1, (rank, groups)
+        [(gathers, gathering)], [(all_to_alls, swapping)] = groups["gathers"].items(), groups["all_to_alls"].items()
+        assert gathering == swapping == 2, (rank, groups)
+        assert gathers not in (all_to_alls, groups["world"]), (rank, groups)
 
 
 @SHARED_RUNS
@@ -267,14 +300,28 @@ def test_a_sharded_component_is_what_from_pretrained_loads(kind, names, tiny, gr
         weights = dict(sharded.named_parameters())
         assert weights.keys() == dict(expected.named_parameters()).keys(), name
         assert all(torch.equal(weights[n].full_tensor(), p) for n, p in expected.named_parameters()), name
-        buffers = dict(sharded.named_buffers())
-        assert all(buffers[n].dtype == b.dtype and torch.equal(buffers[n], b) for n, b in expected.named_buffers())
+        buffers = dict(sharded.named_buffers(remove_duplicate=False))  # a buffer two modules share: by each name
+        assert all(buffers[n].dtype == b.dtype and torch.equal(buffers[n], b)
+                   for n, b in expected.named_buffers(remove_duplicate=False))
         for (module_name, module), (_, expected_module) in zip(sharded.named_modules(), expected.named_modules()):
             for attribute, value in vars(expected_module).items():
                 if isinstance(value, torch.Tensor):
                     mine = getattr(module, attribute)
                     assert mine.dtype == value.dtype and torch.equal(mine, value), f"{name}.{module_name}.{attribute}"
         assert not sharded.training
+
+
+def test_a_float16_t5_is_sharded_with_the_weights_transformers_keeps_in_float32(tiny_flux, group_of_one, script):
+    """Under float16 transformers keeps T5's `wo` layers in float32 (its _keep_in_fp32_modules): each sharded weight
+    in the dtype from_pretrained gives it, with its values, and some of them float32."""
+    expected = T5EncoderModel.from_pretrained(tiny_flux, subfolder="text_encoder_2", dtype=torch.float16)
+    sharded = script.load_sharded(SimpleNamespace(model=str(tiny_flux)), {"dtype": "float16"}, "text_encoder_2",
+                                  group_of_one, torch.device("cpu"))
+    weights = dict(sharded.named_parameters())
+    assert weights.keys() == dict(expected.named_parameters()).keys()
+    for n, p in expected.named_parameters():
+        assert weights[n].dtype == p.dtype and torch.equal(weights[n].full_tensor(), p), n
+    assert {p.dtype for p in expected.parameters()} == {torch.float16, torch.float32}
 
 
 def test_each_block_asks_for_the_next_to_be_gathered_in_the_order_they_run(tiny_flux, group_of_one, script,
@@ -368,6 +415,11 @@ def test_flux1_dev_on_two_16_gib_gpus_holds_half_of_each_sharded_component_and_f
     assert staged["fits"] and staged["needs"]["sharded_staged"] <= 16 * GiB
     # On 12 GiB cards even the staged halves do not fit (the transformer's half alone is 11.1 GiB): thirds do.
     assert "run 3 processes or more" in plan(FLUX1_DEV, 2, "12GiB", "--staged")["problems"][-1]
+    # 16 GiB free is more than a 16 GB card has once its driver's context is up: with a little less, two no longer
+    # hold it, and three do (with room to spare).
+    assert staged["needs"]["sharded_staged"] > 15.5 * GiB
+    assert "run 3 processes or more" in plan(FLUX1_DEV, 2, "15.5GiB", "--staged")["problems"][-1]
+    assert plan(FLUX1_DEV, 3, "15.5GiB", "--staged")["fits"]
 
 
 def test_qwen_image_on_four_24_gib_gpus_holds_a_quarter_of_each_sharded_component_and_fits(plan, qwen_image_counts):
@@ -393,6 +445,83 @@ def test_the_plan_prints_the_shards_and_the_fewest_gpus(script, monkeypatch, cap
     assert "the fewest GPUs of 16.00 GiB that hold it sharded: 3" in out
     assert "the fewest GPUs of 16.00 GiB that hold it sharded and --staged: 2" in out
     assert "process 0 reads each sharded component whole" in out and "fits: NO" in out
+
+
+def test_a_float16_plan_counts_the_weights_transformers_keeps_in_float32(plan, tiny_flux):
+    """Under float16 T5 keeps its `wo` layers in float32. The plan weighs T5 as transformers loads it (the oracle:
+    the tiny Flux's T5 loaded by from_pretrained, its weights' bytes counted), and FLUX.1-dev's sharded T5 weighs
+    what its component weighs (11.54 GB, not 9.52 GB all in float16), each process holding half of it."""
+    loaded = T5EncoderModel.from_pretrained(tiny_flux, subfolder="text_encoder_2", dtype=torch.float16)
+    weighs = sum(p.numel() * p.element_size() for p in loaded.parameters())
+    assert weighs > sum(p.numel() for p in loaded.parameters()) * 2  # some of it in float32
+    assert plan(tiny_flux, 2, "24GiB", "--dtype", "float16")["components"]["text_encoder_2"] == weighs
+    result = plan(FLUX1_DEV, 2, "24GiB", "--dtype", "float16")
+    t5 = result["sharded"]["text_encoder_2"]
+    assert t5["bytes"] == result["components"]["text_encoder_2"] > 11.5e9
+    assert t5["share"] == pytest.approx(t5["bytes"] / 2, rel=0.01)
+
+
+def test_a_plan_with_nothing_to_shard_says_so_in_one_line(tiny_flux, monkeypatch):
+    """Neither the transformer nor T5 names blocks: the plan says so, one line each, and does not fit."""
+    from transformers.models.t5.modeling_t5 import T5PreTrainedModel
+
+    monkeypatch.setattr(FluxTransformer2DModel, "_no_split_modules", None)
+    monkeypatch.setattr(T5PreTrainedModel, "_no_split_modules", None)
+    result = run_main(CONTEXT_PARALLEL, "--plan", "--shard-weights", "--model", FLUX1_DEV, "--num-devices", "2",
+                      "--device-memory", "24GiB")
+    assert "Traceback" not in result.stdout + result.stderr
+    problems = [line for line in result.stdout.splitlines() if line.startswith("  NO: ")]
+    assert [p.split(" names no blocks")[0] for p in problems] == [
+        "  NO: --shard-weights: transformer (FluxTransformer2DModel)",
+        "  NO: --shard-weights: text_encoder_2 (T5EncoderModel)"], result.stdout
+    assert result.stdout.rstrip().endswith("fits: NO")
+
+
+# The sharding table of docs/context-parallelism.md: each row the plan for its model, GPUs and free memory.
+SHARDED_ROWS = re.compile(r"^\| (FLUX\.1-dev|Qwen-Image) \| (\d) x ([\d.]+) GiB( `--staged`)? \| (.*?) \| "
+                          r"([\d.]+) GiB \| ([\d.]+) GiB \| (.*?) \|$", flags=re.MULTILINE)
+SHORT = {"text_encoder_2": "T5", "vae": "the VAE", "text_encoder": "CLIP"}
+
+
+def test_the_docs_table_of_sharded_plans_is_what_the_script_plans(plan):
+    """Each row, word for word and figure for figure, as the script's --plan --json gives it: what each GPU holds,
+    what it gathers at most, what it needs, and whether it fits (or what to do)."""
+    rows = SHARDED_ROWS.findall((ROOT / "docs" / "context-parallelism.md").read_text(encoding="utf-8"))
+    assert len(rows) >= 5
+    for model, n, memory, staged, holds, gathers, needs, fits in rows:
+        result = plan({"FLUX.1-dev": FLUX1_DEV, "Qwen-Image": QWEN_IMAGE}[model], n, f"{memory}GiB",
+                      *(["--staged"] if staged else []))
+        sharded, short = result["sharded"], {**SHORT, "text_encoder": "Qwen2.5-VL"} if model == "Qwen-Image" else SHORT
+        [encoder] = set(sharded) - {"transformer"}
+        whole = " and ".join(short[name] for name in result["components"] if name not in sharded)
+        assert holds == (f"{sharded['transformer']['share'] / GiB:.2f} GiB of the transformer, "
+                         f"{sharded[encoder]['share'] / GiB:.2f} of {short[encoder]}; {whole} whole"), (model, n)
+        assert gathers == f"{sharded['transformer']['gathered'] / GiB:.2f}", (model, n, memory)
+        assert needs == f"{result['needs']['sharded_staged' if staged else 'sharded'] / GiB:.2f}", (model, n, memory)
+        said = result["problems"][-1] if result["problems"] else ""
+        assert fits == ("yes" if result["fits"] else "**no**: add `--staged`" if "add --staged" in said else
+                        f"**no**: {said.rsplit(': ', 1)[-1]}"), (model, n, memory, staged)
+
+
+def test_the_benchmark_on_a_gpu_gives_the_gathers_bytes_not_a_host_clocks_time(capsys):
+    """On a GPU a gather returns to the host once it is queued: the benchmark's table says "n/a" for the gathers'
+    time there, and names its memory column for what the script reports on a GPU (the peak allocated during the
+    call); on the CPU it gives both as measured."""
+    benchmark = load_script(ROOT / "benchmarks" / "sharded_weights.py")
+    image = np.zeros((8, 8, 3), dtype=np.int16)
+    rows = [{"label": "1 process", "processes": 1, "wall": 10.0, "call": 8.0, "step": 2.0, "load": "1.00",
+             "held": 1.0, "peaks": ["3.00"], "gathers": None, "pixels": image},
+            {"label": "context parallel, weights sharded", "processes": 2, "wall": 8.0, "call": 6.0, "step": 1.5,
+             "load": "1.00", "held": 0.5, "peaks": ["2.00", "2.00"], "pixels": image,
+             "gathers": {"bytes": 2**30, "received": 2**29, "seconds": 0.01, "t": 1.5}}]
+    for on_gpu in (True, False):
+        benchmark.print_table(SimpleNamespace(on_gpu=on_gpu, model="m", size=64, steps=2, repeats=1), rows)
+        out = capsys.readouterr().out
+        [sharded] = [line for line in out.splitlines() if line.startswith("| context parallel, weights sharded |")]
+        assert sharded.split(" | ")[8:10] == ["1024 MiB", "n/a" if on_gpu else "0.01"], sharded
+        assert ("peak GPU memory allocated in the call (GiB)" in out) == on_gpu
+        assert ("peak resident memory (GiB)" in out) != on_gpu
+        assert ("of which the gathers 0.01 s" in out) != on_gpu
 
 
 # --- bad input: one line each, before anything is loaded ---
@@ -437,43 +566,100 @@ def test_on_gpus_too_little_ram_for_process_0s_whole_read_is_refused(refused, ti
     assert "process 0 reads the transformer whole into RAM" in line and "free some memory" in line
 
 
+def test_on_gpus_the_ram_check_counts_the_components_each_process_reads_whole(refused, tiny_flux, monkeypatch):
+    """Room for process 0's whole read of the largest sharded component, but not for it and the components each of
+    the machine's 2 processes reads whole through RAM too (the smaller text encoder and the VAE): refused. The
+    oracle: the components' weights as from_pretrained loads them, counted here."""
+    largest, encoders = largest_text_encoder(tiny_flux)
+    pipeline = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.bfloat16)
+    weighs = {name: sum(p.numel() * p.element_size() for p in getattr(pipeline, name).parameters())
+              for name in ("transformer", "vae", *encoders)}
+    [other] = encoders - {largest}
+    room = max(weighs["transformer"], weighs[largest]) + 2 * (weighs[other] + weighs["vae"]) - 1
+    simulated_gpus(monkeypatch, 2)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=room))
+    line = refused(2, "--model", tiny_flux, *FAST, "--dtype", "bfloat16", RANK="0")
+    assert f"each of its 2 process(es) reads {other}, vae whole" in line and "free some memory" in line
+
+
 # --- GPUs: skipped where there are none ---
 
 
-def gpu_runs(tmp_path, *extra):
-    """A random-weight FLUX (benchmarks/) of 20 blocks of hidden size 2048 (1.6 B parameters, 3.2 GB in bfloat16):
-    enough blocks that the two a process gathers at once are far less than the half it no longer holds. One process
-    unsharded, and 2 processes sharded; their stdout, images and peak allocations."""
+@pytest.fixture(scope="module")
+def gpu_model(tmp_path_factory):
+    """A random-weight FLUX (benchmarks/) with FLUX.1-dev's 19 + 38 blocks at hidden size 1024 (1.3 B parameters,
+    2.6 GB in bfloat16): as in FLUX.1-dev, the two blocks a process gathers at once are 6% of the transformer, far
+    less than the half of it a process no longer holds."""
     benchmark = load_script(ROOT / "benchmarks" / "context_parallel.py")
-    model = benchmark.build_pipeline(tmp_path / "model", hidden=2048, heads=16, blocks=(4, 16))
-    made = {}
-    for n, flags in ((1, []), (2, ["--shard-weights", *extra])):
-        out = tmp_path / f"{n}.png"
-        result = run(torchrun(n, CONTEXT_PARALLEL, "--model", model, "--height", "1024", "--width", "1024",
-                              "--num-inference-steps", "10", "--output", out, *flags), timeout=900)
-        made[n] = SimpleNamespace(stdout=result.stdout, image=pixels(out), peaks=[
-            float(a) for a in re.findall(r"([\d.]+) GiB allocated", result.stdout)])
-    return made
+    return benchmark.build_pipeline(tmp_path_factory.mktemp("gpu-flux") / "model", hidden=1024, heads=16,
+                                    blocks=(19, 38))
+
+
+def gpu_run(model, folder, *flags):
+    """2 processes, one per GPU, at 1024x1024, 10 steps: their stdout, the image, and each process's peak memory
+    allocated on its GPU during the pipeline call (the report's, in rank order)."""
+    out = folder / "out.png"
+    result = run(torchrun(2, CONTEXT_PARALLEL, "--model", model, "--height", "1024", "--width", "1024",
+                          "--num-inference-steps", "10", "--output", out, *flags), timeout=900)
+    return SimpleNamespace(stdout=result.stdout, image=pixels(out), peaks=[
+        float(a) for a in re.findall(r"([\d.]+) GiB allocated", result.stdout)])
+
+
+@pytest.fixture(scope="module")
+def gpu_unsharded(gpu_model, tmp_path_factory):
+    """The baseline of both GPU tests: the same 2 processes with context parallelism alone, each GPU holding the
+    whole transformer. The tokens each works on, and so the activations, are those of the sharded runs: only the
+    weights differ."""
+    return gpu_run(gpu_model, tmp_path_factory.mktemp("gpu-unsharded"))
+
+
+def transformer_bytes(model):
+    """The oracle: the transformer's parameters, counted from its config on the meta device, at 2 bytes each
+    (bfloat16 on GPUs, or float16 where a GPU has no fast bfloat16)."""
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(model,
+                                                                                           subfolder="transformer"))
+    return 2 * sum(p.numel() for p in transformer.parameters())
 
 
 @accelerator
 @pytest.mark.skipif(torch.accelerator.device_count() < 2, reason="needs 2 GPUs or more")
-def test_two_gpus_sharded_make_the_image_of_one_each_with_half_of_the_transformer(tmp_path):
-    """Tolerance: bfloat16 and another order of the attention's sums on 2 GPUs (as in the context parallel GPU
-    test): the mean difference stays below 2 of 255. Each GPU's peak allocation is below one GPU's with the whole
-    model: the halves of the transformer (and of the largest text encoder) are gone from it."""
-    made = gpu_runs(tmp_path)
-    assert np.abs(made[2].image - made[1].image).mean() < 2
-    held = float(re.search(r"weights sharded: transformer: .*\(([\d.]+)\)", made[2].stdout).group(1))
+def test_two_gpus_sharded_make_the_same_image_each_holding_half_of_the_transformer(gpu_model, gpu_unsharded,
+                                                                                   tmp_path):
+    """The image of the unsharded run (bfloat16: the mean difference below 2 of 255, as in the context parallel GPU
+    test), each process holding at most 0.55 of the transformer's parameters, and each GPU's peak allocation lower
+    than the unsharded run's on the same GPU by at least 0.35 of the transformer's bytes: half of it is gone, less
+    what is gathered at once (two double-stream blocks, 2.9% each, and the 0.3% outside the blocks: 0.44 of it is
+    gone by these counts, and a little less while a gather's buffer and the block it fills are both held)."""
+    sharded = gpu_run(gpu_model, tmp_path, "--shard-weights")
+    assert np.abs(sharded.image - gpu_unsharded.image).mean() < 2
+    held = float(re.search(r"weights sharded: transformer: .*\(([\d.]+)\)", sharded.stdout).group(1))
     assert held <= 0.55
-    assert len(made[2].peaks) == 2 and max(made[2].peaks) < made[1].peaks[0]
+    drop = 0.35 * transformer_bytes(gpu_model) / GiB
+    assert len(sharded.peaks) == len(gpu_unsharded.peaks) == 2
+    assert all(mine <= whole - drop for mine, whole in zip(sharded.peaks, gpu_unsharded.peaks)), (
+        sharded.peaks, gpu_unsharded.peaks, drop)
+
+
+# cuDNN's attention with its log-sum-exp, called as diffusers' _native_cudnn backend calls it (attention_dispatch.py:
+# _cudnn_attention_forward_op); ring attention needs it.
+CUDNN_ATTENTION = """
+import torch
+q = torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16)
+torch.ops.aten._scaled_dot_product_cudnn_attention(q, q, q, None, True)
+torch.cuda.synchronize()
+"""
 
 
 @accelerator
 @pytest.mark.skipif(torch.accelerator.device_count() < 2 or not torch.cuda.is_available(),
                     reason="ring attention's backends run on 2 NVIDIA GPUs or more")
-def test_ring_attention_with_sharded_weights_makes_the_image_of_one(tmp_path):
+def test_ring_attention_with_sharded_weights_makes_the_image_of_the_unsharded_run(gpu_model, gpu_unsharded, tmp_path):
     """--ring-degree 2 with --shard-weights: FSDP's 1-D mesh and diffusers' ring x ulysses mesh over the same two
-    processes, both public APIs."""
-    made = gpu_runs(tmp_path, "--ring-degree", "2", "--attention-backend", "_native_cudnn")
-    assert np.abs(made[2].image - made[1].image).mean() < 2
+    processes, both public APIs. Skipped where this machine's GPUs or cuDNN lack that attention (asked of a process
+    of its own: this one keeps no GPU context)."""
+    if run([sys.executable, "-c", CUDNN_ATTENTION], check=False).returncode != 0:
+        pytest.skip("cuDNN's attention (diffusers' _native_cudnn backend) does not run on these GPUs")
+    made = gpu_run(gpu_model, tmp_path, "--ring-degree", "2", "--attention-backend", "_native_cudnn",
+                   "--shard-weights")
+    assert np.abs(made.image - gpu_unsharded.image).mean() < 2
