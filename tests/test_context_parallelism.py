@@ -21,7 +21,8 @@ from diffusers import ContextParallelConfig, FluxPipeline, FluxTransformer2DMode
 
 from tests.conftest import (ROOT, accelerator, assert_clear_error, assert_one_report_with_every_process, launched_as,
                             load_script, pixels, probe_env, run, run_main, simulated_gpus, torchrun)
-from tests.test_readme import CP_ACCELERATE, CP_TORCHRUN_STAGED, CP_TORCHRUN_TINY, run_readme_command
+from tests.test_readme import (CP_ACCELERATE, CP_QWENIMAGE_TINY, CP_TORCHRUN_STAGED, CP_TORCHRUN_TINY,
+                               run_readme_command)
 
 # The tests that share the module-scoped runs below go to one pytest-xdist worker, which makes each run once.
 SHARED_RUNS = pytest.mark.xdist_group("context_parallelism")
@@ -33,6 +34,7 @@ PROMPT = "A cat holding a sign that says hello world"  # the script's default pr
 # Sizes and prompts that 2 processes do not divide: 48x48 is 3 x 3 = 9 image tokens; "a fox" is 133 tokens after
 # QwenImage's template (the tiny tokenizer's bytes), and FLUX.1's T5 pads to --max-sequence-length 511.
 UNEVEN = ["--height", "48", "--width", "48", "--num-inference-steps", "2", "--seed", "3"]
+UNEVEN_PAGE = ["--height", "48", "--width", "48", "--num-inference-steps", "2"]  # CP_QWENIMAGE_TINY's: seed 0
 FOX = "a fox"
 SIMULATE = ROOT / "tests" / "simulate"  # sitecustomize.py: STALL_RANK
 GiB = 2**30
@@ -255,8 +257,15 @@ def uneven_runs(model, tmp_path_factory, *extra):
 
 
 @pytest.fixture(scope="module")
-def qwenimage_uneven(tiny_qwenimage, tmp_path_factory):
-    return uneven_runs(tiny_qwenimage, tmp_path_factory, "--prompt", FOX)
+def qwenimage_uneven(tiny, tmp_path_factory):
+    """The page's tiny QwenImage command (2 torchrun processes; 48x48 is 9 image tokens, and "a fox" an odd count of
+    prompt tokens: 2 processes divide neither), and its settings as one plain process, in this process."""
+    tmp = tmp_path_factory.mktemp("uneven")
+    two = run_readme_command(CP_QWENIMAGE_TINY, tiny, tmp)
+    one = run_main(CONTEXT_PARALLEL, "--model", tiny["qwenimage"], "--prompt", FOX, *UNEVEN_PAGE, "--device", "cpu",
+                   "--output", tmp / "one.png", check=True)
+    return SimpleNamespace(one=one, two=two, images={"one": pixels(tmp / "one.png"), "two": pixels(tmp / "out.png")},
+                           tmp=tmp)
 
 
 @pytest.fixture(scope="module")
@@ -275,12 +284,12 @@ def qwenimage_pipeline(tiny_qwenimage):
 def test_two_processes_make_qwenimages_image_for_a_prompt_and_size_they_do_not_divide(qwenimage_uneven,
                                                                                     qwenimage_pipeline):
     made = qwenimage_pipeline(FOX, height=48, width=48, num_inference_steps=2, guidance_scale=3.5,
-                              max_sequence_length=512, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+                              max_sequence_length=512, generator=torch.Generator("cpu").manual_seed(0)).images[0]
     oracle = np.asarray(made.convert("RGB"), dtype=np.int16)
     assert np.abs(qwenimage_uneven.images["one"] - oracle).max() <= 1  # within 1/255
     assert np.abs(qwenimage_uneven.images["two"] - qwenimage_uneven.images["one"]).max() <= 1
     assert "Traceback" not in qwenimage_uneven.two.stderr + qwenimage_uneven.one.stderr
-    assert sorted(p.name for p in qwenimage_uneven.tmp.iterdir()) == ["one.png", "two.png"]  # no temporary file
+    assert sorted(p.name for p in qwenimage_uneven.tmp.iterdir()) == ["one.png", "out.png"]  # no temporary file
 
 
 @SHARED_RUNS

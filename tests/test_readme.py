@@ -67,6 +67,9 @@ CP_TORCHRUN_TINY = ("uv run torchrun --nproc-per-node 2 context-parallelism-flux
                     "--width 64 --num-inference-steps 2 --output outputs/tiny-flux-context-parallel.png --device cpu")
 CP_TORCHRUN_STAGED = "uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --staged"
 CP_ACCELERATE = "uv run accelerate launch --num_processes 2 context-parallelism-flux.py"
+CP_QWENIMAGE_TINY = ("uv run torchrun --nproc-per-node 2 context-parallelism-flux.py --model tiny/qwenimage --prompt "
+                     "\"a fox\" --height 48 --width 48 --num-inference-steps 2 --output outputs/tiny-qwenimage.png "
+                     "--device cpu")
 CFG_TORCHRUN_TINY = ("uv run torchrun --nproc-per-node 2 cfg-parallelism-sd3.py --model tiny/sd3 --height 64 --width "
                      "64 --num-inference-steps 2 --output outputs/tiny-sd3-cfg-parallel.png --device cpu")
 CFG_ACCELERATE = "uv run accelerate launch --num_processes 2 cfg-parallelism-sd3.py"
@@ -83,7 +86,8 @@ GROUPS_CFG = ("uv run torchrun --nproc-per-node 4 data-parallelism-accelerate.py
               "prompts.txt")
 RUN_ELSEWHERE = {"DP_TORCHRUN": "test_data_parallelism.py", "DP_ACCELERATE_TINY": "test_data_parallelism.py",
                  "CP_TORCHRUN_TINY": "test_context_parallelism.py", "CP_TORCHRUN_STAGED": "test_context_parallelism.py",
-                 "CP_ACCELERATE": "test_context_parallelism.py", "CFG_TORCHRUN_TINY": "test_cfg_parallelism.py",
+                 "CP_ACCELERATE": "test_context_parallelism.py", "CP_QWENIMAGE_TINY": "test_context_parallelism.py",
+                 "CFG_TORCHRUN_TINY": "test_cfg_parallelism.py",
                  "CFG_ACCELERATE": "test_cfg_parallelism.py", "SHARD_TORCHRUN_TINY": "test_sharded_weights.py",
                  "SHARD_STAGED": "test_sharded_weights.py", "SHARD_QWENIMAGE_TINY": "test_sharded_weights.py",
                  "GROUPS_CONTEXT": "test_groups.py", "GROUPS_CFG": "test_groups.py"}
