@@ -8,7 +8,7 @@ whole suite. A mutation that makes a test fail is "killed", and the table names 
 the whole suite misses "survived": a behaviour no test guards. The check exits 1 if any survives, and 2 if a
 mutation no longer applies (its line changed: update the list).
 
-    uv run dev/mutations.py                      # every mutation: about 14 minutes on 2 cores
+    uv run dev/mutations.py                      # every mutation: about 27 minutes on 2 cores
     uv run dev/mutations.py --list               # what each one changes
     uv run dev/mutations.py seed-ignored offload-to-the-default-device
     uv run dev/mutations.py --suite              # the whole suite for each, not the likeliest tests first
