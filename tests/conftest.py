@@ -15,11 +15,11 @@ from unittest import mock
 
 # Offline in this process too (the tests that run a script's main() here): huggingface_hub reads it once, on import.
 os.environ["HF_HUB_OFFLINE"] = "1"
-# One thread a process, in the tests' own processes and in every process they start (offline_env), as torchrun gives
-# its workers. The suite runs a worker a core (pytest-xdist's -n auto), and each worker's test starts processes beside
-# the other workers': with torch's default, a thread a core in every process, they take turns on the same cores and
-# spin while they wait (measured: the data, model parallel and memory tests took 13% less time with one thread).
-# Nothing in the tests measures a speed.
+# One thread a process, in the tests' own processes and in every process they start (offline_env copies it), as
+# torchrun gives its workers. The suite runs a worker a core (pytest-xdist's -n auto), and each worker's test starts
+# processes beside the other workers': with torch's default, a thread a core in every process, they take turns on the
+# same cores and spin while they wait (measured: the data, model parallel and memory tests took 13% less time with one
+# thread). Nothing in the tests measures a speed.
 os.environ["OMP_NUM_THREADS"] = "1"
 
 import numpy as np
@@ -27,11 +27,11 @@ import psutil
 import pytest
 import torch
 from accelerate import PartialState
-
-torch.set_num_threads(1)  # OMP_NUM_THREADS above, where torch was imported before this file (a plugin)
 from PIL import Image
 
 from utils import tiny_pipelines
+
+torch.set_num_threads(1)  # OMP_NUM_THREADS above, where torch was imported before this file (a plugin)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the project's virtual environment: accelerate and torchrun live here
@@ -83,7 +83,6 @@ def offline_env(**extra):
     # of that check passes its own fake tree), so that they run alike on a laptop whose Intel GPU PyPI's torch
     # cannot use.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "SYSFS_PCI_DEVICES": os.devnull, **extra}
-    env["OMP_NUM_THREADS"] = "1"  # one thread a process: above, at the top
     # Run the scripts as on a user's machine, where Python caches the libraries' bytecode: a CI machine that
     # sets PYTHONDONTWRITEBYTECODE would otherwise compile torch, diffusers and transformers in every process.
     env.pop("PYTHONDONTWRITEBYTECODE", None)

@@ -33,8 +33,8 @@ FAST = ["--height", "64", "--width", "64", "--num-inference-steps", "2", "--seed
 PROMPT = "A cat holding a sign that says hello world"  # the script's default prompt
 # Sizes and prompts that 2 processes do not divide: 48x48 is 3 x 3 = 9 image tokens; "a fox" is 133 tokens after
 # QwenImage's template (the tiny tokenizer's bytes), and FLUX.1's T5 pads to --max-sequence-length 511.
-UNEVEN = ["--height", "48", "--width", "48", "--num-inference-steps", "2", "--seed", "3"]
 UNEVEN_PAGE = ["--height", "48", "--width", "48", "--num-inference-steps", "2"]  # CP_QWENIMAGE_TINY's: seed 0
+UNEVEN = [*UNEVEN_PAGE, "--seed", "3"]
 FOX = "a fox"
 SIMULATE = ROOT / "tests" / "simulate"  # sitecustomize.py: STALL_RANK
 GiB = 2**30
